@@ -1,0 +1,119 @@
+"""Speculative sampling keeps the target's distribution: exact joint distributions on a toy vocabulary.
+
+The target and draft are numpy 'models' over 6 tokens whose next-token distributions are known.
+We draw N = 100,000 three-token continuations through the real Engine (the first token from the
+prefill, the next two from a speculative step of K=2 drafts and more steps as needed) and compare
+with the exact joint distribution over the 216 outcomes.
+
+Bounds. Chi-square must not reject at p = 0.001. The total-variation distance TV = 1/2 sum|p_hat - p|
+has E[TV] <= 1/2 sum sqrt(p(1-p)/N) (Jensen), and changing one sample moves TV by at most 1/N, so by
+McDiarmid P(TV > E[TV] + t) <= exp(-2 N t^2); t = sqrt(ln(1000) / 2N) gives a false alarm rate of 0.001.
+"""
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from tests.toy import TableRunner
+from verispec.drafters.draft_model import ModelDrafter
+from verispec.drafters.ngram import NgramDrafter
+from verispec.engine import Engine, SpeculativeConfig
+from verispec.sampling import SamplingParams, logits_to_probs, sample
+from verispec.verify import rejection
+
+N = 100_000
+VOCAB = 6
+PROMPT = [1, 2, 3]
+LENGTH = 3
+
+
+def exact_joint(target: TableRunner, params: SamplingParams) -> np.ndarray:
+    joint = np.zeros((VOCAB,) * LENGTH)
+    for seq in itertools.product(range(VOCAB), repeat=LENGTH):
+        prob, ctx = 1.0, list(PROMPT)
+        for tok in seq:
+            prob *= logits_to_probs(target.logits(ctx), params)[tok]
+            ctx.append(tok)
+        joint[seq] = prob
+    return joint.ravel()
+
+
+def draw(engine: Engine, params: SamplingParams, n: int) -> np.ndarray:
+    counts = np.zeros(VOCAB**LENGTH)
+    for seed in range(n):
+        params.seed = seed
+        out = [t for step in engine.generate(PROMPT, params) for t in step]
+        counts[np.ravel_multi_index(out, (VOCAB,) * LENGTH)] += 1
+    return counts
+
+
+def tv_bound(p: np.ndarray, n: int) -> float:
+    return 0.5 * np.sqrt(p * (1 - p) / n).sum() + np.sqrt(np.log(1000) / (2 * n))
+
+
+def check(counts: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
+    n = counts.sum()
+    support = p > 0
+    assert counts[~support].sum() == 0, "sampled an outcome the target gives probability 0"
+    chi2 = scipy_stats.chisquare(counts[support], p[support] * n)
+    tv = 0.5 * np.abs(counts / n - p).sum()
+    return float(chi2.pvalue), float(tv), tv_bound(p, int(n))
+
+
+PARAMS = {
+    "temperature": dict(temperature=0.7),
+    "top_k": dict(temperature=0.7, top_k=3),
+    "top_p": dict(temperature=0.7, top_p=0.8),
+}
+
+
+def make_engine(drafter_kind: str) -> Engine:
+    target = TableRunner(VOCAB, seed=1, sharpness=1.5)
+    if drafter_kind == "model":
+        drafter = ModelDrafter(TableRunner(VOCAB, seed=2, sharpness=1.0, name="draft"), max_tokens=4)
+    else:
+        drafter = NgramDrafter(1, 2)
+    return Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=2))
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+@pytest.mark.parametrize("drafter_kind", ["model", "ngram"])
+def test_speculative_sampling_preserves_target_distribution(name, drafter_kind):
+    if drafter_kind == "ngram" and name != "temperature":
+        pytest.skip("one-hot drafts: one setting is enough")
+    engine = make_engine(drafter_kind)
+    params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS[name])
+    p = exact_joint(engine.target, params)
+    counts = draw(engine, params, N)
+    pvalue, tv, bound = check(counts, p)
+    assert pvalue > 0.001, f"chi-square rejects the target distribution (p={pvalue:.2e}, tv={tv:.4f})"
+    assert tv < bound, f"total variation {tv:.4f} exceeds the bound {bound:.4f}"
+
+
+class AlwaysAccept(rejection.ChainVerifier):
+    def verify_probs(self, p, drafted, q):
+        return rejection.Verdict(len(drafted), sample(p[len(drafted)], self.rng))
+
+
+class ResampleFromTarget(rejection.ChainVerifier):
+    """Rejects correctly but then samples from p instead of the residual max(0, p - q)."""
+
+    def verify_probs(self, p, drafted, q):
+        for i, x in enumerate(drafted):
+            if self.rng.random() * q[i, x] < p[i, x]:
+                continue
+            return rejection.Verdict(i, sample(p[i], self.rng))
+        return rejection.Verdict(len(drafted), sample(p[len(drafted)], self.rng))
+
+
+@pytest.mark.parametrize("broken", [AlwaysAccept, ResampleFromTarget])
+def test_a_broken_sampler_is_caught(monkeypatch, broken):
+    monkeypatch.setattr("verispec.engine.ChainVerifier", broken)
+    engine = make_engine("model")
+    params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
+    p = exact_joint(engine.target, params)
+    counts = draw(engine, params, N // 4)
+    pvalue, tv, bound = check(counts, p)
+    assert pvalue < 0.001 and tv > bound

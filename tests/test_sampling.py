@@ -1,0 +1,108 @@
+"""The one sampling module: logits -> probabilities, and the residual used on rejection."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from verispec.errors import InvalidParameter
+from verispec.sampling import SamplingParams, logits_to_probs, sample
+from verispec.verify.rejection import ChainVerifier, residual
+
+distributions = arrays(np.float64, st.integers(2, 40), elements=st.floats(0, 1)).filter(lambda a: a.sum() > 1e-6).map(lambda a: a / a.sum())
+
+
+def _pair(draw_vec):
+    return draw_vec
+
+
+@given(st.data())
+def test_residual_is_a_distribution(data):
+    p = data.draw(distributions)
+    q = data.draw(arrays(np.float64, p.shape, elements=st.floats(0, 1)).filter(lambda a: a.sum() > 1e-6).map(lambda a: a / a.sum()))
+    x = data.draw(st.integers(0, p.shape[0] - 1))
+    for q_row in (q, None):
+        r = residual(p, q_row, x, np.empty_like(p))
+        assert np.all(np.isfinite(r))
+        assert np.all(r >= 0)
+        assert r.sum() == pytest.approx(1.0)
+
+
+@given(distributions, st.integers(0, 2**32 - 1))
+def test_acceptance_is_one_when_p_equals_q(p, seed):
+    verifier = ChainVerifier(p.shape[0], SamplingParams(temperature=1.0), np.random.default_rng(seed))
+    drafted = [int(np.argmax(p))] * 3
+    rows = np.tile(p, (4, 1))
+    verdict = verifier.verify_probs(rows, drafted, rows[:3])
+    assert verdict.n_accepted == 3
+
+
+@given(st.data())
+def test_no_nan_with_zeros_in_p_or_q(data):
+    n = data.draw(st.integers(2, 30))
+    p = np.zeros(n)
+    q = np.zeros(n)
+    p[data.draw(st.integers(0, n - 1))] = 1.0
+    q[data.draw(st.integers(0, n - 1))] = 1.0
+    x = int(np.argmax(q))
+    rng = np.random.default_rng(data.draw(st.integers(0, 1000)))
+    verdict = ChainVerifier(n, SamplingParams(temperature=1.0), rng).verify_probs(np.stack([p, p]), [x], q[None])
+    assert 0 <= verdict.next_token < n
+    assert p[verdict.next_token] > 0  # whatever happens, the token has target probability
+
+
+@settings(max_examples=50)
+@given(arrays(np.float32, st.integers(2, 300), elements=st.floats(-30, 30, width=32)),
+       st.floats(0.05, 3.0), st.integers(0, 50), st.floats(0.01, 1.0))
+def test_processed_probs_are_distributions(logits, temperature, top_k, top_p):
+    probs = logits_to_probs(logits, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert np.all(probs >= 0) and probs.sum() == pytest.approx(1.0)
+    kept = probs > 0
+    if top_k:
+        # more than k survive only through exact ties at the threshold
+        assert kept.sum() <= top_k or len(np.unique(probs[kept])) < kept.sum()
+    # the most likely token survives: the kept set holds a token with the top logit
+    assert logits[kept].max() == logits.max()
+
+
+def test_top_p_keeps_smallest_nucleus():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    probs = logits_to_probs(logits, SamplingParams(temperature=1.0, top_p=0.75))
+    assert np.allclose(probs, [0.5 / 0.8, 0.3 / 0.8, 0, 0])
+
+
+def test_top_p_on_a_large_vocabulary_matches_full_sort():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=50_000).astype(np.float32)
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    fast = logits_to_probs(logits, params)
+    # reference: full sort
+    w = np.exp((logits - logits.max()) / 0.8)
+    w /= w.sum()
+    order = np.argsort(-w)
+    keep = order[: np.searchsorted(np.cumsum(w[order]), 0.9) + 1]
+    ref = np.zeros_like(w)
+    ref[keep] = w[keep] / w[keep].sum()
+    assert np.allclose(fast, ref)
+
+
+def test_greedy_probs_are_one_hot():
+    probs = logits_to_probs(np.array([0.1, 3.0, 2.0]), SamplingParams())
+    assert probs.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_sample_never_picks_zero_probability():
+    rng = np.random.default_rng(1)
+    p = np.array([0.0, 0.5, 0.0, 0.5, 0.0])
+    assert {sample(p, rng) for _ in range(500)} == {1, 3}
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_tokens": 0}, {"max_tokens": -3}, {"top_k": -1},
+    {"temperature": float("nan")},
+])
+def test_bad_sampling_parameters_are_rejected(kwargs):
+    with pytest.raises(InvalidParameter) as err:
+        SamplingParams(**kwargs)
+    assert err.value.param in kwargs

@@ -1,0 +1,197 @@
+"""The Python API: `load()` a target (and optionally a drafter), then `generate()` or `stream()` text."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .drafters.base import Drafter
+from .engine import Engine, SpeculativeConfig, Stats
+from .errors import PromptError, TokenizerMismatch, VerispecError
+from .models import files, registry
+from .models.chat import render_chat
+from .runners import Runner, open_runner
+from .sampling import SamplingParams
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: list[int]
+    stats: Stats
+    finish_reason: str = "length"
+    draft: str = "none"
+
+
+@dataclass
+class StreamChunk:
+    text: str
+    tokens: list[int]
+
+
+@dataclass
+class Model:
+    """A loaded target with its drafters. Not thread-safe: one request at a time per Model."""
+
+    target: Runner
+    backend: str
+    spec: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    _drafters: dict[str, Drafter] = field(default_factory=dict)
+    runner_options: dict = field(default_factory=dict)
+    draft_choice_note: str = ""
+
+    @property
+    def tokenizer(self):
+        return self.target.tokenizer
+
+    def prompt_tokens(self, prompt: str | None = None, messages: list[dict] | None = None, chat: bool = False) -> list[int]:
+        if messages is not None:
+            text = render_chat(self.tokenizer.chat_template, messages, self.tokenizer.bos_text, self.tokenizer.eos_text)
+        elif prompt is None or not str(prompt).strip():
+            raise PromptError("the prompt is empty", "prompt")
+        elif chat:
+            text = render_chat(self.tokenizer.chat_template, [{"role": "user", "content": prompt}],
+                               self.tokenizer.bos_text, self.tokenizer.eos_text)
+        else:
+            text = prompt
+        return self.tokenizer.encode(text, add_special=True)
+
+    def drafter(self, name: str | None) -> Drafter | None:
+        """The drafter for a --draft value: None/'none', 'ngram', 'auto', a registered name or a path."""
+        if name in (None, "", "none"):
+            return None
+        if name not in self._drafters:
+            self._drafters[name] = self._make_drafter(name)
+        return self._drafters[name]
+
+    def _make_drafter(self, name: str) -> Drafter:
+        from .drafters.ngram import NgramDrafter
+
+        if name == "ngram":
+            return NgramDrafter(self.spec.ngram_min, self.spec.ngram_max)
+        if name == "auto":
+            return self._auto_drafter()
+        from .drafters.draft_model import ModelDrafter, check_same_vocab
+
+        source = files.resolve(name)
+        runner = open_runner(source, self.backend, **self.runner_options)
+        try:
+            check_same_vocab(self.target, runner)
+        except TokenizerMismatch:
+            runner.close()
+            raise
+        return ModelDrafter(runner, self.spec.draft_min_prob, self.spec.draft_max)
+
+    def _auto_drafter(self) -> Drafter:
+        """The smallest registered, downloaded model that shares the target's vocabulary, else n-gram."""
+        from .drafters.ngram import NgramDrafter
+
+        candidates = sorted(
+            (s for s in registry.REGISTRY.values() if registry.status(s) in ("present", "unverified")),
+            key=lambda s: s.size,
+        )
+        for spec in candidates:
+            if str(registry.model_path(spec)) == str(getattr(self.target, "source", None) and self.target.source.path):
+                continue
+            if self.target.n_params and spec.parameters >= self.target.n_params:
+                continue
+            try:
+                drafter = self._make_drafter(spec.name)
+            except (TokenizerMismatch, VerispecError):
+                continue
+            self.draft_choice_note = f"draft auto: chose {spec.name} (same vocabulary as {self.target.name})"
+            return drafter
+        self.draft_choice_note = f"draft auto: no registered model shares {self.target.name}'s vocabulary; using ngram"
+        return NgramDrafter(self.spec.ngram_min, self.spec.ngram_max)
+
+    def engine(self, spec: SpeculativeConfig | None = None) -> Engine:
+        spec = spec or self.spec
+        return Engine(self.target, self.drafter(spec.draft), spec)
+
+    def stream(self, prompt: str | None = None, params: SamplingParams | None = None, *, messages: list[dict] | None = None,
+               chat: bool = False, spec: SpeculativeConfig | None = None, stats: Stats | None = None,
+               record_margins: bool = False, prompt_tokens: list[int] | None = None) -> Iterator[StreamChunk]:
+        """Yield text as it is decoded. Stop strings end the stream; `stats` is filled in place."""
+        params = params or SamplingParams()
+        stats = stats if stats is not None else Stats()
+        tokens = prompt_tokens if prompt_tokens is not None else self.prompt_tokens(prompt, messages, chat)
+        decoder = TextAssembler(self.tokenizer, params.stop)
+        for new in self.engine(spec).generate(tokens, params, stats, record_margins):
+            text = decoder.add(new)
+            if decoder.stopped:
+                stats.finish_reason = "stop"
+                if text:
+                    yield StreamChunk(text, new)
+                return
+            if text:
+                yield StreamChunk(text, new)
+        tail = decoder.flush()
+        if tail:
+            yield StreamChunk(tail, [])
+
+    def generate(self, prompt: str | None = None, params: SamplingParams | None = None, **kwargs) -> Completion:
+        stats = kwargs.pop("stats", None) or Stats()
+        spec = kwargs.get("spec") or self.spec
+        chunks = list(self.stream(prompt, params, stats=stats, **kwargs))
+        tokens = [t for c in chunks for t in c.tokens]
+        return Completion("".join(c.text for c in chunks), tokens, stats, stats.finish_reason, spec.draft or "none")
+
+    def close(self) -> None:
+        for d in self._drafters.values():
+            d.close()
+        self.target.close()
+
+
+class TextAssembler:
+    """Turns streamed tokens into text: holds back incomplete UTF-8 and any possible stop-string prefix."""
+
+    def __init__(self, tokenizer, stop: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.tokens: list[int] = []
+        self.sent = 0  # characters of the decoded text already returned
+        self.stopped = False
+
+    def add(self, tokens: list[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self.tokenizer.decode(self.tokens)
+        for s in self.stop:
+            at = text.find(s, max(0, self.sent - len(s)))
+            if at >= 0:
+                self.stopped = True
+                out = text[self.sent : at]
+                self.sent = at
+                return out
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text.rstrip("\ufffd"))
+        for s in self.stop:  # keep back a tail that could still grow into a stop string
+            for n in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:n]):
+                    safe -= n
+                    break
+        out = text[self.sent : max(self.sent, safe)]
+        self.sent = max(self.sent, safe)
+        return out
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.tokens)
+        out = text[self.sent :]
+        self.sent = len(text)
+        return out
+
+
+def load(model: str = registry.DEFAULT_TARGET, *, draft: str | None = None, backend: str = "auto",
+         spec: SpeculativeConfig | None = None, pull: bool = False, **runner_options) -> Model:
+    """Open a target by registered name, GGUF path or HF directory; `draft` sets the default drafter."""
+    source = files.resolve(model, pull_if_missing=pull)
+    if backend == "auto":
+        backend = "llamacpp" if source.kind == "gguf" else "torch"
+    target = open_runner(source, backend, **runner_options)
+    spec = spec or SpeculativeConfig(draft=draft)
+    if draft is not None:
+        spec.draft = draft
+    loaded = Model(target, backend, spec, runner_options=runner_options)
+    if spec.draft:
+        loaded.drafter(spec.draft)  # load now so errors surface at start-up
+    return loaded

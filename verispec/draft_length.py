@@ -1,0 +1,105 @@
+"""Where the draft length K is chosen: the K that maximises expected tokens per second.
+
+With per-token acceptance a, drafting K tokens yields on average 1 + a + a^2 + ... + a^K tokens
+per target pass (the target's own token always counts). A step costs the verify pass over K+1
+tokens plus K draft steps. Verify costs are measured per batch size as the run goes; sizes not
+yet seen are extrapolated from a prior curve T(n)/T(1) scaled to what was measured.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# T(n)/T(1) for one llama.cpp pass over n tokens, measured with llama-bench on this project's
+# 2-core machine for the Qwen2.5-Coder-1.5B Q4_K_M target (see the core issue); interpolated.
+PRIOR_VERIFY_RATIO = {1: 1.0, 2: 1.55, 3: 1.85, 4: 2.12, 6: 3.4, 8: 4.67, 12: 5.45, 16: 6.21, 24: 8.8, 32: 11.4}
+
+
+def prior_ratio(n: int) -> float:
+    keys = sorted(PRIOR_VERIFY_RATIO)
+    if n in PRIOR_VERIFY_RATIO:
+        return PRIOR_VERIFY_RATIO[n]
+    if n > keys[-1]:
+        return PRIOR_VERIFY_RATIO[keys[-1]] * n / keys[-1]
+    lo = max(k for k in keys if k < n)
+    hi = min(k for k in keys if k > n)
+    w = (n - lo) / (hi - lo)
+    return PRIOR_VERIFY_RATIO[lo] * (1 - w) + PRIOR_VERIFY_RATIO[hi] * w
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Mean tokens per target pass with K drafted tokens each accepted with probability `acceptance`."""
+    return sum(acceptance**i for i in range(k + 1))
+
+
+def expected_rate(acceptance: float, k: int, verify_time: float, draft_time_per_token: float) -> float:
+    return expected_tokens(acceptance, k) / (verify_time + k * draft_time_per_token)
+
+
+def best_k(acceptance: float, verify_times: dict[int, float], draft_time_per_token: float, k_max: int,
+           min_gain: float = 1.0) -> int:
+    """argmax_K of expected tokens/s over 0..k_max; K>0 only if it beats K=0 by `min_gain`."""
+    rates = {k: expected_rate(acceptance, k, verify_times[k + 1], draft_time_per_token) for k in range(k_max + 1)}
+    k = max(rates, key=rates.get)
+    return k if rates[k] >= min_gain * rates[0] else 0
+
+
+def _ema(old: float | None, new: float, weight: float) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
+
+
+@dataclass
+class DraftLengthChooser:
+    """Per-request adaptive K. `fixed` pins K; otherwise K follows measured acceptance and costs."""
+
+    k_max: int = 16
+    fixed: int | None = None
+    acceptance: float = 0.7  # prior, replaced by measurement as the run goes
+    min_gain: float = 1.03  # speculate only when the model predicts a clear gain: never slower
+    probe_every: int = 16  # while K=0, draft a little every this many steps to re-measure acceptance
+    ema_weight: float = 0.15
+    verify_seconds: dict[int, float] = field(default_factory=dict)
+    draft_seconds_per_token: float | None = None
+    _steps_at_zero: int = 0
+
+    def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if not self.verify_seconds:
+            return min(2, self.k_max)  # nothing measured yet: a short draft measures both costs
+        k = best_k(self.acceptance, self.verify_table(), self.draft_seconds_per_token or 0.0, self.k_max, self.min_gain)
+        if k == 0:
+            self._steps_at_zero += 1
+            if self._steps_at_zero % self.probe_every == 0:
+                return 1
+        else:
+            self._steps_at_zero = 0
+        return k
+
+    def verify_table(self) -> dict[int, float]:
+        """Measured seconds per verify size; unmeasured sizes from the prior curve, scaled by the nearest measured size."""
+        table = {}
+        measured = sorted(self.verify_seconds)
+        for n in range(1, self.k_max + 2):
+            if n in self.verify_seconds:
+                table[n] = self.verify_seconds[n]
+                continue
+            ref = min(measured, key=lambda m: abs(m - n))
+            table[n] = self.verify_seconds[ref] * prior_ratio(n) / prior_ratio(ref)
+        return table
+
+    def record_verify(self, n_tokens: int, seconds: float) -> None:
+        self.verify_seconds[n_tokens] = _ema(self.verify_seconds.get(n_tokens), seconds, 0.3)
+
+    def record_draft(self, n_drafted: int, seconds: float) -> None:
+        if n_drafted:
+            self.draft_seconds_per_token = _ema(self.draft_seconds_per_token, seconds / n_drafted, 0.3)
+
+    def record_acceptance(self, n_drafted: int, n_accepted: int) -> None:
+        """Update the per-token acceptance from one step: the accepted prefix, then the first miss."""
+        if n_drafted == 0:
+            return
+        # Each drafted token up to and including the first rejection is one Bernoulli observation.
+        observed = n_accepted + (1 if n_accepted < n_drafted else 0)
+        rate = n_accepted / observed
+        self.acceptance = min(0.99, max(0.01, _ema(self.acceptance, rate, self.ema_weight * min(observed, 4) / 2)))

@@ -1,0 +1,111 @@
+"""A small model drafts autoregressively. Its KV cache mirrors a prefix of the context.
+
+Before each proposal the drafter rolls its cache back to the longest prefix it shares with the
+accepted context, then feeds what is missing (the accepted tokens and the target's bonus token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import TokenizerMismatch
+from ..runners.base import Runner
+from ..sampling import SamplingParams, logits_to_probs, sample
+from .base import Draft, Drafter
+
+
+class ModelDrafter(Drafter):
+    costly = True
+
+    def __init__(self, runner: Runner, min_prob: float = 0.0, max_tokens: int = 32) -> None:
+        self.runner = runner
+        self.name = runner.name
+        self.min_prob = min_prob  # stop drafting when the draft's own top probability falls below this
+        self._cached: list[int] = []
+        self._q = np.empty((max_tokens, runner.n_vocab), dtype=np.float64)
+        self.params = SamplingParams()
+        self.rng = np.random.default_rng()
+
+    def begin(self, prompt, params: SamplingParams, rng: np.random.Generator) -> None:
+        self.params, self.rng = params, rng
+
+    def _sync(self, context: Sequence[int]) -> np.ndarray:
+        """Make the cache hold context[:-1]... plus the last token; return the logits after the context."""
+        common = _common_prefix(self._cached, context)
+        if common == len(context):  # never re-feed nothing: we need the logits after the last token
+            common -= 1
+        self.runner.rollback(common)
+        del self._cached[common:]
+        missing = list(context[common:])
+        logits = self.runner.forward(missing, all_logits=False)[-1]
+        self._cached.extend(missing)
+        return logits
+
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        if k <= 0:
+            return Draft([], None, self.name)
+        if k > self._q.shape[0]:
+            self._q = np.empty((k, self.runner.n_vocab), dtype=np.float64)
+        self.runner.check_fits(len(context) - self.runner.n_past + k)
+        logits = self._sync(context)
+        tokens: list[int] = []
+        for i in range(k):
+            token, confident = self._choose(logits, i)
+            if not confident and tokens:
+                break
+            tokens.append(token)
+            if not confident:
+                break
+            if i + 1 < k:
+                logits = self.runner.forward([token], all_logits=False)[-1]
+                self._cached.append(token)
+        probs = None if self.params.greedy else self._q[: len(tokens)]
+        return Draft(tokens, probs, self.name)
+
+    def _choose(self, logits: np.ndarray, row: int) -> tuple[int, bool]:
+        if self.params.greedy:
+            token = int(np.argmax(logits))
+            if self.min_prob <= 0.0:
+                return token, True
+            top_prob = 1.0 / float(np.exp(logits - logits[token]).sum())
+            return token, top_prob >= self.min_prob
+        q = logits_to_probs(logits, self.params, out=self._q[row : row + 1])
+        token = sample(q, self.rng)
+        return token, q[token] >= self.min_prob
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n and a[n - 1] == b[n - 1] and list(a[:n]) == list(b[:n]):
+        return n
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def check_same_vocab(target: Runner, draft: Runner) -> None:
+    """A draft must share the target's tokens id for id; only trailing padding rows may differ."""
+    t_vocab, d_vocab = target.tokenizer.vocab_strings(), draft.tokenizer.vocab_strings()
+    shared = min(len(t_vocab), len(d_vocab))
+    extra = t_vocab[shared:] + d_vocab[shared:]
+    if any(e and not _is_padding(e) for e in extra):
+        raise TokenizerMismatch(
+            f"draft {draft.name} has {len(d_vocab)} tokens and target {target.name} has {len(t_vocab)}: "
+            "their vocabularies differ beyond padding rows"
+        )
+    diff = next((i for i in range(shared) if t_vocab[i] != d_vocab[i]), None)
+    if diff is not None:
+        raise TokenizerMismatch(
+            f"draft {draft.name} does not share the target's tokenizer: token {diff} is "
+            f"{d_vocab[diff]!r} in the draft but {t_vocab[diff]!r} in {target.name}"
+        )
+
+
+def _is_padding(token: str) -> bool:
+    return "pad" in token.lower() or token.startswith("<unused") or token.startswith("[PAD")

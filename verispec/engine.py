@@ -1,0 +1,232 @@
+"""The draft -> verify -> accept loop.
+
+One step: the drafter proposes K tokens; the target scores [last token] + draft in ONE forward
+pass; the verifier accepts a prefix and adds the target's own next token; the target's cache is
+rolled back past the rejected tokens. K = 0 is plain autoregressive decoding through the same code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .draft_length import DraftLengthChooser
+from .drafters.base import Drafter
+from .errors import PromptError
+from .runners.base import Runner
+from .sampling import SamplingParams, pick
+from .verify.rejection import ChainVerifier
+
+
+@dataclass
+class SpeculativeConfig:
+    """How to speculate. draft=None decodes plainly."""
+
+    draft: str | None = None  # "ngram", "auto", a registered name or a path; None = plain decoding
+    draft_tokens: int | None = None  # fixed K; None = adaptive
+    draft_max: int = 12
+    draft_min_prob: float = 0.0  # model drafts stop once their top probability falls below this
+    ngram_min: int = 2
+    ngram_max: int = 4
+
+    def __post_init__(self) -> None:
+        from .errors import InvalidParameter
+
+        if self.draft_tokens is not None and not 0 <= self.draft_tokens <= 64:
+            raise InvalidParameter(f"draft_tokens must be in 0..64, got {self.draft_tokens}", "draft_tokens")
+        if not 1 <= self.draft_max <= 64:
+            raise InvalidParameter(f"draft_max must be in 1..64, got {self.draft_max}", "draft_max")
+        if not 0.0 <= self.draft_min_prob < 1.0:
+            raise InvalidParameter(f"draft_min_prob must be in [0, 1), got {self.draft_min_prob}", "draft_min_prob")
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    generated: int = 0
+    target_passes: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    prefill_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    accepted_lengths: list[int] = field(default_factory=list)  # tokens gained per target pass (bonus included)
+    draft_lengths: list[int] = field(default_factory=list)
+    accepted_at_position: list[int] = field(default_factory=list)  # accepted count per draft position
+    drafted_at_position: list[int] = field(default_factory=list)
+    margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit per emitted token (when recorded)
+    finish_reason: str = "length"
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        return float(np.mean(self.accepted_lengths)) if self.accepted_lengths else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def mean_draft_length(self) -> float:
+        return float(np.mean(self.draft_lengths)) if self.draft_lengths else 0.0
+
+    def record_positions(self, n_drafted: int, n_accepted: int) -> None:
+        grow = n_drafted - len(self.drafted_at_position)
+        if grow > 0:
+            self.drafted_at_position.extend([0] * grow)
+            self.accepted_at_position.extend([0] * grow)
+        for i in range(n_drafted):
+            self.drafted_at_position[i] += 1
+            self.accepted_at_position[i] += i < n_accepted
+
+    def summary(self) -> str:
+        total = self.draft_seconds + self.verify_seconds or 1.0
+        return (
+            f"{self.generated} tokens in {self.decode_seconds:.2f}s: {self.tokens_per_second:.1f} tokens/s | "
+            f"acceptance {self.acceptance_rate:.0%} ({self.accepted}/{self.drafted}) | "
+            f"mean accepted length {self.mean_accepted_length:.2f} | draft length {self.mean_draft_length:.1f} | "
+            f"time draft {self.draft_seconds / total:.0%} / verify {self.verify_seconds / total:.0%}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated": self.generated,
+            "target_passes": self.target_passes,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "mean_draft_length": self.mean_draft_length,
+            "tokens_per_second": self.tokens_per_second,
+            "prefill_seconds": self.prefill_seconds,
+            "decode_seconds": self.decode_seconds,
+            "draft_seconds": self.draft_seconds,
+            "verify_seconds": self.verify_seconds,
+            "accepted_lengths": self.accepted_lengths,
+            "accepted_at_position": self.accepted_at_position,
+            "drafted_at_position": self.drafted_at_position,
+            "finish_reason": self.finish_reason,
+        }
+
+
+class Engine:
+    """Generates tokens for one request at a time from a target runner and an optional drafter."""
+
+    def __init__(self, target: Runner, drafter: Drafter | None = None, config: SpeculativeConfig | None = None) -> None:
+        self.target = target
+        self.drafter = drafter
+        self.config = config or SpeculativeConfig()
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams, stats: Stats | None = None,
+                 record_margins: bool = False) -> Iterator[list[int]]:
+        """Yield the new tokens of each step; fill `stats` as it goes. EOS ends the request and is not yielded."""
+        stats = stats if stats is not None else Stats()
+        prompt = list(prompt)
+        self._check_prompt(prompt, params)
+        rng = np.random.default_rng(params.seed)
+        verifier = ChainVerifier(self.target.n_vocab, params, rng, max_rows=self.config.draft_max + 1)
+        chooser = self._chooser()
+        self.target.reset()
+        if self.drafter:
+            self.drafter.begin(prompt, params, rng)
+        stats.prompt_tokens = len(prompt)
+
+        t0 = time.perf_counter()
+        row = self.target.forward(prompt, all_logits=False)[-1]
+        last = pick(row, params, rng)
+        if record_margins:
+            stats.margins.append(_top2_margin(row))
+        stats.prefill_seconds = time.perf_counter() - t0
+        context = prompt + [last]
+        eos = frozenset() if params.ignore_eos else self.target.tokenizer.eos_ids
+        t_decode = time.perf_counter()
+        new = [last]
+        while True:
+            new, done = self._emit(new, eos, stats, params.max_tokens)
+            if new:
+                yield new
+            stats.decode_seconds = time.perf_counter() - t_decode
+            if done:
+                return
+            if self.target.n_past + 2 > self.target.n_ctx:
+                stats.finish_reason = "context"
+                return
+            new = self._step(context, last, chooser, verifier, stats, record_margins)
+            context.extend(new)
+            last = new[-1]
+
+    def _step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
+              stats: Stats, record_margins: bool) -> list[int]:
+        room = self.target.n_ctx - self.target.n_past - 1
+        k = min(chooser.choose(), room) if self.drafter else 0
+        t0 = time.perf_counter()
+        draft = self.drafter.propose(context, k) if k > 0 else None
+        drafted = draft.tokens[:k] if draft else []
+        t1 = time.perf_counter()
+        base = self.target.n_past
+        rows = self.target.forward([last] + drafted)
+        verdict = verifier.verify(rows, drafted, draft.probs if draft else None)
+        if record_margins:
+            stats.margins.extend(_top2_margin(r) for r in rows[: verdict.n_accepted + 1])
+        self.target.rollback(base + 1 + verdict.n_accepted)
+        t2 = time.perf_counter()
+
+        chooser.record_verify(len(drafted) + 1, t2 - t1)
+        if drafted:
+            if self.drafter.costly:
+                chooser.record_draft(len(drafted), t1 - t0)
+            chooser.record_acceptance(len(drafted), verdict.n_accepted)
+            stats.record_positions(len(drafted), verdict.n_accepted)
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += t2 - t1
+        stats.target_passes += 1
+        stats.drafted += len(drafted)
+        stats.accepted += verdict.n_accepted
+        stats.draft_lengths.append(len(drafted))
+        stats.accepted_lengths.append(verdict.n_accepted + 1)
+        return drafted[: verdict.n_accepted] + [verdict.next_token]
+
+    def _emit(self, new: list[int], eos: frozenset[int], stats: Stats, max_tokens: int) -> tuple[list[int], bool]:
+        """Cut the step's tokens at EOS or max_tokens; say whether the request is finished."""
+        for i, token in enumerate(new):
+            if token in eos:
+                stats.finish_reason = "stop"
+                new = new[:i]
+                stats.generated += len(new)
+                return new, True
+        room = max_tokens - stats.generated
+        if len(new) >= room:
+            stats.finish_reason = "length"
+            stats.generated += room
+            return new[:room], True
+        stats.generated += len(new)
+        return new, False
+
+    def _chooser(self) -> DraftLengthChooser:
+        cfg = self.config
+        if self.drafter is None:
+            return DraftLengthChooser(k_max=0, fixed=0)
+        if cfg.draft_tokens is not None:
+            return DraftLengthChooser(k_max=cfg.draft_tokens, fixed=cfg.draft_tokens)
+        return DraftLengthChooser(k_max=cfg.draft_max)
+
+    def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
+        if not prompt:
+            raise PromptError("the prompt is empty", "prompt")
+        if len(prompt) + 1 > self.target.n_ctx:
+            raise PromptError(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.target.n_ctx}", "prompt"
+            )
+
+
+def _top2_margin(row: np.ndarray) -> float:
+    top2 = np.partition(row, -2)[-2:]
+    return float(top2[1] - top2[0])

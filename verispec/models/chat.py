@@ -1,0 +1,47 @@
+"""Chat templates: the Jinja template stored in the model file, rendered in a sandbox."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import PromptError
+
+
+def gguf_chat_template(path: Path) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    if field is None:
+        return None
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise PromptError(f"chat template: {message}", "messages")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)
+
+
+def render_chat(template: str | None, messages: list[dict], bos_text: str = "", eos_text: str = "",
+                add_generation_prompt: bool = True) -> str:
+    """Render messages with the model's own template. The BOS token is left to the tokenizer."""
+    if not template:
+        raise PromptError("this model has no chat template in its file; send a plain prompt instead", "messages")
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
+            raise PromptError("each message needs a 'role' and a string 'content'", "messages")
+    text = _compile(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_text, eos_token=eos_text
+    )
+    # Tokenizers add BOS themselves; a template that writes it too would double it.
+    if bos_text and text.startswith(bos_text):
+        text = text[len(bos_text):]
+    return text

@@ -1,0 +1,78 @@
+"""Turn what the user typed (a registered name, a GGUF path, a Hugging Face directory) into a checked file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelFileError, ModelNotFound
+from . import registry
+
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model the runners can open: a GGUF file, or a Hugging Face model directory."""
+
+    label: str
+    path: Path
+    kind: str  # "gguf" | "hf"
+    spec: registry.ModelSpec | None = None
+
+    @property
+    def file_bytes(self) -> int:
+        if self.kind == "gguf":
+            return self.path.stat().st_size
+        return sum(f.stat().st_size for f in self.path.glob("*.safetensors")) or sum(
+            f.stat().st_size for f in self.path.glob("*.bin")
+        )
+
+
+def resolve(name_or_path: str, pull_if_missing: bool = False) -> ModelSource:
+    """A registered name must be pulled (or pull_if_missing); a path must exist and be a model."""
+    if name_or_path in registry.REGISTRY:
+        spec = registry.get_spec(name_or_path)
+        state = registry.status(spec)
+        if state in ("missing", "corrupt") and pull_if_missing:
+            registry.pull(spec)
+            state = registry.status(spec)
+        if state == "missing":
+            raise ModelNotFound(f"model {spec.name} is not downloaded yet: run `verispec models pull {spec.name}`")
+        if state == "corrupt":
+            raise ModelFileError(
+                f"model {spec.name} at {registry.model_path(spec)} has the wrong size (truncated or corrupted): "
+                f"run `verispec models pull {spec.name} --force`"
+            )
+        if state == "unverified" and not registry.verify(spec):
+            raise ModelFileError(f"model {spec.name} fails its sha256 check: run `verispec models pull {spec.name} --force`")
+        return ModelSource(spec.name, registry.model_path(spec), "gguf", spec)
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        if "/" not in name_or_path and not name_or_path.endswith(".gguf"):
+            registry.get_spec(name_or_path)  # raises the "unknown model" message listing known names
+        raise ModelNotFound(f"model path {path} does not exist")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelFileError(f"{path} is a directory without config.json: not a Hugging Face model directory")
+        return ModelSource(path.name, path, "hf")
+    check_gguf(path)
+    return ModelSource(path.name, path, "gguf")
+
+
+def check_gguf(path: Path) -> None:
+    """Reject non-GGUF and truncated files with a message, before llama.cpp prints its own noise."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except Exception as exc:  # the reader raises assorted errors on damaged headers or short files
+        raise ModelFileError(f"{path} is not a readable GGUF file (truncated or corrupted): {exc}") from None
+    size = path.stat().st_size
+    if end > size:
+        raise ModelFileError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}")

@@ -1,0 +1,101 @@
+"""The runner interface: tokens with explicit tree structure in, logit rows out, KV cache positions managed.
+
+Positions are implicit in the structure: a chain starts at `n_past`; a tree node sits at
+`n_past + depth(node)`. Rollback is a position change (`rollback(n)`), and after a tree pass
+`keep_path` keeps exactly one root-to-node chain.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids, as the model file defines them."""
+
+    bos_id: int | None
+    eos_ids: frozenset[int]
+    chat_template: str | None
+    bos_text: str
+    eos_text: str
+
+    @abstractmethod
+    def encode(self, text: str, add_special: bool = True) -> list[int]: ...
+
+    @abstractmethod
+    def decode(self, tokens: Sequence[int]) -> str: ...
+
+    @abstractmethod
+    def vocab_strings(self) -> list[str]:
+        """Each token id's text, for checking that a draft shares the target's vocabulary."""
+
+
+def tree_depths(parents: Sequence[int]) -> np.ndarray:
+    """Depth of each node (0 for children of the committed prefix). Parents must precede children."""
+    depths = np.zeros(len(parents), dtype=np.int64)
+    for i, parent in enumerate(parents):
+        if parent >= i:
+            raise ValueError(f"tree node {i} has parent {parent}: parents must come before their children")
+        depths[i] = 0 if parent < 0 else depths[parent] + 1
+    return depths
+
+
+def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
+    """mask[i, j] is True when node j is node i or one of its ancestors (what node i may attend to)."""
+    n = len(parents)
+    mask = np.eye(n, dtype=bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
+class Runner(ABC):
+    """A model with a KV cache. `n_past` tokens are committed; forward() appends after them."""
+
+    name: str
+    n_ctx: int
+    n_vocab: int
+    tokenizer: Tokenizer
+    n_past: int = 0
+
+    @abstractmethod
+    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
+        """Score `tokens` after the committed prefix; return logits rows (n, V), or (1, V) if not all_logits.
+
+        parents=None means a chain: the tokens are committed at once (n_past grows by len(tokens)).
+        With parents (index of each node's parent, -1 for the prefix), the tokens form a tree scored
+        in one pass; nothing is committed until keep_path(). The returned array may be a view that
+        is valid only until the next forward().
+        """
+
+    @abstractmethod
+    def rollback(self, n_past: int) -> None:
+        """Drop every cached position >= n_past."""
+
+    @abstractmethod
+    def keep_path(self, path: Sequence[int]) -> None:
+        """After a tree forward: commit nodes `path` (a root-to-node chain, in order) and drop the rest."""
+
+    def reset(self) -> None:
+        self.rollback(0)
+
+    def hidden_states(self) -> np.ndarray:
+        """Last-layer hidden states of the previous forward's tokens, when the runner can give them."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose hidden states")
+
+    def close(self) -> None:
+        """Free native memory; the runner is unusable afterwards."""
+
+    def check_fits(self, n_new: int) -> None:
+        from ..errors import PromptError
+
+        if self.n_past + n_new > self.n_ctx:
+            raise PromptError(
+                f"{self.n_past + n_new} tokens do not fit the context of {self.n_ctx} tokens"
+                f" ({self.n_past} already in the cache, {n_new} new)",
+                "prompt",
+            )

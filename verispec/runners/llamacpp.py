@@ -1,0 +1,262 @@
+"""LlamaCppRunner: the CPU fast path, on llama-cpp-python's low-level API.
+
+One llama context per runner. Sequence 0 holds the committed tokens. A tree pass tags each node
+with the sequence ids of every leaf below it (llama.cpp has no custom attention mask; a token
+attends to the cells that share one of its sequence ids), which needs a unified KV cache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ModelFileError
+from .base import Runner, Tokenizer, tree_depths
+
+_backend_ready = False
+_KEEP_LOG_CALLBACK = None
+
+
+def _init_backend(verbose: bool) -> None:
+    """Initialise ggml once; silence llama.cpp's stderr chatter unless verbose."""
+    global _backend_ready, _KEEP_LOG_CALLBACK
+    import llama_cpp as L
+
+    if _backend_ready:
+        return
+    if not verbose:
+        _KEEP_LOG_CALLBACK = L.llama_log_callback(lambda level, text, user: None)
+        L.llama_log_set(_KEEP_LOG_CALLBACK, ctypes.c_void_p())
+    L.llama_backend_init()
+    _backend_ready = True
+
+
+def default_threads() -> int:
+    return int(os.environ.get("VERISPEC_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)))
+
+
+class LlamaCppTokenizer(Tokenizer):
+    def __init__(self, model) -> None:
+        import llama_cpp as L
+
+        self._L = L
+        self._vocab = L.llama_model_get_vocab(model)
+        self.n_vocab = L.llama_vocab_n_tokens(self._vocab)
+        self._add_bos = bool(L.llama_vocab_get_add_bos(self._vocab))
+        bos = L.llama_vocab_bos(self._vocab)
+        self.bos_id = bos if bos >= 0 else None
+        self.eos_ids = frozenset(t for t in self._special_candidates() if L.llama_vocab_is_eog(self._vocab, t))
+        template = L.llama_model_chat_template(model, None)
+        self.chat_template = template.decode("utf-8") if template else None
+        self.bos_text = self._piece(self.bos_id, special=True).decode("utf-8", "replace") if self.bos_id is not None else ""
+        eos = L.llama_vocab_eos(self._vocab)
+        self.eos_text = self._piece(eos, special=True).decode("utf-8", "replace") if eos >= 0 else ""
+        self._piece_cache: dict[int, bytes] = {}
+
+    def _special_candidates(self) -> list[int]:
+        # End-of-generation tokens are control tokens; checking only those keeps start-up fast.
+        L = self._L
+        return [t for t in range(self.n_vocab) if L.llama_vocab_is_control(self._vocab, t) or L.llama_vocab_eos(self._vocab) == t]
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        buf = (self._L.llama_token * capacity)()
+        n = self._L.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special and self._add_bos, True)
+        if n < 0:
+            capacity = -n
+            buf = (self._L.llama_token * capacity)()
+            n = self._L.llama_tokenize(self._vocab, data, len(data), buf, capacity, add_special and self._add_bos, True)
+        return list(buf[:n])
+
+    def _piece(self, token: int, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._L.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._L.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    def piece(self, token: int) -> bytes:
+        cached = self._piece_cache.get(token)
+        if cached is None:
+            cached = self._piece_cache[token] = self._piece(token)
+        return cached
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    def vocab_strings(self) -> list[str]:
+        get = self._L.llama_vocab_get_text
+        return [(get(self._vocab, t) or b"").decode("utf-8", "replace") for t in range(self.n_vocab)]
+
+
+class LlamaCppRunner(Runner):
+    """A GGUF model on llama.cpp's CPU kernels, with sequence-level KV operations for rollback and trees."""
+
+    def __init__(self, source, n_ctx: int = 4096, n_threads: int | None = None, max_tree_leaves: int = 32,
+                 n_batch: int = 512, verbose: bool = False) -> None:
+        import llama_cpp as L
+
+        _init_backend(verbose)
+        self._L = L
+        self.name = source.label
+        self.source = source
+        mparams = L.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = L.llama_model_load_from_file(str(source.path).encode(), mparams)
+        if not self._model:
+            raise ModelFileError(f"llama.cpp could not load {source.path} (unsupported architecture or damaged file)")
+        threads = n_threads or default_threads()
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_batch
+        cparams.n_seq_max = max_tree_leaves + 1
+        cparams.kv_unified = True  # a tree node belongs to several sequences at once
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.no_perf = True
+        self._ctx = L.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            L.llama_model_free(self._model)
+            raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for {source.path}")
+        self._mem = L.llama_get_memory(self._ctx)
+        self.n_ctx = L.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self.n_threads = threads
+        self.max_tree_leaves = max_tree_leaves
+        self.tokenizer = LlamaCppTokenizer(self._model)
+        self.n_vocab = self.tokenizer.n_vocab
+        self.n_params = L.llama_model_n_params(self._model)
+        self._batch = L.llama_batch_init(n_batch, 0, max_tree_leaves + 1)
+        self._tree_seqs: list[list[int]] | None = None
+        self.n_past = 0
+
+    # -- forward passes -------------------------------------------------------------------------
+
+    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
+        if self._tree_seqs is not None:
+            raise RuntimeError("keep_path() must follow a tree forward before the next forward")
+        n = len(tokens)
+        self.check_fits(n)
+        if parents is None:
+            return self._forward_chain(tokens, all_logits)
+        if n > self.n_batch:
+            raise ValueError(f"a tree of {n} nodes exceeds the batch size {self.n_batch}")
+        return self._forward_tree(tokens, parents)
+
+    def _forward_chain(self, tokens: Sequence[int], all_logits: bool) -> np.ndarray:
+        """Decode in batches of n_batch; only the last batch's logits are returned."""
+        start = 0
+        while start < len(tokens):
+            part = tokens[start : start + self.n_batch]
+            last_part = start + len(part) == len(tokens)
+            seqs = [[0]] * len(part)
+            if last_part and all_logits:
+                flags = [1] * len(part)
+            else:
+                flags = [0] * (len(part) - 1) + [1 if last_part else 0]
+            positions = range(self.n_past, self.n_past + len(part))
+            self._decode(part, positions, seqs, flags)
+            self.n_past += len(part)
+            start += len(part)
+        if all_logits and len(tokens) > self.n_batch:
+            raise ValueError("all_logits over more than one batch is not supported")
+        return self._logits(len(tokens) if all_logits else 1)
+
+    def _forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        depths = tree_depths(parents)
+        node_seqs = _leaf_sequences(parents)
+        n_leaves = max(max(s) for s in node_seqs)
+        if n_leaves > self.max_tree_leaves:
+            raise ValueError(f"the tree has {n_leaves} leaves; this runner was opened with max_tree_leaves={self.max_tree_leaves}")
+        for seq in range(1, n_leaves + 1):
+            self._L.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
+        self._decode(tokens, (self.n_past + depths).tolist(), node_seqs, [1] * len(tokens))
+        self._tree_seqs = node_seqs
+        return self._logits(len(tokens))
+
+    def _decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[Sequence[int]], flags: Sequence[int]) -> None:
+        b = self._batch
+        b.n_tokens = len(tokens)
+        for i, (tok, pos, seq_ids, flag) in enumerate(zip(tokens, positions, seqs, flags)):
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = len(seq_ids)
+            for j, s in enumerate(seq_ids):
+                b.seq_id[i][j] = s
+            b.logits[i] = flag
+        status = self._L.llama_decode(self._ctx, b)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} (KV cache full or invalid batch)")
+
+    def _logits(self, n_rows: int) -> np.ndarray:
+        ptr = self._L.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab))
+
+    # -- KV cache ---------------------------------------------------------------------------------
+
+    def rollback(self, n_past: int) -> None:
+        self._drop_tree()
+        if n_past < self.n_past:
+            self._L.llama_memory_seq_rm(self._mem, 0, n_past, -1)
+            self.n_past = n_past
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        if self._tree_seqs is None:
+            raise RuntimeError("keep_path() needs a tree forward first")
+        if path:
+            # Any leaf sequence through the last kept node holds the whole path; give its cells seq 0.
+            leaf_seq = self._tree_seqs[path[-1]][0]
+            self._L.llama_memory_seq_cp(self._mem, leaf_seq, 0, self.n_past, self.n_past + len(path))
+        self._drop_tree()
+        self.n_past += len(path)
+
+    def _drop_tree(self) -> None:
+        if self._tree_seqs is None:
+            return
+        n_leaves = max(max(s) for s in self._tree_seqs)
+        for seq in range(1, n_leaves + 1):
+            self._L.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        self._tree_seqs = None
+
+    def reset(self) -> None:
+        self._tree_seqs = None
+        self._L.llama_memory_clear(self._mem, True)
+        self.n_past = 0
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._L.llama_batch_free(self._batch)
+            self._L.llama_free(self._ctx)
+            self._L.llama_model_free(self._model)
+            self._ctx = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _leaf_sequences(parents: Sequence[int]) -> list[list[int]]:
+    """Sequence ids per node: leaf k gets id k+1, and every node carries the ids of the leaves below it."""
+    n = len(parents)
+    has_child = [False] * n
+    for p in parents:
+        if p >= 0:
+            has_child[p] = True
+    seqs: list[list[int]] = [[] for _ in range(n)]
+    next_id = 1
+    for i in range(n):
+        if not has_child[i]:
+            seqs[i].append(next_id)
+            next_id += 1
+    for i in range(n - 1, -1, -1):
+        if parents[i] >= 0:
+            seqs[parents[i]].extend(seqs[i])
+    return seqs

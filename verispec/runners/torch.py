@@ -1,0 +1,159 @@
+"""TorchRunner: Hugging Face transformers models (a model directory, or a GGUF file dequantized).
+
+Trees are verified with a 4D additive attention mask and explicit tree positions; after a tree
+pass, keep_path() gathers the kept nodes' keys/values so the cache holds exactly the accepted path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import ModelFileError
+from .base import Runner, Tokenizer, ancestor_mask, tree_depths
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, tokenizer, eos_ids: set[int], chat_template: str | None = None) -> None:
+        self._tok = tokenizer
+        self.bos_id = tokenizer.bos_token_id
+        self.eos_ids = frozenset(eos_ids)
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.bos_text = tokenizer.bos_token or ""
+        self.eos_text = tokenizer.eos_token or ""
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        return list(self._tok(text, add_special_tokens=add_special)["input_ids"])
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self._tok.decode(list(tokens), skip_special_tokens=True)
+
+    def vocab_strings(self) -> list[str]:
+        return [str(t) for t in self._tok.convert_ids_to_tokens(list(range(len(self._tok))))]
+
+
+class TorchRunner(Runner):
+    """A transformers causal LM with a DynamicCache that can be cropped and gathered."""
+
+    def __init__(self, model, tokenizer: Tokenizer | None, name: str, n_ctx: int = 4096, device: str = "cpu") -> None:
+        import torch
+
+        self._torch = torch
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = torch.device(device)
+        self.n_vocab = int(model.config.vocab_size)
+        limit = getattr(model.config, "max_position_embeddings", None) or n_ctx
+        self.n_ctx = min(n_ctx, int(limit))
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.dtype = next(model.parameters()).dtype
+        self._hidden: np.ndarray | None = None
+        self._want_hidden = False
+        self._pending = 0  # tree nodes in the cache not yet committed
+        self.reset()
+
+    @classmethod
+    def from_source(cls, source, device: str = "auto", n_ctx: int = 4096, n_threads: int | None = None, dtype: str = "float32", **_ignored) -> "TorchRunner":
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if n_threads or os.environ.get("VERISPEC_THREADS"):
+            torch.set_num_threads(int(n_threads or os.environ["VERISPEC_THREADS"]))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if source.kind == "gguf":
+            directory, extra = str(source.path.parent), {"gguf_file": source.path.name}
+        else:
+            directory, extra = str(source.path), {}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), **extra).to(device)
+            hf_tok = AutoTokenizer.from_pretrained(directory, **extra)
+        except Exception as exc:  # transformers raises many kinds on a bad model; the user needs one line
+            raise ModelFileError(f"transformers could not load {source.path}: {exc}") from None
+        template = None
+        if source.kind == "gguf" and not getattr(hf_tok, "chat_template", None):
+            from ..models.chat import gguf_chat_template
+
+            template = gguf_chat_template(source.path)
+        return cls(model, HFTokenizer(hf_tok, _eos_ids(model, hf_tok), template), source.label, n_ctx, device)
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        self.n_past = 0
+        self._pending = 0
+
+    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True,
+                hidden: bool = False) -> np.ndarray:
+        torch = self._torch
+        if self._pending:
+            raise RuntimeError("keep_path() must follow a tree forward before the next forward")
+        n = len(tokens)
+        self.check_fits(n)
+        if parents is None:
+            depths = np.arange(n)
+            visible = np.tril(np.ones((n, n), dtype=bool))
+        else:
+            depths = tree_depths(parents)
+            visible = ancestor_mask(parents)
+        mask = torch.zeros((1, 1, n, self.n_past + n), dtype=self.dtype)
+        mask[0, 0, :, self.n_past :].masked_fill_(torch.from_numpy(~visible), torch.finfo(self.dtype).min)
+        positions = torch.from_numpy(self.n_past + depths).unsqueeze(0).to(self.device)
+        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=ids,
+                position_ids=positions,
+                attention_mask=mask.to(self.device),
+                past_key_values=self.cache,
+                use_cache=True,
+                output_hidden_states=hidden,
+                logits_to_keep=0 if all_logits else 1,
+            )
+        if hidden:
+            self._hidden = out.hidden_states[-1][0].float().cpu().numpy()
+        if parents is None:
+            self.n_past += n
+        else:
+            self._pending = n
+        return out.logits[0].float().cpu().numpy()
+
+    def hidden_states(self) -> np.ndarray:
+        if self._hidden is None:
+            raise RuntimeError("call forward(..., hidden=True) first")
+        return self._hidden
+
+    def rollback(self, n_past: int) -> None:
+        self._pending = 0
+        excess = self.cache.get_seq_length() - n_past
+        if excess > 0:
+            self.cache.crop(-excess)  # transformers 5 takes a negative count of tokens to drop
+        self.n_past = min(self.n_past, n_past)
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        torch = self._torch
+        if not self._pending:
+            raise RuntimeError("keep_path() needs a tree forward first")
+        keep = torch.tensor(list(range(self.n_past)) + [self.n_past + i for i in path], dtype=torch.long, device=self.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(-2, keep)
+            layer.values = layer.values.index_select(-2, keep)
+        self.n_past += len(path)
+        self._pending = 0
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids

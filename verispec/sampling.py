@@ -1,0 +1,111 @@
+"""Logits -> probabilities: temperature, top-k, top-p, applied identically to draft and target.
+
+Losslessness of speculative sampling depends on p (target) and q (draft) being processed by the
+same function, so this module is the only place that turns logits into a distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InvalidParameter
+
+# The nucleus is searched inside the top candidates first (argpartition, O(V)); a full sort of a
+# 150k vocabulary costs ~10 ms and is needed only when these candidates hold less than top_p.
+_NUCLEUS_CANDIDATES = 2048
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token. temperature == 0 means greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+            raise InvalidParameter(f"max_tokens must be a positive integer, got {self.max_tokens!r}", "max_tokens")
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidParameter(f"temperature must be >= 0, got {self.temperature!r}", "temperature")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidParameter(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}", "top_k")
+        if not (0.0 < self.top_p <= 1.0):
+            raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray | None = None) -> np.ndarray:
+    """Turn logit rows (n, V) or one row (V,) into the sampling distribution, in float64.
+
+    Greedy (temperature 0) gives a one-hot on the argmax, so the rejection sampler needs no
+    special case. `out` lets the caller reuse one buffer across steps.
+    """
+    rows = np.atleast_2d(logits)
+    if out is None:
+        out = np.empty(rows.shape, dtype=np.float64)
+    else:
+        out = out[: rows.shape[0]]
+    if params.greedy:
+        out.fill(0.0)
+        out[np.arange(rows.shape[0]), rows.argmax(axis=1)] = 1.0
+        return out if logits.ndim == 2 else out[0]
+    np.multiply(rows, 1.0 / params.temperature, out=out)
+    out -= out.max(axis=1, keepdims=True)
+    np.exp(out, out=out)
+    if params.top_k and params.top_k < rows.shape[1]:
+        _keep_top_k(out, params.top_k)
+    out /= out.sum(axis=1, keepdims=True)
+    if params.top_p < 1.0:
+        for row in out:
+            _keep_nucleus(row, params.top_p)
+    return out if logits.ndim == 2 else out[0]
+
+
+def _keep_top_k(weights: np.ndarray, k: int) -> None:
+    """Zero every entry below each row's k-th largest (ties at the threshold are kept)."""
+    kth = np.partition(weights, -k, axis=1)[:, -k][:, None]
+    weights[weights < kth] = 0.0
+
+
+def _keep_nucleus(row: np.ndarray, top_p: float) -> None:
+    """Keep the smallest set of most probable tokens whose mass reaches top_p; renormalise."""
+    n = row.shape[0]
+    if n > _NUCLEUS_CANDIDATES:
+        cand = np.argpartition(row, -_NUCLEUS_CANDIDATES)[-_NUCLEUS_CANDIDATES:]
+        if row[cand].sum() < top_p:
+            cand = np.arange(n)
+    else:
+        cand = np.arange(n)
+    order = cand[np.argsort(-row[cand], kind="stable")]
+    cumulative = np.cumsum(row[order])
+    # Keep token i while the mass before it is < top_p (the first token is always kept).
+    n_keep = int(np.searchsorted(cumulative, top_p, side="left")) + 1
+    keep = order[:n_keep]
+    kept_mass = row[keep]
+    row.fill(0.0)
+    row[keep] = kept_mass / kept_mass.sum()
+
+
+def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one token from a distribution row by inverse CDF (no vocab-sized allocation but cumsum)."""
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.shape[0] - 1))
+
+
+def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """One next token from one logit row: argmax when greedy, else a sample."""
+    if params.greedy:
+        return int(np.argmax(logits))
+    return sample(logits_to_probs(logits, params), rng)

@@ -1,0 +1,1 @@
+"""Verification: which drafted tokens the target accepts (rejection sampling), and tree structure."""
