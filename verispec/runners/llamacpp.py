@@ -98,16 +98,21 @@ class LlamaCppRunner(Runner):
     """A GGUF model on llama.cpp's CPU kernels, with sequence-level KV operations for rollback and trees."""
 
     def __init__(self, source, n_ctx: int = 4096, n_threads: int | None = None, max_tree_leaves: int = 32,
-                 n_batch: int = 512, verbose: bool = False) -> None:
+                 n_batch: int = 512, verbose: bool = False, _shared_model=None) -> None:
         import llama_cpp as L
 
         _init_backend(verbose)
         self._L = L
         self.name = source.label
         self.source = source
-        mparams = L.llama_model_default_params()
-        mparams.n_gpu_layers = 0
-        self._model = L.llama_model_load_from_file(str(source.path).encode(), mparams)
+        self._options = dict(n_ctx=n_ctx, n_threads=n_threads, max_tree_leaves=max_tree_leaves, n_batch=n_batch, verbose=verbose)
+        self._owns_model = _shared_model is None
+        if _shared_model is not None:
+            self._model = _shared_model
+        else:
+            mparams = L.llama_model_default_params()
+            mparams.n_gpu_layers = 0
+            self._model = L.llama_model_load_from_file(str(source.path).encode(), mparams)
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {source.path} (unsupported architecture or damaged file)")
         threads = n_threads or default_threads()
@@ -120,9 +125,11 @@ class LlamaCppRunner(Runner):
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.no_perf = True
+        cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            L.llama_model_free(self._model)
+            if self._owns_model:
+                L.llama_model_free(self._model)
             raise ModelFileError(f"llama.cpp could not create a context of {n_ctx} tokens for {source.path}")
         self._mem = L.llama_get_memory(self._ctx)
         self.n_ctx = L.llama_n_ctx(self._ctx)
@@ -134,6 +141,8 @@ class LlamaCppRunner(Runner):
         self.n_params = L.llama_model_n_params(self._model)
         self._batch = L.llama_batch_init(n_batch, 0, max_tree_leaves + 1)
         self._tree_seqs: list[list[int]] | None = None
+        self._last_tree_tokens: list[int] = []
+        self.tree_redecodes = 0  # paths that had to be re-decoded (see keep_path)
         self.n_past = 0
 
     # -- forward passes -------------------------------------------------------------------------
@@ -178,6 +187,7 @@ class LlamaCppRunner(Runner):
             self._L.llama_memory_seq_cp(self._mem, 0, seq, -1, -1)
         self._decode(tokens, (self.n_past + depths).tolist(), node_seqs, [1] * len(tokens))
         self._tree_seqs = node_seqs
+        self._last_tree_tokens = list(tokens)
         return self._logits(len(tokens))
 
     def _decode(self, tokens: Sequence[int], positions: Sequence[int], seqs: Sequence[Sequence[int]], flags: Sequence[int]) -> None:
@@ -207,14 +217,29 @@ class LlamaCppRunner(Runner):
             self.n_past = n_past
 
     def keep_path(self, path: Sequence[int]) -> None:
+        """Keep one root-to-node path of the last tree.
+
+        llama.cpp reuses freed cells lowest-first, and its attention is not exact when a later
+        position sits in a lower cell than an earlier one of the same sequence (measured: logit
+        differences of ~0.5). So the kept cells must precede every hole the tree leaves: that holds
+        when the path is nodes 0..m-1 (tree builders put the most likely path first). Any other
+        path is dropped and re-decoded as a chain, which costs one pass over len(path) tokens.
+        """
         if self._tree_seqs is None:
             raise RuntimeError("keep_path() needs a tree forward first")
-        if path:
-            # Any leaf sequence through the last kept node holds the whole path; give its cells seq 0.
-            leaf_seq = self._tree_seqs[path[-1]][0]
-            self._L.llama_memory_seq_cp(self._mem, leaf_seq, 0, self.n_past, self.n_past + len(path))
+        path = list(path)
+        if path == list(range(len(path))):
+            if path:
+                # Any leaf sequence through the last kept node holds the whole path; give its cells seq 0.
+                leaf_seq = self._tree_seqs[path[-1]][0]
+                self._L.llama_memory_seq_cp(self._mem, leaf_seq, 0, self.n_past, self.n_past + len(path))
+            self._drop_tree()
+            self.n_past += len(path)
+            return
+        tokens = [self._last_tree_tokens[i] for i in path]
         self._drop_tree()
-        self.n_past += len(path)
+        self.tree_redecodes += 1
+        self._forward_chain(tokens, all_logits=False)
 
     def _drop_tree(self) -> None:
         if self._tree_seqs is None:
@@ -229,11 +254,19 @@ class LlamaCppRunner(Runner):
         self._L.llama_memory_clear(self._mem, True)
         self.n_past = 0
 
+    def sibling(self, **overrides) -> "LlamaCppRunner":
+        """Another context (its own KV cache) on the same loaded weights, e.g. one per server slot.
+
+        The weights are freed with this (owning) runner: close siblings first.
+        """
+        return LlamaCppRunner(self.source, **{**self._options, **overrides}, _shared_model=self._model)
+
     def close(self) -> None:
         if getattr(self, "_ctx", None):
             self._L.llama_batch_free(self._batch)
             self._L.llama_free(self._ctx)
-            self._L.llama_model_free(self._model)
+            if self._owns_model:
+                self._L.llama_model_free(self._model)
             self._ctx = None
 
     def __del__(self) -> None:
