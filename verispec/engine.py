@@ -135,11 +135,11 @@ class Engine:
         verifier = ChainVerifier(self.target.n_vocab, params, rng, max_rows=self.config.draft_max + 1)
         chooser = self._chooser()
         self.target.reset()
-        if self.drafter:
-            self.drafter.begin(prompt, params, rng)
         stats.prompt_tokens = len(prompt)
 
         t0 = time.perf_counter()
+        if self.drafter:
+            self.drafter.begin(prompt, params, rng)
         row = self.target.forward(prompt, all_logits=False)[-1]
         last = pick(row, params, rng)
         if record_margins:
@@ -216,7 +216,8 @@ class Engine:
             return DraftLengthChooser(k_max=0, fixed=0)
         if cfg.draft_tokens is not None:
             return DraftLengthChooser(k_max=cfg.draft_tokens, fixed=cfg.draft_tokens)
-        return DraftLengthChooser(k_max=cfg.draft_max)
+        # A costly drafter must first catch up on every token it skipped, so probe it rarely.
+        return DraftLengthChooser(k_max=cfg.draft_max, probe_every=64 if self.drafter.costly else 8)
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:

@@ -29,7 +29,10 @@ class ModelDrafter(Drafter):
         self.rng = np.random.default_rng()
 
     def begin(self, prompt, params: SamplingParams, rng: np.random.Generator) -> None:
+        """Prefill the prompt now, so the first proposal costs only draft steps."""
         self.params, self.rng = params, rng
+        self.runner.check_fits(len(prompt) - _common_prefix(self._cached, prompt))
+        self._sync(prompt)
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """Make the cache hold context[:-1]... plus the last token; return the logits after the context."""
