@@ -1,0 +1,50 @@
+"""Shared fixtures: real models are loaded once per session (they are pulled by `make test`)."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _require(name: str):
+    from verispec.models import files
+
+    try:
+        return files.resolve(name)
+    except Exception as exc:  # not pulled: `make test` pulls them first
+        pytest.skip(f"{name} not available ({exc}); run `verispec models pull {name}`")
+
+
+@pytest.fixture(scope="session")
+def smol_source():
+    return _require("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smol_llama(smol_source):
+    from verispec.runners.llamacpp import LlamaCppRunner
+
+    runner = LlamaCppRunner(smol_source, n_ctx=2048)
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="session")
+def smol_torch(smol_source):
+    from verispec.runners.torch import TorchRunner
+
+    return TorchRunner.from_source(smol_source, n_ctx=2048)
+
+
+@pytest.fixture(scope="session")
+def qwen_pair():
+    """The default target (llama.cpp) with the 0.5B draft loaded as a drafter."""
+    _require("qwen2.5-coder-1.5b")
+    _require("qwen2.5-coder-0.5b")
+    from verispec import load
+
+    model = load("qwen2.5-coder-1.5b", n_ctx=2048)
+    model.drafter("qwen2.5-coder-0.5b")
+    yield model
+    model.close()
