@@ -70,12 +70,15 @@ class TableRunner:
         self.context: list[int] = []
         self.n_past = 0
         self._pending: list[list[int]] | None = None
-        self.costly = False
+        self._cache: dict = {}
 
     def logits(self, context) -> "np.ndarray":
-        np = self._np
-        key = hash((self._rng_seed, tuple(context[-2:]))) & 0xFFFFFFFF
-        return np.random.default_rng(key).normal(size=self.n_vocab) * self._sharpness
+        key = tuple(context[-2:])
+        row = self._cache.get(key)
+        if row is None:
+            seed = hash((self._rng_seed, key)) & 0xFFFFFFFF
+            row = self._cache[key] = self._np.random.default_rng(seed).normal(size=self.n_vocab) * self._sharpness
+        return row
 
     def forward(self, tokens, parents=None, all_logits=True):
         np = self._np

@@ -172,6 +172,42 @@ def demo(
     console.print(f"plain {base:.1f} tokens/s | speculative ({draft}) {fast:.1f} tokens/s | speedup {fast / base:.2f}x")
 
 
+@app.command()
+def bench(
+    target: str = typer.Option(registry.DEFAULT_TARGET, help="target model: registered name or GGUF path"),
+    draft: str = typer.Option(registry.DEFAULT_DRAFT, help="the draft model of the `draft` methods"),
+    methods: str = typer.Option("ar,ngram,draft,auto", help="comma-separated: ar, ngram, draft, auto, each optionally -kN (fixed K)"),
+    prompts: str = typer.Option("builtin", help="a JSONL file (MT-bench `turns` or plain `prompt` lines) or 'builtin'"),
+    max_new_tokens: int = typer.Option(128, help="new tokens at most per turn"),
+    temperature: float = typer.Option(0.0, help="0 = greedy (outputs are then checked against ar)"),
+    seed: int = typer.Option(0),
+    peers: str = typer.Option("", help="comma-separated: llamacpp-pld, hf, llama-speculative"),
+    llama_cpp_bin: Optional[str] = typer.Option(None, help="directory holding llama.cpp's llama-speculative binary"),
+    limit: Optional[int] = typer.Option(None, help="run only the first N prompts"),
+    categories: Optional[str] = typer.Option(None, help="comma-separated categories to keep, e.g. code,chat"),
+    out: str = typer.Option("bench-out", help="directory for report.md, results.json and plots"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
+    ctx: int = typer.Option(4096, help="context length in tokens"),
+) -> None:
+    """Plain and speculative decoding side by side on the same prompts, with peers; writes a report and plots."""
+    from .bench import BenchConfig, run_bench
+    from .bench.methods import parse_methods
+
+    try:
+        used = {m.draft for m in parse_methods(methods, draft)}
+        for name in (target, draft if draft in used else None):
+            if name in registry.REGISTRY and registry.status(registry.get_spec(name)) in ("missing", "corrupt"):
+                pull_with_progress(name)
+        run_bench(BenchConfig(
+            target=target, draft=draft, methods=methods, prompts=prompts, max_new_tokens=max_new_tokens,
+            temperature=temperature, seed=seed, peers=[p.strip() for p in peers.split(",") if p.strip()],
+            llama_cpp_bin=llama_cpp_bin, limit=limit, categories=categories.split(",") if categories else None,
+            out=out, threads=threads, ctx=ctx,
+        ), console)
+    except VerispecError as exc:
+        fail(exc)
+
+
 def main() -> None:
     app()
 

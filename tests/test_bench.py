@@ -1,0 +1,182 @@
+"""verispec bench: prompt files, method names, the losslessness check, and one end-to-end run on SmolLM2-135M
+with a planted lossy method that the mismatch counter must flag."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from verispec.bench import lossless
+from verispec.bench.methods import parse_methods
+from verispec.bench.prompts import HUMANEVAL_INSTRUCTION, load_prompts
+from verispec.errors import InvalidParameter, PromptError
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+# -- losslessness -------------------------------------------------------------------------------
+
+
+def test_first_divergence():
+    assert lossless.first_divergence([1, 2, 3], [1, 2, 3]) is None
+    assert lossless.first_divergence([1, 2, 3], [1, 5, 3]) == 1
+    assert lossless.first_divergence([1, 2, 3], [1, 2]) == 2  # one run stopped (EOS) earlier
+    assert lossless.first_divergence([], []) is None
+
+
+def test_divergence_at_a_near_tie_is_explained():
+    d = lossless.compare([[5, 6, 7]], [[3.0, 1e-5, 2.0]], [[5, 9, 7]])
+    assert d == lossless.Divergence(turn=0, index=1, ar_margin=1e-5, tie=True)
+    assert lossless.count([d, None]) == (1, 0)
+
+
+def test_divergence_with_a_large_margin_is_unexplained():
+    d = lossless.compare([[5, 6, 7]], [[3.0, 4.5, 2.0]], [[5, 9, 7]])
+    assert d is not None and not d.tie and d.ar_margin == 4.5
+    assert lossless.count([d, None, None]) == (1, 1)
+    # The tolerance is a parameter: a looser one would call the same divergence a tie.
+    assert lossless.compare([[5, 6, 7]], [[3.0, 4.5, 2.0]], [[5, 9, 7]], tolerance=10.0).tie
+
+
+def test_divergence_in_a_later_turn_and_without_a_margin():
+    ar, margins = [[1, 2], [3, 4, 5]], [[9.0, 9.0], [9.0, 9.0, 9.0, 9.0]]
+    assert lossless.compare(ar, margins, [[1, 2], [3, 4, 5]]) is None
+    d = lossless.compare(ar, margins, [[1, 2], [3, 4, 5, 6]])
+    assert (d.turn, d.index, d.tie) == (1, 3, False)  # margin of ar's EOS step, recorded past its tokens
+    d = lossless.compare(ar, [[9.0, 9.0], []], [[1, 2], [3, 0]])
+    assert d.ar_margin is None and not d.tie  # an unrecorded margin is never a tie
+
+
+# -- prompts and methods ------------------------------------------------------------------------
+
+
+def test_prompt_formats(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [
+        {"question_id": 81, "category": "writing", "turns": ["Write a poem.", "Make it shorter."]},
+        {"prompt": "Translate: hello", "category": "translation", "id": "t1"},
+        {"question_id": "he", "category": "code", "humaneval": "HumanEval/0"},
+    ])
+    prompts = load_prompts(path)
+    assert [(p.id, p.category, len(p.turns)) for p in prompts] == [("81", "writing", 2), ("t1", "translation", 1), ("he", "code", 1)]
+    assert prompts[2].turns[0].startswith(HUMANEVAL_INSTRUCTION.split("{")[0]) and "def has_close_elements" in prompts[2].turns[0]
+    assert [p.id for p in load_prompts(path, categories=["code", "writing"])] == ["81", "he"]
+    assert [p.id for p in load_prompts(path, limit=1)] == ["81"]
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ('{"category": "x"}', "needs 'turns'"),
+    ('{"turns": []}', "non-empty list"),
+    ('{"humaneval": "HumanEval/99999"}', "unknown HumanEval task"),
+])
+def test_bad_prompt_files(tmp_path, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(PromptError, match=message):
+        load_prompts(path)
+
+
+def test_builtin_prompts():
+    prompts = load_prompts("builtin")
+    categories = {p.category for p in prompts}
+    assert {"code", "code-edit", "chat", "translation", "summarisation", "qa"} <= categories
+    assert sum(p.category == "code" for p in prompts) >= 8
+    assert any(len(p.turns) > 1 for p in prompts)
+    assert len({p.id for p in prompts}) == len(prompts)
+
+
+def test_method_names():
+    methods = parse_methods("ngram,draft-k3,auto", draft="some-draft")
+    assert [(m.name, m.draft, m.fixed_k) for m in methods] == [
+        ("ar", None, None), ("ngram", "ngram", None), ("draft-k3", "some-draft", 3), ("auto", "auto", None)]
+    assert methods[2].config().draft_tokens == 3 and methods[0].config().draft is None
+    with pytest.raises(InvalidParameter, match="unknown bench method"):
+        parse_methods("ar,tree", draft="x")
+
+
+def test_verify_cost_curve(smol_llama):
+    from verispec.bench.verify_cost import ratios, verify_cost_curve
+
+    times = verify_cost_curve(smol_llama, ks=(1, 4), reps=1)
+    assert set(times) == {1, 4} and all(t > 0 for t in times.values())
+    assert ratios(times)[1] == 1.0
+    assert smol_llama.n_past == 0
+
+
+# -- end to end ---------------------------------------------------------------------------------
+
+LOSSY = "ngram-k4"  # the planted lossy method: its outputs are altered after decoding
+
+
+@pytest.mark.real
+def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, monkeypatch):
+    import verispec.bench.run as bench_run
+    from verispec.cli import app
+
+    honest_turn = bench_run.engine_turn
+
+    def engine_turn(model, spec, params):
+        generate = honest_turn(model, spec, params)
+        if (spec.draft, spec.draft_tokens) != ("ngram", 4):
+            return generate
+
+        def lossy(text, tokens):
+            turn = generate(text, tokens)
+            turn.tokens = [(t + 1) % model.target.n_vocab for t in turn.tokens]
+            return turn
+
+        return lossy
+
+    monkeypatch.setattr(bench_run, "engine_turn", engine_turn)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"question_id": "edit", "category": "code-edit", "turns": [
+            "Add type hints to this function:\n\ndef add(a, b):\n    return a + b\n", "Now add a docstring."]},
+        {"prompt": "Translate to French: good morning, my friend.", "category": "translation"},
+        {"prompt": "What is the capital of France?", "category": "qa"},
+    ])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "bench", "--target", "smollm2-135m", "--draft", "smollm2-135m", "--methods", f"ar,ngram,ngram-k2,{LOSSY},draft-k2",
+        "--prompts", str(prompts), "--max-new-tokens", "16", "--ctx", "1024", "--out", str(out),
+        "--peers", "llamacpp-pld,llama-speculative", "--llama-cpp-bin", str(tmp_path / "no-such-dir"),
+    ])
+    assert result.exit_code == 0, result.output
+
+    results = json.loads((out / "results.json").read_text())
+    assert {"records", "summary", "environment"} <= set(results)
+    assert len(results["records"]) == 3 * 5
+    for rec in results["records"]:
+        assert {"prompt_id", "category", "method", "tokens", "wall_seconds", "decode_seconds", "drafted", "accepted",
+                "accepted_lengths", "draft_lengths", "tokens_per_s"} <= set(rec)
+    assert sum(len(r["output_tokens"]) for r in results["records"] if r["prompt_id"] == "edit" and r["method"] == "ar") == 2
+    summary = {r["method"]: r for r in results["summary"]}
+    assert list(summary) == ["ar", "ngram", "ngram-k2", LOSSY, "draft-k2"]
+    for row in summary.values():
+        assert {"method", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length", "mismatches",
+                "unexplained_mismatches"} <= set(row)
+        assert row["tokens_per_s"] > 0
+    assert summary["ar"]["speedup"] == pytest.approx(1.0)
+    assert summary["draft-k2"]["drafted"] > 0 and summary["draft-k2"]["acceptance_rate"] > 0.9  # its own draft
+    for name in ("ngram", "ngram-k2", "draft-k2"):  # the real methods are lossless on the llama.cpp runner
+        assert summary[name]["unexplained_mismatches"] == 0, results["records"]
+    assert summary[LOSSY]["mismatches"] == 3
+    assert summary[LOSSY]["unexplained_mismatches"] >= 1
+
+    env = results["environment"]
+    assert env["cpu"] and env["threads"] and env["versions"]["verispec"] and len(env["load_before"]) == 3
+    assert set(results["verify_cost"]["ratio"]) == {"1", "2", "4", "8", "16"}
+    peers = {p["peer"]: p for p in results["peers"]}
+    assert "skipped" in peers["llama-speculative"]
+    pld = {r["variant"]: r for r in peers["llamacpp-pld"]["summary"]}
+    assert pld["plain"]["tokens_per_s"] > 0 and pld["pld"]["speedup_vs_own_plain"] > 0
+
+    report = (out / "report.md").read_text()
+    for heading in ("## Results", "## Per category", "## Verify cost", "## Peak memory", "## Losslessness", "## Peers"):
+        assert heading in report
+    assert f"| {LOSSY} | 3 | 3 |" in report
+    for png in ("speedup_by_category.png", "acceptance_by_position.png", "tokens_per_s_vs_k.png", "verify_cost.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in report

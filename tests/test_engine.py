@@ -1,0 +1,132 @@
+"""Greedy speculative decoding equals plain greedy decoding, token for token, on each runner.
+
+llama.cpp scores in exact chunks, so any divergence there is a bug. On transformers, passes over
+several tokens may differ from single-token passes by ~1e-5, so a divergence is a numerical tie
+only if the plain run's top-2 logit margin at the first diverging token is below TORCH_TIE.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+
+from tests.prompts import PROMPTS
+from tests.toy import tiny_llama, tiny_runner, ByteTokenizer
+from verispec.drafters.draft_model import ModelDrafter
+from verispec.drafters.ngram import NgramDrafter
+from verispec.engine import Engine, SpeculativeConfig, Stats
+from verispec.runners.torch import TorchRunner
+from verispec.sampling import SamplingParams
+
+TORCH_TIE = 1e-3
+
+
+def run(engine: Engine, prompt: list[int], params: SamplingParams, record: bool = False) -> tuple[list[int], Stats]:
+    stats = Stats()
+    tokens = [t for step in engine.generate(prompt, params, stats, record_margins=record) for t in step]
+    return tokens, stats
+
+
+def divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def assert_same_or_tie(plain: list[int], margins: list[float], other: list[int], tie: float, label: str) -> None:
+    i = divergence(plain, other)
+    if i is None:
+        return
+    assert tie > 0 and i < len(margins) and margins[i] < tie, f"{label}: diverges at token {i} with margin {margins[i] if i < len(margins) else None}"
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equality_llamacpp_qwen_pair(qwen_pair, prompt):
+    model = qwen_pair
+    tokens = model.prompt_tokens(prompt, chat=True)
+    params = SamplingParams(max_tokens=24)
+    plain, _ = run(model.engine(SpeculativeConfig()), tokens, params)
+    for spec in (SpeculativeConfig(draft="ngram", draft_tokens=4), SpeculativeConfig(draft="qwen2.5-coder-0.5b", draft_tokens=4),
+                 SpeculativeConfig(draft="qwen2.5-coder-0.5b")):
+        out, stats = run(model.engine(spec), tokens, params)
+        assert out == plain, f"{spec.draft} K={spec.draft_tokens} diverges at {divergence(plain, out)}"
+        if spec.draft_tokens and spec.draft != "ngram":
+            assert stats.drafted > 0
+
+
+@pytest.fixture(scope="module")
+def smol_torch_pair(smol_torch):
+    """SmolLM2 on transformers, with a draft that is a noisy copy of it (same vocabulary, imperfect)."""
+    import torch
+
+    draft_model = copy.deepcopy(smol_torch.model)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in draft_model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.3)
+    draft = TorchRunner(draft_model, smol_torch.tokenizer, "smol-noisy", n_ctx=2048)
+    return smol_torch, draft
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_equality_torch_smollm2(smol_torch_pair, prompt):
+    target, draft = smol_torch_pair
+    tokens = target.tokenizer.encode(prompt)
+    params = SamplingParams(max_tokens=16)
+    plain, plain_stats = run(Engine(target), tokens, params, record=True)
+    for drafter, k in ((NgramDrafter(), 4), (ModelDrafter(draft), 4)):
+        out, _ = run(Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=k)), tokens, params)
+        assert_same_or_tie(plain, plain_stats.margins, out, TORCH_TIE, f"{drafter.name} K={k}")
+
+
+def test_tiny_model_greedy_equality_with_partial_acceptance():
+    import torch
+
+    target_model = tiny_llama(0, scale=30)
+    draft_model = copy.deepcopy(target_model)
+    with torch.no_grad():
+        for p in draft_model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    target = TorchRunner(target_model, ByteTokenizer(), "t", 512)
+    draft = TorchRunner(draft_model, ByteTokenizer(), "d", 512)
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    prompt = target.tokenizer.encode("abc abc abc")
+    plain, stats_plain = run(Engine(target), prompt, params, record=True)
+    out, stats = run(Engine(target, ModelDrafter(draft), SpeculativeConfig(draft="d", draft_tokens=5)), prompt, params)
+    assert_same_or_tie(plain, stats_plain.margins, out, TORCH_TIE, "tiny")
+    assert 0 < stats.accepted < stats.drafted  # some accepted, some rejected: both paths exercised
+    assert stats.target_passes < len(plain)  # fewer target passes than tokens
+    assert sum(stats.accepted_lengths) == stats.generated - 1  # the first token comes from the prefill
+
+
+def test_stats_and_limits():
+    target = tiny_runner(0, scale=30)
+    params = SamplingParams(max_tokens=17, ignore_eos=True)
+    prompt = target.tokenizer.encode("hello hello hello")
+    out, stats = run(Engine(target, NgramDrafter(), SpeculativeConfig(draft="ngram", draft_tokens=6)), prompt, params)
+    assert len(out) == 17 == stats.generated
+    assert stats.finish_reason == "length"
+    assert sum(stats.drafted_at_position) == stats.drafted
+    assert all(a <= d for a, d in zip(stats.accepted_at_position, stats.drafted_at_position))
+
+
+def test_eos_ends_generation_and_is_not_emitted():
+    target = tiny_runner(0, scale=30)
+    prompt = target.tokenizer.encode("hi")
+    plain, _ = run(Engine(target), prompt, SamplingParams(max_tokens=30, ignore_eos=True))
+    target.tokenizer.eos_ids = frozenset({plain[5]})
+    try:
+        out, stats = run(Engine(target), prompt, SamplingParams(max_tokens=30))
+    finally:
+        target.tokenizer.eos_ids = frozenset({2})
+    assert plain[5] not in out and stats.finish_reason == "stop"
+    assert out == plain[: plain.index(plain[5])]
+
+
+def test_seeded_sampling_is_reproducible():
+    target = tiny_runner(0, scale=3)
+    prompt = target.tokenizer.encode("seed")
+    params = SamplingParams(max_tokens=25, temperature=0.9, top_p=0.95, seed=123, ignore_eos=True)
+    engine = Engine(target, NgramDrafter(1, 3), SpeculativeConfig(draft="ngram", draft_tokens=3))
+    assert run(engine, prompt, params)[0] == run(engine, prompt, params)[0]

@@ -1,0 +1,232 @@
+"""One bench run: load the target once, warm every method up, then run the methods interleaved per
+prompt (A B C, A B C, ...), check greedy outputs against ar, run the peers, write the report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ..models import files, registry
+from ..sampling import SamplingParams
+from . import aggregate, environment, peers as peer_impls
+from .conversation import Conversation, converse, engine_turn
+from .lossless import TIE_TOLERANCE
+from .methods import BASELINE, Method, parse_methods
+from .prompts import BUILTIN, BenchPrompt, load_prompts
+from .verify_cost import ratios, verify_cost_curve
+
+WARMUP_TOKENS = 32
+
+
+@dataclass
+class BenchConfig:
+    target: str = registry.DEFAULT_TARGET
+    draft: str = registry.DEFAULT_DRAFT
+    methods: str = "ar,ngram,draft,auto"
+    prompts: str = BUILTIN
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    peers: list[str] = field(default_factory=list)
+    llama_cpp_bin: str | None = None
+    limit: int | None = None
+    categories: list[str] | None = None
+    out: str = "bench-out"
+    threads: int | None = None
+    ctx: int = 4096
+    draft_max: int = 12
+    verify_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    tie_tolerance: float = TIE_TOLERANCE
+    plots: bool = True
+
+
+def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
+    """Run the bench and write DIR/results.json, DIR/report.md and PNG plots; return the results."""
+    from .. import load
+    from . import report
+
+    console = console or Console(stderr=True)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    load_before = environment.load_average()
+    if load_before[0] > environment.BUSY_LOAD:
+        console.print(f"[yellow]warning:[/] load average {load_before[0]} before the run: other processes compete for "
+                      "the CPU and the numbers will be skewed (ggml's threads spin)")
+    prompts = load_prompts(config.prompts, config.limit, config.categories)
+    methods = parse_methods(config.methods, config.draft)
+    params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
+    runner_options = {"n_ctx": config.ctx, **({"n_threads": config.threads} if config.threads else {})}
+    memory = {"before_load": environment.memory()}
+
+    with console.status(f"loading {config.target}"):
+        model = load(config.target, **runner_options)
+    try:
+        warmup = SamplingParams(max_tokens=min(WARMUP_TOKENS, config.max_new_tokens), temperature=config.temperature,
+                                seed=config.seed)
+        _warm_up(model, prompts[0], methods[0], warmup, config)
+        memory["target"] = environment.memory()
+        drafts = {}
+        for m in methods[1:]:
+            if m.draft not in drafts:
+                with console.status(f"loading drafter {m.draft}"):
+                    drafts[m.draft] = _draft_info(model, m.draft)
+                if drafts[m.draft]["note"]:
+                    console.print(drafts[m.draft]["note"])
+            _warm_up(model, prompts[0], m, warmup, config)
+            if drafts[m.draft]["kind"] == "model" and f"with {m.draft}" not in memory:
+                memory[f"with {m.draft}"] = environment.memory()
+
+        with console.status("measuring the target's verify-cost curve T(K)/T(1)"):
+            verify = _verify_costs(model.target, config.verify_ks, model.prompt_tokens(messages=[
+                {"role": "user", "content": prompts[0].turns[0]}]))
+
+        conversations = _run_methods(model, prompts, methods, params, config, console)
+        records = [aggregate.record(c) for c in conversations.values()]
+        greedy = params.greedy
+        aggregate.check_lossless(records, conversations, greedy, config.tie_tolerance)
+        names = [m.name for m in methods]
+        summary = aggregate.summarize(records, names, greedy)
+
+        ar = {pid: c for (pid, method), c in conversations.items() if method == BASELINE}
+        peer_results = [_run_peer(name, model, prompts, ar, config, console) for name in config.peers]
+        threads = getattr(model.target, "n_threads", config.threads)
+        target_info = {"name": model.target.name, "parameters": getattr(model.target, "n_params", None),
+                       "file_bytes": model.target.source.file_bytes if getattr(model.target, "source", None) else None}
+    finally:
+        model.close()
+
+    results = {
+        "config": {**asdict(config), "methods": names, "prompt_count": len(prompts)},
+        "environment": {**environment.describe(threads), "load_before": load_before,
+                        "load_after": environment.load_average(), "busy_threshold": environment.BUSY_LOAD},
+        "target": target_info,
+        "drafts": {m.name: drafts.get(m.draft) for m in methods},
+        "summary": summary,
+        "per_category": aggregate.per_category(records, names),
+        "acceptance_by_position": {n: aggregate.acceptance_by_position(records, n) for n in names if n != BASELINE},
+        "fixed_k": {m.name: {"family": m.family, "k": m.fixed_k} for m in methods if m.fixed_k is not None},
+        "verify_cost": verify,
+        "memory": memory,
+        "peers": peer_results,
+        "records": records,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plots = []
+    if config.plots:
+        from . import plots as plotting
+
+        plots = plotting.write_all(results, out)
+    (out / "report.md").write_text(report.markdown(results, plots))
+    report.print_summary(results, Console())
+    console.print(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(plots)} plots")
+    return results
+
+
+def _warm_up(model, prompt: BenchPrompt, method: Method, params: SamplingParams, config: BenchConfig) -> None:
+    converse(model, prompt, method.name, engine_turn(model, method.config(config.draft_max), params), max_turns=1)
+
+
+def _draft_info(model, draft: str) -> dict:
+    model.draft_choice_note = ""
+    drafter = model.drafter(draft)
+    runner = getattr(drafter, "runner", None)
+    return {
+        "drafter": drafter.name,
+        "kind": "model" if runner is not None else "ngram",
+        "parameters": getattr(runner, "n_params", 0) if runner is not None else 0,
+        "file_bytes": runner.source.file_bytes if runner is not None and getattr(runner, "source", None) else 0,
+        "note": model.draft_choice_note,
+    }
+
+
+def _verify_costs(runner, ks, context) -> dict:
+    """T(K) as verification pays it, and, on llama.cpp, as one unchunked pass (see LlamaCppRunner._score)."""
+    seconds = verify_cost_curve(runner, ks, context)
+    result = {"ks": list(ks), "seconds": seconds, "ratio": ratios(seconds), "exact_chunk": getattr(runner, "exact_chunk", None)}
+    if getattr(runner, "exact_chunk", 0):
+        saved = runner.exact_chunk
+        runner.exact_chunk = 0
+        try:
+            single = verify_cost_curve(runner, ks, context)
+        finally:
+            runner.exact_chunk = saved
+        result["single_pass_seconds"] = single
+        result["single_pass_ratio"] = ratios(single)
+    return result
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[last]}"), console=console)
+
+
+def _run_methods(model, prompts: list[BenchPrompt], methods: list[Method], params: SamplingParams,
+                 config: BenchConfig, console: Console) -> dict[tuple[str, str], Conversation]:
+    conversations = {}
+    with _progress(console) as progress:
+        task = progress.add_task("bench", total=len(prompts) * len(methods), last="")
+        for prompt in prompts:
+            for m in methods:
+                progress.update(task, description=f"{prompt.id} · {m.name}")
+                conv = converse(model, prompt, m.name, engine_turn(model, m.config(config.draft_max), params))
+                conversations[(prompt.id, m.name)] = conv
+                generated = sum(t.stats.generated for t in conv.turns)
+                decode = sum(t.stats.decode_seconds for t in conv.turns)
+                progress.update(task, advance=1, last=f"{m.name}: {generated / decode if decode else 0:.1f} tok/s")
+    return conversations
+
+
+def _run_peer(name: str, model, prompts: list[BenchPrompt], ar: dict[str, Conversation], config: BenchConfig,
+              console: Console) -> dict:
+    cls = peer_impls.PEERS.get(name)
+    if cls is None:
+        console.print(f"[yellow]peer {name} skipped:[/] unknown peer (known: {', '.join(peer_impls.PEERS)})")
+        return {"peer": name, "skipped": "unknown peer"}
+    draft_path = None
+    if config.draft not in ("ngram", "auto", "none"):
+        try:
+            draft_path = files.resolve(config.draft).path
+        except Exception:
+            draft_path = None
+    source = getattr(model.target, "source", None) or files.resolve(config.target)
+    ctx = peer_impls.PeerContext(
+        target_path=source.path, draft_path=draft_path,
+        threads=getattr(model.target, "n_threads", None) or config.threads or 1, n_ctx=config.ctx,
+        temperature=config.temperature, seed=config.seed, eos_ids=model.tokenizer.eos_ids,
+        llama_cpp_bin=config.llama_cpp_bin,
+    )
+    peer = cls(ctx)
+    try:
+        with console.status(f"loading peer {name}"):
+            try:
+                peer.open()
+            except peer_impls.PeerUnavailable:
+                raise
+            except Exception as exc:  # a peer's own loading failure must not end the bench
+                raise peer_impls.PeerUnavailable(f"could not load: {type(exc).__name__}: {exc}") from None
+        fns = {v: peer.turn_fn(v, config.max_new_tokens) for v in peer.variants}
+        max_turns = None if peer.multi_turn else 1
+        for v in peer.variants:
+            converse(model, prompts[0], f"{name}:{v}", peer.turn_fn(v, min(WARMUP_TOKENS, config.max_new_tokens)), 1)
+        convs = []
+        with _progress(console) as progress:
+            task = progress.add_task(f"peer {name}", total=len(prompts) * len(peer.variants), last="")
+            for prompt in prompts:
+                for v in peer.variants:
+                    progress.update(task, description=f"peer {name}: {prompt.id} · {v}")
+                    convs.append(converse(model, prompt, f"{name}:{v}", fns[v], max_turns))
+                    progress.advance(task)
+        description = peer.describe()
+    except peer_impls.PeerUnavailable as exc:
+        console.print(f"[yellow]peer {name} skipped:[/] {exc}")
+        return {"peer": name, "skipped": str(exc)}
+    finally:
+        peer.close()
+    records = aggregate.peer_records(convs, peer.variants, ar, has_tokens=peer.has_tokens, timing=peer.timing,
+                                     greedy=config.temperature == 0, tolerance=config.tie_tolerance)
+    return {"peer": name, "configuration": description, "timing": peer.timing, "multi_turn": peer.multi_turn,
+            "variants": list(peer.variants), "summary": aggregate.peer_summary(records, peer.variants), "records": records}
