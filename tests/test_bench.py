@@ -159,6 +159,7 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
                 "unexplained_mismatches"} <= set(row)
         assert row["tokens_per_s"] > 0
     assert summary["ar"]["speedup"] == pytest.approx(1.0)
+    assert summary["draft-k2"]["bound_speedup"] > 0 and summary["draft-k2"]["acceptance_per_token"] > 0.9
     assert summary["draft-k2"]["drafted"] > 0 and summary["draft-k2"]["acceptance_rate"] > 0.9  # its own draft
     for name in ("ngram", "ngram-k2", "draft-k2"):  # the real methods are lossless on the llama.cpp runner
         assert summary[name]["unexplained_mismatches"] == 0, results["records"]

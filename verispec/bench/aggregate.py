@@ -75,7 +75,8 @@ def ratios_vs_ar(records: list[dict]) -> dict[tuple[str, str], float]:
     return out
 
 
-def summarize(records: list[dict], methods: list[str], greedy: bool) -> list[dict]:
+def summarize(records: list[dict], methods: list[str], greedy: bool,
+              verify_seconds: dict[int, float] | None = None) -> list[dict]:
     ratio = ratios_vs_ar(records)
     rows = []
     for m in methods:
@@ -84,7 +85,8 @@ def summarize(records: list[dict], methods: list[str], greedy: bool) -> list[dic
                      "speedup": _median(ratio.get((r["prompt_id"], m)) for r in mine),
                      "speedup_min": _min(ratio.get((r["prompt_id"], m)) for r in mine),
                      "speedup_max": _max(ratio.get((r["prompt_id"], m)) for r in mine),
-                     **_mismatches(mine, greedy)})
+                     **_mismatches(mine, greedy),
+                     **(speedup_bound(mine, verify_seconds) if m != BASELINE and verify_seconds else {})})
     return rows
 
 
@@ -229,3 +231,41 @@ def peer_summary(records: list[dict], variants: tuple[str, ...]) -> list[dict]:
                                         if any(r["matches_own_plain"] is not None for r in mine) else None),
         })
     return rows
+
+
+def speedup_bound(recs: list[dict], verify_seconds: dict[int, float]) -> dict:
+    """The best speedup any fixed K could give with this method's measured acceptance and draft cost.
+
+    Uses the chooser's model (draft_length.py): per-token acceptance a (each drafted token up to
+    the first rejection is one observation), K draft steps at the measured cost per token, and one
+    verify pass over K+1 tokens at the measured T(K+1), interpolated between measured sizes. Plain
+    decoding costs T(1) per token. K runs up to the largest measured size minus one.
+    """
+    from ..draft_length import expected_tokens
+
+    accepted = observed = 0
+    for r in recs:
+        for drafted, gained in zip(r["draft_lengths"], r["accepted_lengths"]):
+            if drafted:
+                n = gained - 1
+                accepted += n
+                observed += n + (n < drafted)
+    drafted = sum(r["drafted"] for r in recs)
+    if not observed or not verify_seconds:
+        return {"bound_speedup": None, "bound_k": None, "acceptance_per_token": None}
+    a = accepted / observed
+    draft_cost = sum(r["draft_seconds"] for r in recs) / drafted
+    times = {int(k): v for k, v in verify_seconds.items()}
+    t1 = _interpolate(times, 1)
+    rates = {k: expected_tokens(a, k) / (_interpolate(times, k + 1) + k * draft_cost) for k in range(max(times))}
+    best = max(rates, key=rates.get)
+    return {"bound_speedup": rates[best] * t1, "bound_k": best, "acceptance_per_token": a,
+            "draft_seconds_per_token": draft_cost}
+
+
+def _interpolate(times: dict[int, float], n: int) -> float:
+    if n in times:
+        return times[n]
+    lo = max(k for k in times if k < n)
+    hi = min(k for k in times if k > n)
+    return times[lo] + (times[hi] - times[lo]) * (n - lo) / (hi - lo)

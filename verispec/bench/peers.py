@@ -141,13 +141,26 @@ class HFAssisted(Peer):
         self.draft = load(self.ctx.draft_path)
         self.load_seconds = time.perf_counter() - t0
 
+    def _assistant_config(self):
+        """The assistant's generation_config with transformers' defaults filled in, as its candidate generator does."""
+        import copy
+
+        g = copy.deepcopy(self.draft.generation_config)
+        try:
+            g.update(**g._get_default_generation_params(), defaults_only=True)
+        except AttributeError:  # another transformers version: report the raw values
+            pass
+        return g
+
     def describe(self) -> str:
-        g = self.draft.generation_config
+        g = self._assistant_config()
         return (f"transformers `AutoModelForCausalLM.from_pretrained(gguf_file=...)`, fp32 dequantized (loading took "
                 f"{self.load_seconds:.0f}s), torch threads {self._torch.get_num_threads()}. `plain` = `generate(do_sample="
                 f"{self.ctx.temperature > 0})`; `assisted` adds `assistant_model=` the draft "
                 f"(`{self.ctx.draft_path.name}`; num_assistant_tokens={getattr(g, 'num_assistant_tokens', None)}, "
-                f"schedule={getattr(g, 'num_assistant_tokens_schedule', None)}, read from the assistant's generation_config); "
+                f"schedule={getattr(g, 'num_assistant_tokens_schedule', None)}, "
+                f"assistant_confidence_threshold={getattr(g, 'assistant_confidence_threshold', None)}: the assistant's "
+                "generation_config with transformers' defaults); "
                 f"`prompt-lookup` adds `prompt_lookup_num_tokens={self.prompt_lookup_tokens}`. Timed end to end.")
 
     def turn_fn(self, variant: str, max_tokens: int) -> TurnFn:

@@ -79,6 +79,17 @@ def _seeds_table(results: dict) -> list[str]:
         "(for the losslessness check), which costs the same per token in all methods.",
         "",
     ]
+    bounds = [r for r in results["summary"] if r.get("bound_speedup")]
+    if bounds:
+        out += ["Bound: the best speedup any fixed K could give with the method's measured per-token acceptance a "
+                "and draft cost per token, and the measured verify costs T(K+1) below (the draft-length chooser's "
+                "model, draft_length.py).", "",
+                "| method | per-token acceptance a | draft ms/token | best K | bound | reached |", "|---|---|---|---|---|---|"]
+        for r in bounds:
+            reached = r["speedup"] / r["bound_speedup"] if r["speedup"] else None
+            out.append(f"| {r['method']} | {r['acceptance_per_token']:.2f} | {r['draft_seconds_per_token'] * 1e3:.2f} | "
+                       f"{r['bound_k']} | {r['bound_speedup']:.2f}x | {_pct(reached)} |")
+        out.append("")
     notes = [f"- {d['note']}" for d in results["drafts"].values() if d and d.get("note")]
     return out + (notes + [""] if notes else [])
 

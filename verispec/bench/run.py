@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ..errors import VerispecError
 from ..models import files, registry
 from ..sampling import SamplingParams
 from . import aggregate, environment, peers as peer_impls
@@ -89,7 +90,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
         greedy = params.greedy
         aggregate.check_lossless(records, conversations, greedy, config.tie_tolerance)
         names = [m.name for m in methods]
-        summary = aggregate.summarize(records, names, greedy)
+        summary = aggregate.summarize(records, names, greedy, verify["seconds"])
 
         ar = {pid: c for (pid, method), c in conversations.items() if method == BASELINE}
         peer_results = [_run_peer(name, model, prompts, ar, config, console) for name in config.peers]
@@ -138,7 +139,7 @@ def _draft_info(model, draft: str) -> dict:
         "drafter": drafter.name,
         "kind": "model" if runner is not None else "ngram",
         "parameters": getattr(runner, "n_params", 0) if runner is not None else 0,
-        "file_bytes": runner.source.file_bytes if runner is not None and getattr(runner, "source", None) else 0,
+        "file_bytes": (runner.source.file_bytes if getattr(runner, "source", None) else None) if runner is not None else 0,
         "note": model.draft_choice_note,
     }
 
@@ -190,8 +191,8 @@ def _run_peer(name: str, model, prompts: list[BenchPrompt], ar: dict[str, Conver
     if config.draft not in ("ngram", "auto", "none"):
         try:
             draft_path = files.resolve(config.draft).path
-        except Exception:
-            draft_path = None
+        except VerispecError:
+            draft_path = None  # the peers that need a draft say so
     source = getattr(model.target, "source", None) or files.resolve(config.target)
     ctx = peer_impls.PeerContext(
         target_path=source.path, draft_path=draft_path,
@@ -202,12 +203,7 @@ def _run_peer(name: str, model, prompts: list[BenchPrompt], ar: dict[str, Conver
     peer = cls(ctx)
     try:
         with console.status(f"loading peer {name}"):
-            try:
-                peer.open()
-            except peer_impls.PeerUnavailable:
-                raise
-            except Exception as exc:  # a peer's own loading failure must not end the bench
-                raise peer_impls.PeerUnavailable(f"could not load: {type(exc).__name__}: {exc}") from None
+            peer.open()
         fns = {v: peer.turn_fn(v, config.max_new_tokens) for v in peer.variants}
         max_turns = None if peer.multi_turn else 1
         for v in peer.variants:
@@ -224,6 +220,9 @@ def _run_peer(name: str, model, prompts: list[BenchPrompt], ar: dict[str, Conver
     except peer_impls.PeerUnavailable as exc:
         console.print(f"[yellow]peer {name} skipped:[/] {exc}")
         return {"peer": name, "skipped": str(exc)}
+    except Exception as exc:  # a peer failing mid-run must not lose the verispec results
+        console.print(f"[yellow]peer {name} failed:[/] {type(exc).__name__}: {exc}")
+        return {"peer": name, "skipped": f"failed: {type(exc).__name__}: {exc}"}
     finally:
         peer.close()
     records = aggregate.peer_records(convs, peer.variants, ar, has_tokens=peer.has_tokens, timing=peer.timing,

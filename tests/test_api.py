@@ -1,0 +1,71 @@
+"""The Python API: load(), generate(), stream(), chat templates and stop strings."""
+
+import pytest
+
+from tests.toy import ByteTokenizer
+from verispec import SamplingParams, SpeculativeConfig, load
+from verispec.api import TextAssembler
+from verispec.errors import PromptError
+from verispec.models.chat import render_chat
+
+
+@pytest.fixture(scope="module")
+def smol(smol_source):
+    model = load("smollm2-135m", n_ctx=1024)
+    yield model
+    model.close()
+
+
+def test_generate_returns_text_tokens_and_stats(smol):
+    out = smol.generate("The capital of France is", SamplingParams(max_tokens=12))
+    assert out.text and len(out.tokens) == out.stats.generated <= 12
+    assert out.stats.tokens_per_second > 0 and out.stats.prefill_seconds > 0
+
+
+def test_stream_concatenates_to_generate(smol):
+    params = SamplingParams(max_tokens=20)
+    chunks = list(smol.stream("List three colors:", params, spec=SpeculativeConfig(draft="ngram")))
+    assert "".join(c.text for c in chunks) == smol.generate("List three colors:", params).text
+    assert len(chunks) > 1
+
+
+def test_chat_uses_the_models_template(smol):
+    tokens = smol.prompt_tokens("Hello!", chat=True)
+    text = smol.tokenizer.decode(tokens)
+    assert "Hello!" in text
+    assert len(tokens) > len(smol.prompt_tokens("Hello!"))
+    out = smol.generate(messages=[{"role": "user", "content": "Say hi."}], params=SamplingParams(max_tokens=8))
+    assert out.stats.prompt_tokens == len(smol.prompt_tokens(messages=[{"role": "user", "content": "Say hi."}]))
+
+
+def test_stop_strings_cut_the_text(smol):
+    params = SamplingParams(max_tokens=40)
+    full = smol.generate("Count: 1, 2, 3,", params).text
+    assert "," in full
+    stop = full[full.index(",") : full.index(",") + 1]
+    cut = smol.generate("Count: 1, 2, 3,", SamplingParams(max_tokens=40, stop=[stop]))
+    assert cut.text == full[: full.index(",")] and cut.finish_reason == "stop"
+
+
+def test_text_assembler_holds_back_partial_stop_strings():
+    tok = ByteTokenizer()
+    asm = TextAssembler(tok, ["STOP"])
+    out = asm.add(tok.encode("hello ST", add_special=False))
+    assert out == "hello "
+    out += asm.add(tok.encode("OP world", add_special=False))
+    assert asm.stopped and out == "hello "
+
+
+def test_text_assembler_waits_for_complete_utf8():
+    tok = ByteTokenizer()
+    asm = TextAssembler(tok, [])
+    euro = tok.encode("€", add_special=False)
+    assert asm.add(euro[:2]) == ""
+    assert asm.add(euro[2:]) == "€"
+
+
+def test_render_chat_errors():
+    with pytest.raises(PromptError):
+        render_chat(None, [{"role": "user", "content": "x"}])
+    with pytest.raises(PromptError):
+        render_chat("{{ messages }}", [{"role": "user"}])

@@ -1,0 +1,74 @@
+"""Drafters and the adaptive draft length."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verispec.draft_length import DraftLengthChooser, best_k, expected_rate, expected_tokens, prior_ratio
+from verispec.drafters.ngram import NgramDrafter
+
+
+def test_ngram_continues_the_latest_match():
+    d = NgramDrafter(2, 3)
+    ctx = [1, 2, 3, 4, 5, 9, 9, 1, 2, 3, 7, 8, 1, 2, 3]
+    assert d.propose(ctx, 2).tokens == [7, 8]  # the most recent earlier "1 2 3" is followed by 7 8
+    assert d.propose(ctx + [7], 3).tokens == [8, 1, 2]
+    assert d.propose([5, 6, 7], 4).tokens == []  # no match
+
+
+def test_ngram_index_grows_incrementally_and_resets_on_a_new_context():
+    d = NgramDrafter(1, 2)
+    ctx = [10, 11, 12, 10]
+    assert d.propose(ctx, 2).tokens == [11, 12]
+    ctx += [11, 12]
+    assert d.propose(ctx, 2).tokens == [10, 11]
+    assert d.propose([5, 6, 5], 3).tokens == [6, 5]  # a different context: index rebuilt
+
+
+@settings(max_examples=60)
+@given(st.floats(0.0, 0.99), st.integers(1, 16), st.floats(0.001, 0.2), st.lists(st.floats(1.0, 3.0), min_size=17, max_size=17))
+def test_chosen_k_is_the_argmax_of_expected_throughput(acceptance, k_max, draft_cost, growth):
+    t1 = 0.05
+    verify = {1: t1}
+    for n in range(2, 18):
+        verify[n] = verify[n - 1] + t1 * (growth[n - 1] - 1.0) / 2 + 1e-4  # increasing costs
+    chooser = DraftLengthChooser(k_max=k_max, acceptance=acceptance, min_gain=1.0, verify_seconds=dict(verify),
+                                 draft_seconds_per_token=draft_cost)
+    rates = [expected_rate(acceptance, k, verify[k + 1], draft_cost) for k in range(k_max + 1)]
+    assert chooser.choose() == int(np.argmax(rates))
+
+
+def test_expected_tokens_formula():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def test_k_goes_to_zero_when_drafting_does_not_pay():
+    # verify cost grows linearly (the Q4_K_M kernels on 2 cores) and acceptance is modest
+    verify = {n: 0.05 * n for n in range(1, 10)}
+    assert best_k(0.6, verify, 0.0, 8, min_gain=1.03) == 0
+    assert best_k(0.95, {n: 0.05 * (1 + 0.3 * (n - 1)) for n in range(1, 10)}, 0.0, 8) > 2
+
+
+def test_chooser_learns_acceptance_and_probes_when_off():
+    chooser = DraftLengthChooser(k_max=8, probe_every=4)
+    for _ in range(30):
+        chooser.record_verify(1, 0.05)
+        for n in range(2, 10):
+            chooser.record_verify(n, 0.05 * n)
+        chooser.record_acceptance(4, 0)
+    assert chooser.acceptance < 0.1
+    ks = [chooser.choose() for _ in range(8)]
+    assert ks.count(0) == 6 and ks.count(1) == 2  # off, but re-measuring every 4th step
+
+
+def test_fixed_k_is_respected():
+    assert DraftLengthChooser(k_max=5, fixed=5).choose() == 5
+
+
+def test_prior_curve_interpolates():
+    assert prior_ratio(1) == 1.0
+    assert prior_ratio(2) < prior_ratio(3) < prior_ratio(4)
+    assert prior_ratio(64) > prior_ratio(32)

@@ -1,0 +1,299 @@
+"""Where requests wait, get a slot, advance one step at a time and leave: the server's scheduler.
+
+One worker thread owns `max_batch` slots. A slot is a target runner with its own KV cache (a
+llama.cpp sibling context on the shared weights, or a TorchRunner on the shared module) plus its
+own drafters. Each round the worker admits waiting requests into free slots, then advances every
+active request's engine generator by one step (draft -> verify -> accept), round-robin. Requests
+therefore join and leave between steps and a long request never blocks a short one.
+
+What this is not (yet): the target passes of the active requests are NOT fused into one batch.
+Each request's verify pass runs on its own context, one after another, so total throughput is that
+of a single stream shared fairly between requests. Fusing the passes (one llama.cpp batch with a
+sequence id per request, a batched torch pass) is the follow-up that makes batching pay.
+
+Goodput-aware speculation, as far as that allows: each request keeps the engine's adaptive draft
+length. On top, while `spec_off_at` or more requests are active, requests that did not pin a
+drafter step without drafting (K = 0). With unfused passes on a small CPU a speculative step's
+extra verify tokens compete for the same cores as the other requests' steps, so under load the
+scheduler hands those cores to plain decoding. It is a fixed threshold, counted in the metrics
+(`verispec_speculation_disabled_total`, `verispec_speculation_disabled_now`); a cost model fed by
+the load benchmark should replace it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from ..api import Model, TextAssembler
+from ..drafters.base import Draft, Drafter
+from ..drafters.draft_model import ModelDrafter
+from ..engine import Engine, SpeculativeConfig, Stats
+from ..errors import InvalidParameter, VerispecError
+from ..runners.base import Runner
+from ..sampling import SamplingParams
+from .metrics import Metrics
+
+log = logging.getLogger("verispec.serve")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Event:
+    kind: str  # "text" | "done" | "error"
+    text: str = ""
+    finish_reason: str = ""
+    error: Exception | None = None
+
+
+@dataclass
+class Job:
+    """One request as the scheduler sees it. `sink` receives Events from the worker thread."""
+
+    tokens: list[int]
+    params: SamplingParams
+    spec: SpeculativeConfig
+    draft: str | None  # "ngram", "model" or None
+    pinned: bool  # the client chose the drafter: the load threshold does not turn it off
+    sink: Callable[[Event], None]
+    endpoint: str = "completions"
+    stats: Stats = field(default_factory=Stats)
+    arrived: float = field(default_factory=time.perf_counter)
+    disabled_steps: int = 0
+    cancelled: bool = False
+    finished: bool = False
+    # worker-side state
+    _gen: Iterator[list[int]] | None = None
+    _gate: "Switchable | None" = None
+    _decoder: TextAssembler | None = None
+    _last_token_at: float | None = None
+    _seen_steps: int = 0
+
+    def emit(self, event: Event) -> None:
+        try:
+            self.sink(event)
+        except RuntimeError:  # the client's event loop is gone (server shutting down)
+            pass
+
+
+class Switchable(Drafter):
+    """A drafter the scheduler can turn off between steps: off, it proposes nothing (K = 0)."""
+
+    def __init__(self, inner: Drafter) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.costly = inner.costly
+        self.enabled = True
+
+    def begin(self, prompt, params, rng) -> None:
+        self.inner.begin(prompt, params, rng)
+
+    def propose(self, context: Sequence[int], k: int) -> Draft:
+        return self.inner.propose(context, k) if self.enabled else Draft([], None, self.name)
+
+
+def clone_runner(runner: Runner, n_ctx: int) -> Runner:
+    """A runner with its own KV cache on the same weights."""
+    if hasattr(runner, "sibling"):
+        return runner.sibling(n_ctx=n_ctx)
+    from ..runners.torch import TorchRunner
+
+    if isinstance(runner, TorchRunner):
+        return TorchRunner(runner.model, runner.tokenizer, runner.name, n_ctx, device=str(runner.device))
+    raise InvalidParameter(f"the server cannot open per-request contexts on a {type(runner).__name__}", "backend")
+
+
+class Slot:
+    """A target context and its drafters; holds at most one request."""
+
+    def __init__(self, base: Model, n_ctx: int, model_drafter: ModelDrafter | None) -> None:
+        self.model = Model(target=clone_runner(base.target, n_ctx), backend=base.backend, spec=base.spec,
+                           runner_options=base.runner_options)
+        self.model_drafter = None
+        if model_drafter is not None:
+            runner = clone_runner(model_drafter.runner, n_ctx)
+            self.model_drafter = ModelDrafter(runner, model_drafter.min_prob, base.spec.draft_max)
+        self.job: Job | None = None
+
+    def drafter(self, key: str | None) -> Drafter | None:
+        if key == "model":
+            return self.model_drafter
+        return self.model.drafter(key)  # "ngram" (made once per slot) or None
+
+    def close(self) -> None:
+        if self.model_drafter is not None:
+            self.model_drafter.close()
+        self.model.close()  # siblings only: the base model owns the weights and is closed by its owner
+
+
+class Scheduler:
+    def __init__(self, base: Model, max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None,
+                 spec_off_at: int = 2, metrics: Metrics | None = None) -> None:
+        if max_batch < 1:
+            raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
+        if max_queue < 0:
+            raise InvalidParameter(f"max_queue must be >= 0, got {max_queue}", "max_queue")
+        self.n_ctx = n_ctx or base.target.n_ctx
+        self.max_queue = max_queue
+        self.spec_off_at = spec_off_at
+        self.metrics = metrics or Metrics()
+        default = base.drafter(base.spec.draft)
+        self.model_drafter = default if isinstance(default, ModelDrafter) else None
+        self.slots: list[Slot] = []
+        try:
+            for _ in range(max_batch):
+                self.slots.append(Slot(base, self.n_ctx, self.model_drafter))
+        except BaseException:
+            self.close()
+            raise
+        self.n_ctx = self.slots[0].model.target.n_ctx
+        self.metrics.slots.set(max_batch)
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="verispec-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- called from request handlers -----------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if len(self._waiting) >= self.max_queue + self._free_slots():
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(job)
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        with self._cond:
+            job.cancelled = True
+            self._cond.notify()
+
+    def counts(self) -> tuple[int, int]:
+        """(active, waiting)"""
+        with self._cond:
+            return sum(s.job is not None for s in self.slots), len(self._waiting)
+
+    def close(self) -> None:
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            with self._cond:
+                self._stop = True
+                self._cond.notify()
+            thread.join()
+        for slot in self.slots:
+            slot.close()
+        self.slots = []
+
+    # -- the worker thread ------------------------------------------------------------------------
+
+    def _free_slots(self) -> int:
+        return sum(s.job is None for s in self.slots)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and all(s.job is None for s in self.slots):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                self._admit()
+            active = [s for s in self.slots if s.job is not None]
+            speculate = self.spec_off_at <= 0 or len(active) < self.spec_off_at
+            self.metrics.spec_disabled.set(0 if speculate else 1)
+            for slot in active:
+                try:
+                    self._step(slot, speculate)
+                except Exception:  # never let one request kill the worker
+                    log.exception("scheduler step failed")
+                    if slot.job is not None:
+                        self._finish(slot, "error", Event("error", error=RuntimeError("internal error while decoding")))
+        for slot in self.slots:
+            if slot.job is not None:
+                self._finish(slot, "cancelled", Event("error", error=RuntimeError("the server is shutting down")))
+        for job in self._waiting:
+            job.emit(Event("error", error=RuntimeError("the server is shutting down")))
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (called with the lock held)."""
+        for slot in self.slots:
+            if slot.job is not None:
+                continue
+            while self._waiting and self._waiting[0].cancelled:
+                self.metrics.requests.labels(self._waiting.popleft().endpoint, "cancelled").inc()
+            if not self._waiting:
+                break
+            job = self._waiting.popleft()
+            drafter = slot.drafter(job.draft)
+            if drafter is not None and not job.pinned:
+                job._gate = drafter = Switchable(drafter)
+            job._gen = Engine(slot.model.target, drafter, job.spec).generate(job.tokens, job.params, job.stats)
+            job._decoder = TextAssembler(slot.model.tokenizer, job.params.stop)
+            slot.job = job
+            self.metrics.prompt_tokens.inc(len(job.tokens))
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.active.set(sum(s.job is not None for s in self.slots))
+
+    def _step(self, slot: Slot, speculate: bool) -> None:
+        job = slot.job
+        if job.cancelled:
+            self._finish(slot, "cancelled")
+            return
+        if job._gate is not None:
+            job._gate.enabled = speculate
+            if not speculate and job._last_token_at is not None:  # a decode step, not the prefill
+                job.disabled_steps += 1
+                self.metrics.spec_disabled_steps.inc()
+        generated = job.stats.generated
+        try:
+            new = next(job._gen)
+        except StopIteration:
+            self._finish(slot, job.stats.finish_reason)
+            return
+        except VerispecError as exc:
+            self._finish(slot, "invalid", Event("error", error=exc))
+            return
+        now = time.perf_counter()
+        n = job.stats.generated - generated
+        self.metrics.generated_tokens.inc(n)
+        if job._last_token_at is None:
+            self.metrics.ttft.observe(now - job.arrived)
+        elif n:
+            for _ in range(n):
+                self.metrics.inter_token.observe((now - job._last_token_at) / n)
+        job._last_token_at = now
+        job._seen_steps = self.metrics.record_steps(job.stats, job._seen_steps)
+        text = job._decoder.add(new)
+        if text:
+            job.emit(Event("text", text))
+        if job._decoder.stopped:
+            job.stats.finish_reason = "stop"
+            self._finish(slot, "stop")
+
+    def _finish(self, slot: Slot, outcome: str, event: Event | None = None) -> None:
+        """Release the slot: close the generator and clear the slot's KV cache."""
+        job = slot.job
+        slot.job = None
+        job.finished = True
+        if job._gen is not None:
+            job._gen.close()
+        slot.model.target.reset()
+        if event is None and outcome != "cancelled":
+            tail = "" if job._decoder.stopped else job._decoder.flush()
+            if tail:
+                job.emit(Event("text", tail))
+            event = Event("done", finish_reason=outcome)
+        if event is not None:
+            job.emit(event)
+        self.metrics.requests.labels(job.endpoint, outcome).inc()
+        with self._cond:
+            self.metrics.active.set(sum(s.job is not None for s in self.slots))
