@@ -96,7 +96,7 @@ class Model:
             if self.target.n_params and spec.parameters >= self.target.n_params:
                 continue
             try:
-                drafter = self._make_drafter(spec.name)
+                drafter = self.drafter(spec.name)
             except (TokenizerMismatch, VerispecError):
                 continue
             self.draft_choice_note = f"draft auto: chose {spec.name} (same vocabulary as {self.target.name})"
@@ -118,13 +118,11 @@ class Model:
         decoder = TextAssembler(self.tokenizer, params.stop)
         for new in self.engine(spec).generate(tokens, params, stats, record_margins):
             text = decoder.add(new)
+            # Chunks carry their tokens even when their text is held back (partial UTF-8, stop prefix).
+            yield StreamChunk(text, new)
             if decoder.stopped:
                 stats.finish_reason = "stop"
-                if text:
-                    yield StreamChunk(text, new)
                 return
-            if text:
-                yield StreamChunk(text, new)
         tail = decoder.flush()
         if tail:
             yield StreamChunk(tail, [])

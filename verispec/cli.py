@@ -208,6 +208,40 @@ def bench(
         fail(exc)
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(registry.DEFAULT_TARGET, "--model", "-m", help="registered name, GGUF path or HF model directory"),
+    draft: str = typer.Option("auto", help="default drafter: auto, ngram, none, a registered model or a path"),
+    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, envvar="VERISPEC_API_KEY", help="require 'Authorization: Bearer KEY'"),
+    max_batch: int = typer.Option(4, help="requests decoded concurrently (one KV context each)"),
+    max_queue: int = typer.Option(64, help="requests allowed to wait for a slot; beyond, 429"),
+    ctx: int = typer.Option(4096, help="context length in tokens per request"),
+    spec_off_at: int = typer.Option(2, help="active requests at which default drafting turns off (0 = never)"),
+    backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
+) -> None:
+    """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
+    from .engine import SpeculativeConfig
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    try:
+        # The loaded runner only tokenizes and owns the weights; each slot gets its own --ctx context.
+        loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, SpeculativeConfig())
+        if loaded.draft_choice_note:
+            console.print(loaded.draft_choice_note)
+        config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
+                             spec_off_at=spec_off_at)
+        run_server(loaded, config, host, port)
+    except VerispecError as exc:
+        fail(exc)
+    finally:
+        if "loaded" in locals():
+            loaded.close()
+
+
 def main() -> None:
     app()
 
