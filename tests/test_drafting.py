@@ -62,6 +62,8 @@ def test_chooser_learns_acceptance_and_probes_when_off():
     assert chooser.acceptance < 0.1
     ks = [chooser.choose() for _ in range(8)]
     assert ks.count(0) == 6 and ks.count(1) == 2  # off, but re-measuring every 4th step
+    chooser.probe_every = None
+    assert [chooser.choose() for _ in range(8)] == [0] * 8
 
 
 def test_fixed_k_is_respected():

@@ -56,7 +56,7 @@ class DraftLengthChooser:
     fixed: int | None = None
     acceptance: float = 0.7  # prior, replaced by measurement as the run goes
     min_gain: float = 1.03  # speculate only when the model predicts a clear gain: never slower
-    probe_every: int = 16  # while K=0, draft a little every this many steps to re-measure acceptance
+    probe_every: int | None = 16  # while K=0, draft a little every this many steps to re-measure acceptance (None: never)
     ema_weight: float = 0.15
     verify_seconds: dict[int, float] = field(default_factory=dict)
     draft_seconds_per_token: float | None = None
@@ -70,7 +70,7 @@ class DraftLengthChooser:
         k = best_k(self.acceptance, self.verify_table(), self.draft_seconds_per_token or 0.0, self.k_max, self.min_gain)
         if k == 0:
             self._steps_at_zero += 1
-            if self._steps_at_zero % self.probe_every == 0:
+            if self.probe_every and self._steps_at_zero % self.probe_every == 0:
                 return 1
         else:
             self._steps_at_zero = 0

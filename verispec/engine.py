@@ -180,6 +180,10 @@ class Engine:
         t2 = time.perf_counter()
 
         chooser.record_verify(len(drafted) + 1, t2 - t1)
+        if not drafted and self.drafter and not self.drafter.costly and self.config.draft_tokens is None:
+            shadow = self.drafter.propose(context, 1).tokens
+            if shadow:
+                chooser.record_acceptance(1, int(shadow[0] == verdict.next_token))
         if drafted:
             if self.drafter.costly:
                 chooser.record_draft(len(drafted), t1 - t0)
@@ -216,8 +220,10 @@ class Engine:
             return DraftLengthChooser(k_max=0, fixed=0)
         if cfg.draft_tokens is not None:
             return DraftLengthChooser(k_max=cfg.draft_tokens, fixed=cfg.draft_tokens)
-        # A costly drafter must first catch up on every token it skipped, so probe it rarely.
-        return DraftLengthChooser(k_max=cfg.draft_max, probe_every=64 if self.drafter.costly else 8)
+        # While K = 0 nothing is drafted, so acceptance must be re-measured somehow. A costly drafter
+        # would first have to catch up on every token it skipped: it is not probed again. A free one
+        # is shadowed instead: its proposal is compared with the target's token at no verify cost.
+        return DraftLengthChooser(k_max=cfg.draft_max, probe_every=None)
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
