@@ -114,3 +114,35 @@ def test_a_broken_sampler_is_caught(monkeypatch, broken):
     counts = draw(engine, params, N // 4)
     pvalue, tv, bound = check(counts, p)
     assert pvalue < 0.001 and tv > bound
+
+
+def make_tree_engine() -> Engine:
+    target = TableRunner(VOCAB, seed=1, sharpness=1.5)
+    drafter = ModelDrafter(TableRunner(VOCAB, seed=2, sharpness=1.0, name="draft"), max_tokens=4)
+    return Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=2, tree_width=3))
+
+
+@pytest.mark.parametrize("name", ["top_p"])
+def test_tree_sampling_preserves_target_distribution(name):
+    engine = make_tree_engine()
+    params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS[name])
+    p = exact_joint(engine.target, params)
+    pvalue, tv, bound = check(draw(engine, params, N), p)
+    assert pvalue > 0.001, f"chi-square rejects the target distribution (p={pvalue:.2e}, tv={tv:.4f})"
+    assert tv < bound
+
+
+def test_tree_sampling_without_residual_correction_is_caught(monkeypatch):
+    from verispec.verify.tree import TreeVerifier
+
+    def no_residual(self, p, children, tokens):
+        for child in children:  # tries each sibling against the original p: siblings are over-accepted
+            if self.rng.random() < p[tokens[child]]:
+                return child
+        return None
+
+    monkeypatch.setattr(TreeVerifier, "_accept_child", no_residual)
+    engine = make_tree_engine()
+    params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
+    pvalue, tv, bound = check(draw(engine, params, N // 4), exact_joint(engine.target, params))
+    assert pvalue < 0.001 and tv > bound

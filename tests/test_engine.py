@@ -48,9 +48,10 @@ def test_greedy_equality_llamacpp_qwen_pair(qwen_pair, prompt):
     params = SamplingParams(max_tokens=24)
     plain, _ = run(model.engine(SpeculativeConfig()), tokens, params)
     for spec in (SpeculativeConfig(draft="ngram", draft_tokens=4), SpeculativeConfig(draft="qwen2.5-coder-0.5b", draft_tokens=4),
-                 SpeculativeConfig(draft="qwen2.5-coder-0.5b")):
+                 SpeculativeConfig(draft="qwen2.5-coder-0.5b"), SpeculativeConfig(draft="ngram", draft_tokens=4, tree_width=3),
+                 SpeculativeConfig(draft="qwen2.5-coder-0.5b", draft_tokens=3, tree_width=2)):
         out, stats = run(model.engine(spec), tokens, params)
-        assert out == plain, f"{spec.draft} K={spec.draft_tokens} diverges at {divergence(plain, out)}"
+        assert out == plain, f"{spec.draft} K={spec.draft_tokens} width={spec.tree_width} diverges at {divergence(plain, out)}"
         if spec.draft_tokens and spec.draft != "ngram":
             assert stats.drafted > 0
 
@@ -75,9 +76,10 @@ def test_greedy_equality_torch_smollm2(smol_torch_pair, prompt):
     tokens = target.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=16)
     plain, plain_stats = run(Engine(target), tokens, params, record=True)
-    for drafter, k in ((NgramDrafter(), 4), (ModelDrafter(draft), 4)):
-        out, _ = run(Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=k)), tokens, params)
-        assert_same_or_tie(plain, plain_stats.margins, out, TORCH_TIE, f"{drafter.name} K={k}")
+    for drafter, k, width in ((NgramDrafter(), 4, 1), (ModelDrafter(draft), 4, 1), (ModelDrafter(draft), 3, 2)):
+        spec = SpeculativeConfig(draft="x", draft_tokens=k, tree_width=width)
+        out, _ = run(Engine(target, drafter, spec), tokens, params)
+        assert_same_or_tie(plain, plain_stats.margins, out, TORCH_TIE, f"{drafter.name} K={k} width={width}")
 
 
 def test_tiny_model_greedy_equality_with_partial_acceptance():

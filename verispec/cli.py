@@ -101,6 +101,7 @@ def generate(
     draft_tokens: Optional[int] = typer.Option(None, help="fixed draft length K (default: adaptive)"),
     draft_max: int = typer.Option(12, help="upper bound for the adaptive draft length"),
     draft_min_prob: float = typer.Option(0.0, help="stop a model draft when its top probability falls below this"),
+    tree_width: int = typer.Option(1, help="candidates per depth: >1 verifies a token tree in one pass instead of a chain"),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_k: int = typer.Option(0, help="0 = off"),
@@ -117,7 +118,8 @@ def generate(
 
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-        spec = SpeculativeConfig(draft=draft, draft_tokens=draft_tokens, draft_max=draft_max, draft_min_prob=draft_min_prob)
+        spec = SpeculativeConfig(draft=draft, draft_tokens=draft_tokens, draft_max=draft_max, draft_min_prob=draft_min_prob,
+                                 tree_width=tree_width)
         loaded = _load(model, draft, backend, ctx, threads, spec)
         if loaded.draft_choice_note:
             console.print(loaded.draft_choice_note)
@@ -188,6 +190,8 @@ def bench(
     out: str = typer.Option("bench-out", help="directory for report.md, results.json and plots"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
     ctx: int = typer.Option(4096, help="context length in tokens"),
+    formats: str = typer.Option("q4_0,q8_0", help="comma-separated derived formats of the target (q4_0, q8_0) whose "
+                                "verify cost and top-1 agreement are measured; '' = none"),
 ) -> None:
     """Plain and speculative decoding side by side on the same prompts, with peers; writes a report and plots."""
     from .bench import BenchConfig, run_bench
@@ -202,7 +206,7 @@ def bench(
             target=target, draft=draft, methods=methods, prompts=prompts, max_new_tokens=max_new_tokens,
             temperature=temperature, seed=seed, peers=[p.strip() for p in peers.split(",") if p.strip()],
             llama_cpp_bin=llama_cpp_bin, limit=limit, categories=categories.split(",") if categories else None,
-            out=out, threads=threads, ctx=ctx,
+            out=out, threads=threads, ctx=ctx, formats=formats,
         ), console)
     except VerispecError as exc:
         fail(exc)
@@ -230,16 +234,18 @@ def serve(
     try:
         # The loaded runner only tokenizes and owns the weights; each slot gets its own --ctx context.
         loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, SpeculativeConfig())
-        if loaded.draft_choice_note:
-            console.print(loaded.draft_choice_note)
-        config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
-                             spec_off_at=spec_off_at)
+    except VerispecError as exc:
+        fail(exc)
+    if loaded.draft_choice_note:
+        console.print(loaded.draft_choice_note)
+    config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
+                         spec_off_at=spec_off_at)
+    try:
         run_server(loaded, config, host, port)
     except VerispecError as exc:
         fail(exc)
     finally:
-        if "loaded" in locals():
-            loaded.close()
+        loaded.close()
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from .errors import PromptError
 from .runners.base import Runner
 from .sampling import SamplingParams, pick
 from .verify.rejection import ChainVerifier
+from .verify.tree import TreeVerifier, build_tree
 
 
 @dataclass
@@ -31,6 +32,7 @@ class SpeculativeConfig:
     draft_min_prob: float = 0.0  # model drafts stop once their top probability falls below this
     ngram_min: int = 2
     ngram_max: int = 4
+    tree_width: int = 1  # candidates per depth; > 1 verifies a token tree instead of a chain
 
     def __post_init__(self) -> None:
         from .errors import InvalidParameter
@@ -39,6 +41,8 @@ class SpeculativeConfig:
             raise InvalidParameter(f"draft_tokens must be in 0..64, got {self.draft_tokens}", "draft_tokens")
         if not 1 <= self.draft_max <= 64:
             raise InvalidParameter(f"draft_max must be in 1..64, got {self.draft_max}", "draft_max")
+        if not 1 <= self.tree_width <= 8:
+            raise InvalidParameter(f"tree_width must be in 1..8, got {self.tree_width}", "tree_width")
         if not 0.0 <= self.draft_min_prob < 1.0:
             raise InvalidParameter(f"draft_min_prob must be in [0, 1), got {self.draft_min_prob}", "draft_min_prob")
 
@@ -133,6 +137,7 @@ class Engine:
         self._check_prompt(prompt, params)
         rng = np.random.default_rng(params.seed)
         verifier = ChainVerifier(self.target.n_vocab, params, rng, max_rows=self.config.draft_max + 1)
+        self._tree_verifier = TreeVerifier(self.target.n_vocab, params, rng)
         chooser = self._chooser()
         self.target.reset()
         stats.prompt_tokens = len(prompt)
@@ -167,6 +172,8 @@ class Engine:
               stats: Stats, record_margins: bool) -> list[int]:
         room = self.target.n_ctx - self.target.n_past - 1
         k = min(chooser.choose(), room) if self.drafter else 0
+        if k > 0 and self.config.tree_width > 1:
+            return self._tree_step(context, last, k, chooser, stats)
         t0 = time.perf_counter()
         draft = self.drafter.propose(context, k) if k > 0 else None
         drafted = draft.tokens[:k] if draft else []
@@ -197,6 +204,34 @@ class Engine:
         stats.draft_lengths.append(len(drafted))
         stats.accepted_lengths.append(verdict.n_accepted + 1)
         return drafted[: verdict.n_accepted] + [verdict.next_token]
+
+    def _tree_step(self, context: list[int], last: int, k: int, chooser: DraftLengthChooser, stats: Stats) -> list[int]:
+        """Verify a token tree (root = last token) in one pass; keep the accepted path in the cache."""
+        t0 = time.perf_counter()
+        branches = self.drafter.propose_branches(context, k, self.config.tree_width)
+        tree = build_tree(last, branches)
+        t1 = time.perf_counter()
+        room = self.target.n_ctx - self.target.n_past - 1
+        if len(tree) > room:
+            tree = build_tree(last, [])
+        rows = self.target.forward(tree.tokens, tree.parents)
+        verdict = self._tree_verifier.verify(tree, rows)
+        self.target.keep_path(verdict.path)
+        t2 = time.perf_counter()
+        n_drafted, n_accepted = len(tree) - 1, len(verdict.path) - 1
+        chooser.record_verify(len(tree), t2 - t1)
+        if n_drafted:
+            if self.drafter.costly:
+                chooser.record_draft(k, t1 - t0)
+            chooser.record_acceptance(min(k, n_drafted), n_accepted)
+        stats.draft_seconds += t1 - t0
+        stats.verify_seconds += t2 - t1
+        stats.target_passes += 1
+        stats.drafted += n_drafted
+        stats.accepted += n_accepted
+        stats.draft_lengths.append(n_drafted)
+        stats.accepted_lengths.append(n_accepted + 1)
+        return [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
 
     def _emit(self, new: list[int], eos: frozenset[int], stats: Stats, max_tokens: int) -> tuple[list[int], bool]:
         """Cut the step's tokens at EOS or max_tokens; say whether the request is finished."""

@@ -30,5 +30,10 @@ class Drafter(ABC):
     def propose(self, context: Sequence[int], k: int) -> Draft:
         """Up to k tokens that may follow `context` (prompt + accepted output). May return fewer."""
 
+    def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
+        """Candidate continuations for a token tree, most likely first. Default: the chain alone."""
+        draft = self.propose(context, k)
+        return [draft.tokens] if draft.tokens else []
+
     def close(self) -> None:
         pass

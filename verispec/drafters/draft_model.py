@@ -67,6 +67,28 @@ class ModelDrafter(Drafter):
         probs = None if self.params.greedy else self._q[: len(tokens)]
         return Draft(tokens, probs, self.name)
 
+    def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
+        """The draft's greedy chain, plus its next-best `width - 1` tokens at each depth as side leaves.
+
+        Siblings are deterministic candidates, so the tree verifier treats them as one-hot drafts.
+        """
+        if k <= 0:
+            return []
+        self.runner.check_fits(len(context) - self.runner.n_past + k)
+        logits = self._sync(context)
+        chain: list[int] = []
+        sides: list[list[int]] = []
+        for i in range(k):
+            ranked = np.argpartition(logits, -width)[-width:] if width > 1 else np.array([int(np.argmax(logits))])
+            ranked = ranked[np.argsort(-logits[ranked])]
+            token = int(ranked[0])
+            sides.extend(chain + [int(alt)] for alt in ranked[1:])
+            chain.append(token)
+            if i + 1 < k:
+                logits = self.runner.forward([token], all_logits=False)[-1]
+                self._cached.append(token)
+        return [chain] + sides
+
     def _choose(self, logits: np.ndarray, row: int) -> tuple[int, bool]:
         if self.params.greedy:
             token = int(np.argmax(logits))

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from .base import Draft, Drafter
 
+_KEEP = 8
+
 
 class NgramDrafter(Drafter):
     name = "ngram"
@@ -22,6 +24,8 @@ class NgramDrafter(Drafter):
 
     def _reset(self) -> None:
         self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(self.n_min, self.n_max + 1)}
+        # For trees: up to _KEEP earlier occurrences per n-gram, most recent last.
+        self._history: dict[tuple[int, ...], list[int]] = {}
         self._indexed_to = 0
         self._context: list[int] = []
 
@@ -36,7 +40,12 @@ class NgramDrafter(Drafter):
         for end in range(max(self._indexed_to, self.n_min), len(context)):
             for n, table in self._index.items():
                 if end >= n:
-                    table[tuple(context[end - n : end])] = end
+                    key = tuple(context[end - n : end])
+                    table[key] = end
+                    if n == self.n_min:
+                        ends = self._history.setdefault(key, [])
+                        ends.append(end)
+                        del ends[:-_KEEP]
         self._indexed_to = max(self._indexed_to, len(context))
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
@@ -50,3 +59,16 @@ class NgramDrafter(Drafter):
             if start is not None:
                 return Draft(list(context[start : start + k]), None, self.name)
         return Draft([], None, self.name)
+
+    def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
+        """Distinct continuations of the latest matches: the longest-n match first, then older ones."""
+        first = self.propose(context, k).tokens
+        branches = [first] if first else []
+        if len(context) > self.n_min:
+            for end in reversed(self._history.get(tuple(context[-self.n_min :]), [])):
+                if len(branches) >= width:
+                    break
+                candidate = list(context[end : end + k])
+                if candidate and all(candidate[:1] != b[:1] or candidate != b[: len(candidate)] for b in branches):
+                    branches.append(candidate)
+        return branches
