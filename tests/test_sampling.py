@@ -100,7 +100,7 @@ def test_sample_never_picks_zero_probability():
 
 @pytest.mark.parametrize("kwargs", [
     {"temperature": -0.1}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_tokens": 0}, {"max_tokens": -3}, {"top_k": -1},
-    {"temperature": float("nan")},
+    {"temperature": float("nan")}, {"seed": -1},
 ])
 def test_bad_sampling_parameters_are_rejected(kwargs):
     with pytest.raises(InvalidParameter) as err:

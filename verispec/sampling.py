@@ -38,6 +38,8 @@ class SamplingParams:
             raise InvalidParameter(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}", "top_k")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidParameter(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            raise InvalidParameter(f"seed must be a non-negative integer, got {self.seed!r}", "seed")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
 

@@ -38,7 +38,6 @@ class SpeculativeOptions(BaseModel):
     draft: StrictStr | None = None  # "none" | "ngram" | "auto" | the server's draft model
     draft_tokens: StrictInt | None = None  # fixed K; None = adaptive
     draft_max: StrictInt | None = None
-    draft_min_prob: StrictFloat | None = None
 
 
 class StreamOptions(_Body):
@@ -51,7 +50,7 @@ class _Generation(_Body):
     temperature: StrictFloat = 1.0
     top_p: StrictFloat = 1.0
     top_k: StrictInt = 0
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(default=None, ge=0)
     stop: StrictStr | list[StrictStr] | None = Field(default=None)
     n: StrictInt = 1
     stream: StrictBool = False
@@ -107,7 +106,8 @@ def parse(raw: bytes, kind: type[_Generation]) -> _Generation:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
     try:
-        return kind.model_validate(body)
+        # Clients send null for "not set" (e.g. "temperature": null): a top-level null takes the default.
+        return kind.model_validate({k: v for k, v in body.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or None

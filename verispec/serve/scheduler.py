@@ -13,11 +13,15 @@ sequence id per request, a batched torch pass) is the follow-up that makes batch
 
 Goodput-aware speculation, as far as that allows: each request keeps the engine's adaptive draft
 length. On top, while `spec_off_at` or more requests are active, requests that did not pin a
-drafter step without drafting (K = 0). With unfused passes on a small CPU a speculative step's
-extra verify tokens compete for the same cores as the other requests' steps, so under load the
-scheduler hands those cores to plain decoding. It is a fixed threshold, counted in the metrics
-(`verispec_speculation_disabled_total`, `verispec_speculation_disabled_now`); a cost model fed by
-the load benchmark should replace it.
+drafter step without drafting (K = 0); those steps are counted in
+`verispec_speculation_disabled_total` and `verispec_speculation_disabled_now` is 1. The rule is
+meant for fused batches, where every request's verify tokens share one compute-bound pass. With
+the unfused passes above, a speculative step costs the same whether one or four requests are
+active, so the threshold evens out step times between requests but does not buy throughput; the
+load benchmark should set it (or a cost model replace it). `spec_off_at=0` never turns drafting off.
+
+A prompt's prefill runs inside its first step, so a long prompt delays one round for everyone
+(no chunked prefill yet).
 """
 
 from __future__ import annotations
@@ -62,11 +66,12 @@ class Job:
     spec: SpeculativeConfig
     draft: str | None  # "ngram", "model" or None
     pinned: bool  # the client chose the drafter: the load threshold does not turn it off
-    sink: Callable[[Event], None]
+    sink: Callable[[Event], None] = lambda event: None
     endpoint: str = "completions"
     stats: Stats = field(default_factory=Stats)
     arrived: float = field(default_factory=time.perf_counter)
     disabled_steps: int = 0
+    checked_at: float = 0.0  # when the handler last checked that the client is still connected
     cancelled: bool = False
     finished: bool = False
     # worker-side state
@@ -97,6 +102,9 @@ class Switchable(Drafter):
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         return self.inner.propose(context, k) if self.enabled else Draft([], None, self.name)
+
+    def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
+        return self.inner.propose_branches(context, k, width) if self.enabled else []
 
 
 def clone_runner(runner: Runner, n_ctx: int) -> Runner:

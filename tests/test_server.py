@@ -1,0 +1,410 @@
+"""The OpenAI-compatible server, end to end: a real uvicorn server on loopback, SmolLM2-135M on
+llama.cpp with 4 slots, driven by the `openai` client (and httpx for raw bodies)."""
+
+import json
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from tests.prompts import PROMPTS
+from verispec.sampling import SamplingParams
+
+pytestmark = pytest.mark.real
+
+MODEL = "smollm2-135m"
+KEY = "test-key"
+COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"  # SmolLM2 keeps counting: a request that runs long
+
+
+class Running:
+    def __init__(self, url: str, server, base):
+        self.url, self.server, self.base = url, server, base
+
+    def http(self, key: str | None = KEY) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+
+    def client(self, key: str = KEY) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, timeout=120, max_retries=0)
+
+    def metric(self, name: str, **labels) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        total = 0.0
+        for line in text.splitlines():
+            m = re.match(r"^(\w+)(?:\{(.*)\})? (\S+)$", line)
+            if not m or m.group(1) != name:
+                continue
+            have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+            if all(have.get(k) == v for k, v in labels.items()):
+                total += float(m.group(3))
+        return total
+
+    def wait_idle(self, timeout: float = 10.0) -> dict:
+        deadline = time.time() + timeout
+        while True:
+            health = httpx.get(self.url + "/health", timeout=30).json()
+            if health["active"] == 0 and health["queued"] == 0 or time.time() > deadline:
+                return health
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def running(smol_source):
+    import uvicorn
+
+    import verispec
+    from verispec.serve import ServeConfig, Server, create_app
+
+    # One thread per context: the test machine's 2 cores are shared with other jobs.
+    base = verispec.load(MODEL, n_ctx=2048, draft="ngram", n_threads=1)
+    server = Server(base, ServeConfig(model=MODEL, max_batch=4, max_queue=32, api_key=KEY))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started:
+        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.05)
+    yield Running(f"http://127.0.0.1:{port}", server, base)
+    uv.should_exit = True
+    thread.join(30)
+    server.close()
+    base.close()
+
+
+def alone(running: Running, prompt: str, max_tokens: int) -> str:
+    """What the library itself produces for a greedy completion (the server must match it)."""
+    return running.base.generate(prompt, SamplingParams(max_tokens=max_tokens)).text
+
+
+# -- happy paths ------------------------------------------------------------------------------------
+
+
+def test_models_and_health(running):
+    ids = [m.id for m in running.client().models.list().data]
+    assert ids[0] == MODEL
+    health = httpx.get(running.url + "/health").json()
+    assert health == {"status": "ok", "model": MODEL, "slots": 4, "active": 0, "queued": 0, "draft": "ngram"}
+
+
+def test_completion_matches_library(running):
+    prompt = PROMPTS[0]
+    out = running.client().completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    choice = out.choices[0]
+    assert choice.text == alone(running, prompt, 24)
+    assert choice.finish_reason == "length"
+    assert out.usage.completion_tokens == 24
+    assert out.usage.prompt_tokens == len(running.base.prompt_tokens(prompt))
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 24
+    spec = out.model_extra["speculative"]
+    assert spec["draft"] == "ngram"
+    assert set(spec) >= {"drafted", "accepted", "mean_accepted_length", "acceptance_rate"}
+    assert spec["mean_accepted_length"] >= 1.0
+
+
+def test_completion_stream_equals_whole(running):
+    client = running.client()
+    prompt = PROMPTS[7]
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, stream=True))
+    assert len(chunks) > 3  # streamed piece by piece, not in one block
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks][-1] == "length"
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].usage.completion_tokens == 24
+
+
+def test_sse_wire_format_ends_with_done(running):
+    body = {"model": MODEL, "prompt": PROMPTS[5], "max_tokens": 8, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with running.http() as http:
+        r = http.post("/v1/completions", json=body)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    usage_chunk = json.loads(events[-2][len("data: "):])
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 8
+
+
+def test_chat_whole_and_stream(running):
+    client = running.client()
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name three colours."}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    text = whole.choices[0].message.content
+    assert text and text == running.base.generate(params=SamplingParams(max_tokens=24), messages=messages).text
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert whole.usage.completion_tokens <= 24
+
+
+def test_stop_string_and_seeded_sampling(running):
+    client = running.client()
+    full = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=16, temperature=0).choices[0].text
+    assert " 15," in full
+    cut = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=16, temperature=0, stop=[" 15,"])
+    assert cut.choices[0].finish_reason == "stop"
+    assert cut.choices[0].text == full[: full.index(" 15,")]
+    sampled = [client.completions.create(model=MODEL, prompt=PROMPTS[6], max_tokens=16, temperature=0.9, top_p=0.95,
+                                         seed=7, extra_body={"top_k": 40}).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_speculative_per_request_is_lossless(running):
+    client = running.client()
+    prompt = "Repeat this list exactly:\n" + COUNTING + "\n" + COUNTING[:20]
+    spec = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0,
+                                     extra_body={"speculative": {"draft": "ngram", "draft_tokens": 4}})
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0,
+                                      extra_body={"speculative": {"draft": "none"}})
+    assert spec.choices[0].text == plain.choices[0].text
+    s, p = spec.model_extra["speculative"], plain.model_extra["speculative"]
+    assert s["draft"] == "ngram" and s["drafted"] > 0 and s["accepted"] > 0
+    assert s["mean_accepted_length"] > 1.0 and s["target_passes"] < p["target_passes"]
+    assert p["draft"] == "none" and p["drafted"] == 0 and p["mean_accepted_length"] == 1.0
+
+
+# -- concurrency ------------------------------------------------------------------------------------
+
+
+def test_sixteen_concurrent_requests_equal_alone(running):
+    client = running.client()
+    # Half chat, half plain completions (on prompts SmolLM2 does not end at once in completion mode).
+    requests = [("chat", p) for p in PROMPTS[:8]] + [("text", PROMPTS[i]) for i in (0, 1, 2, 4, 5, 7, 8, 9)]
+
+    def complete(request: tuple[str, str]) -> str:
+        kind, prompt = request
+        if kind == "chat":
+            out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}],
+                                                 max_tokens=16, temperature=0)
+            return out.choices[0].message.content
+        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0).choices[0].text
+
+    expected = [complete(r) for r in requests]  # one at a time through the server
+    assert len(set(expected)) == 16 and all(expected)
+    disabled_before = running.metric("verispec_speculation_disabled_total")
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(complete, requests))
+    assert got == expected
+    # With 2+ active requests the scheduler turned the server's default drafting off, losslessly.
+    assert running.metric("verispec_speculation_disabled_total") > disabled_before
+    health = running.wait_idle()
+    assert (health["active"], health["queued"]) == (0, 0)
+    assert running.metric("verispec_active_requests") == 0
+    assert running.metric("verispec_queue_depth") == 0
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+OK = {"model": MODEL, "prompt": "Hello", "max_tokens": 4}
+
+
+def _with(**changes):
+    body = {**OK, **changes}
+    return {k: v for k, v in body.items() if v is not ...}
+
+
+BAD = [
+    ("malformed json", C, b'{"model": "smollm2-135m", "prompt": ', 400, None),
+    ("json not an object", C, b"[1, 2]", 400, None),
+    ("missing model", C, _with(model=...), 400, "model"),
+    ("missing prompt", C, _with(prompt=...), 400, "prompt"),
+    ("mistyped max_tokens", C, _with(max_tokens="ten"), 400, "max_tokens"),
+    ("mistyped temperature", C, _with(temperature="hot"), 400, "temperature"),
+    ("mistyped stream", C, _with(stream="yes"), 400, "stream"),
+    ("unknown model", C, _with(model="gpt-17"), 404, "model"),
+    ("max_tokens zero", C, _with(max_tokens=0), 400, "max_tokens"),
+    ("max_tokens negative", C, _with(max_tokens=-3), 400, "max_tokens"),
+    ("temperature negative", C, _with(temperature=-0.5), 400, "temperature"),
+    ("top_p zero", C, _with(top_p=0.0), 400, "top_p"),
+    ("top_p above one", C, _with(top_p=1.5), 400, "top_p"),
+    ("n two", C, _with(n=2), 400, "n"),
+    ("negative seed", C, _with(seed=-1), 400, "seed"),
+    ("stop not strings", C, _with(stop=[1, 2]), 400, "stop"),
+    ("empty prompt", C, _with(prompt=""), 400, "prompt"),
+    ("blank prompt", C, _with(prompt="   \n"), 400, "prompt"),
+    ("empty token prompt", C, _with(prompt=[]), 400, "prompt"),
+    ("prompt longer than context", C, _with(prompt="hello " * 2100), 400, "prompt"),
+    ("bad stream with bad temperature", C, _with(stream=True, temperature=-1.0), 400, "temperature"),
+    ("unknown draft", C, _with(speculative={"draft": "/etc/passwd"}), 400, "speculative.draft"),
+    ("draft_tokens out of range", C, _with(speculative={"draft": "ngram", "draft_tokens": 999}), 400, "speculative.draft_tokens"),
+    ("unknown speculative field", C, _with(speculative={"drafts": 3}), 400, "speculative.drafts"),
+    ("chat without messages", CHAT, {"model": MODEL}, 400, "messages"),
+    ("chat empty messages", CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
+    ("chat bad role", CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("chat prompt too long", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 2100}]}, 400, "messages"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input_gets_openai_error(running, path, body, status, param):
+    with running.http() as http:
+        if isinstance(body, bytes):
+            r = http.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            r = http.post(path, json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"] and "Traceback" not in error["message"]
+    assert error["param"] == param
+
+
+def test_null_fields_take_defaults(running):
+    body = {**OK, "max_tokens": 2, "temperature": None, "top_p": None, "n": None, "stop": None, "stream": None}
+    with running.http() as http:
+        r = http.post(C, json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 2
+
+
+def test_prompt_too_long_says_context_length(running):
+    with running.http() as http:
+        r = http.post(C, json=_with(prompt="hello " * 2100))
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_body_over_limit_is_413(running):
+    big = json.dumps(_with(prompt="x" * (2 << 20))).encode()
+    with running.http() as http:
+        r = http.post(C, content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_route_is_json_404(running):
+    with running.http() as http:
+        r = http.get("/v1/engines")
+    assert r.status_code == 404 and "error" in r.json()
+
+
+def test_api_key_required(running):
+    for key in (None, "wrong-key"):
+        with running.http(key) as http:
+            for r in (http.post(C, json=OK), http.get("/v1/models")):
+                assert r.status_code == 401
+                assert r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        running.client("wrong-key").completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+    assert httpx.get(running.url + "/health").status_code == 200  # probes need no key
+
+
+# -- faults ------------------------------------------------------------------------------------------------
+
+
+class LongStream:
+    """A long streamed request, read up to its first text chunk; close() hangs up mid-stream."""
+
+    def __init__(self, http: httpx.Client) -> None:
+        body = {"model": MODEL, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0, "stream": True}
+        self._cm = http.stream("POST", C, json=body)
+        response = self._cm.__enter__()
+        assert response.status_code == 200
+        self._lines = response.iter_lines()  # keep it: a collected line iterator closes the response
+        first = next(line for line in self._lines if line.startswith("data: "))
+        assert json.loads(first[len("data: "):])["choices"][0]["text"]
+
+    def close(self) -> None:
+        self._cm.__exit__(None, None, None)
+
+
+def test_client_disconnect_cancels_and_frees_slot(running):
+    cancelled = running.metric("verispec_requests_total", outcome="cancelled")
+    generated = running.metric("verispec_generated_tokens_total")
+    with running.http() as http:
+        LongStream(http).close()
+    health = running.wait_idle()
+    assert health["active"] == 0
+    assert running.metric("verispec_requests_total", outcome="cancelled") == cancelled + 1
+    assert running.metric("verispec_generated_tokens_total") - generated < 1000  # it did not run to the end
+    assert all(slot.job is None and slot.model.target.n_past == 0 for slot in running.server.scheduler.slots)
+    out = running.client().completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0)
+    assert out.choices[0].text == alone(running, PROMPTS[1], 8)
+
+
+def test_non_streamed_client_that_gives_up_is_cancelled(running):
+    cancelled = running.metric("verispec_requests_total", outcome="cancelled")
+    body = {"model": MODEL, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0}
+    with running.http() as http, pytest.raises(httpx.ReadTimeout):
+        http.post(C, json=body, timeout=httpx.Timeout(60, read=1.0))  # ~1000 tokens take far longer
+    assert running.wait_idle(5)["active"] == 0
+    assert running.metric("verispec_requests_total", outcome="cancelled") == cancelled + 1
+
+
+def test_full_queue_gets_429_with_retry_after(running):
+    scheduler = running.server.scheduler
+    saved, scheduler.max_queue = scheduler.max_queue, 0
+    try:
+        with running.http() as http:
+            streams = [LongStream(http) for _ in range(4)]  # every slot busy
+            assert httpx.get(running.url + "/health").json()["active"] == 4
+            r = http.post(C, json=OK)
+            assert r.status_code == 429
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "queue_full"
+            for stream in streams:
+                stream.close()
+    finally:
+        scheduler.max_queue = saved
+    assert running.wait_idle()["active"] == 0
+    assert running.client().completions.create(model=MODEL, prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_metrics_exposition(running):
+    running.client().completions.create(model=MODEL, prompt=COUNTING + COUNTING, max_tokens=8, temperature=0,
+                                        extra_body={"speculative": {"draft": "ngram", "draft_tokens": 3}})
+    with running.http() as http:
+        assert http.post(C, json=_with(n=3)).status_code == 400
+    text = httpx.get(running.url + "/metrics").text
+    for name in ("verispec_requests_total", "verispec_prompt_tokens_total", "verispec_generated_tokens_total",
+                 "verispec_drafted_tokens_total", "verispec_accepted_tokens_total", "verispec_drafted_at_position_total",
+                 "verispec_accepted_at_position_total", "verispec_mean_accepted_length", "verispec_queue_depth",
+                 "verispec_active_requests", "verispec_time_to_first_token_seconds_bucket",
+                 "verispec_inter_token_latency_seconds_bucket", "verispec_draft_length_bucket",
+                 "verispec_speculation_disabled_total", "verispec_speculation_disabled_now"):
+        assert name in text, name
+    assert running.metric("verispec_drafted_at_position_total", position="1") >= running.metric(
+        "verispec_accepted_at_position_total", position="1") > 0
+    assert running.metric("verispec_time_to_first_token_seconds_count") > 0
+    assert running.metric("verispec_requests_total", outcome="invalid") > 0
+
+
+def test_model_drafter_gets_a_context_per_slot(smol_source):
+    """A draft *model* (here SmolLM2 drafting for itself) is cloned onto every slot's own context."""
+    from fastapi.testclient import TestClient
+
+    import verispec
+    from verispec.serve import ServeConfig, Server, create_app
+
+    base = verispec.load(MODEL, n_ctx=512, draft=MODEL, n_threads=1)
+    server = Server(base, ServeConfig(model=MODEL, max_batch=2, ctx=512))
+    try:
+        drafters = [slot.model_drafter for slot in server.scheduler.slots]
+        assert all(drafters) and len({id(d.runner) for d in drafters} | {id(base.drafter(MODEL).runner)}) == 3
+        with TestClient(create_app(server)) as http:
+            body = {"model": MODEL, "prompt": PROMPTS[7], "max_tokens": 16, "temperature": 0}
+            spec = http.post(C, json={**body, "speculative": {"draft": MODEL, "draft_tokens": 4}}).json()
+            plain = http.post(C, json={**body, "speculative": {"draft": "none"}}).json()
+            assert http.post(C, json={**body, "speculative": {"draft": "other-model"}}).status_code == 400
+        assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
+        assert spec["speculative"]["draft"] == MODEL
+        assert spec["speculative"]["acceptance_rate"] == 1.0  # a model drafting for itself is always right
+        assert spec["speculative"]["mean_accepted_length"] > 2
+    finally:
+        server.close()
+        base.close()

@@ -1,0 +1,332 @@
+"""The HTTP side: FastAPI routes that validate a request, hand it to the scheduler and relay its text."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
+
+from ..api import Model
+from ..engine import SpeculativeConfig
+from ..errors import InvalidParameter, ModelNotFound, VerispecError
+from ..sampling import SamplingParams
+from . import protocol
+from .metrics import Metrics
+from .protocol import ApiError, ChatRequest, CompletionRequest, Shape, SpeculativeOptions
+from .scheduler import Event, Job, QueueFull, Scheduler
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+@dataclass
+class ServeConfig:
+    model: str  # the id clients send in "model"
+    max_batch: int = 4
+    max_queue: int = 64
+    ctx: int | None = None  # per-slot context; None = the loaded target's
+    api_key: str | None = None
+    spec_off_at: int = 2  # active requests at which unpinned requests stop drafting; 0 = never
+    max_body_bytes: int = 1 << 20
+
+
+class Server:
+    """The loaded model, its scheduler and metrics: everything the routes talk to."""
+
+    def __init__(self, base: Model, config: ServeConfig) -> None:
+        self.base = base
+        self.config = config
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, self.metrics)
+        self.model_ids = [config.model] + ([base.target.name] if base.target.name != config.model else [])
+        self.created = int(time.time())
+        # The --draft drafter as a key: "model" (cloned onto every slot), "ngram" or None.
+        self.default_draft = "model" if self.scheduler.model_drafter else ("ngram" if base.drafter(base.spec.draft) else None)
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers must not encode concurrently
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+    def draft_name(self, key: str | None) -> str:
+        return self.scheduler.model_drafter.name if key == "model" else key or "none"
+
+    def check_key(self, request: Request) -> None:
+        if self.config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        token = given[7:] if given.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), self.config.api_key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
+
+    def speculative(self, opts: SpeculativeOptions | None) -> tuple[SpeculativeConfig, str | None, bool]:
+        """The request's speculative config, its drafter key ("ngram", "model" or None) and whether it pinned it."""
+        base = self.base.spec
+        key, pinned, fixed, k_max = self.default_draft, False, base.draft_tokens, base.draft_max
+        if opts is not None:
+            if "draft" in opts.model_fields_set:
+                key, pinned = self._draft_key(opts.draft), True
+            if opts.draft_tokens is not None:
+                fixed, pinned = opts.draft_tokens, True
+            k_max = opts.draft_max if opts.draft_max is not None else k_max
+        try:
+            spec = replace(base, draft=self.draft_name(key) if key else None, draft_tokens=fixed, draft_max=k_max)
+        except InvalidParameter as exc:
+            raise ApiError(400, str(exc), f"speculative.{exc.param}") from None
+        return spec, key, pinned
+
+    def _draft_key(self, name: str | None) -> str | None:
+        if name in (None, "", "none"):
+            return None
+        if name == "ngram":
+            return "ngram"
+        if name == "auto":
+            return self.default_draft or "ngram"
+        if self.default_draft == "model" and name in (self.base.spec.draft, self.draft_name("model")):
+            return "model"
+        allowed = ["none", "ngram", "auto"] + ([self.draft_name("model")] if self.default_draft == "model" else [])
+        raise ApiError(400, f"unknown draft {name!r}: this server offers {', '.join(allowed)}", "speculative.draft")
+
+    def encode(self, req: CompletionRequest | ChatRequest) -> list[int]:
+        with self._tokenizer_lock:
+            if isinstance(req, ChatRequest):
+                return self.base.prompt_tokens(messages=[m.as_dict() for m in req.messages])
+            prompt = req.prompt
+            if isinstance(prompt, list):
+                if not prompt:
+                    raise ApiError(400, "the prompt is empty", "prompt")
+                if isinstance(prompt[0], int):
+                    n_vocab = self.base.target.n_vocab
+                    if any(not 0 <= t < n_vocab for t in prompt):
+                        raise ApiError(400, f"prompt token ids must be in 0..{n_vocab - 1}", "prompt")
+                    return list(prompt)
+                if len(prompt) != 1:
+                    raise ApiError(400, "send one prompt per request: batches of prompts are not supported", "prompt")
+                prompt = prompt[0]
+            return self.base.prompt_tokens(prompt=prompt)
+
+
+def create_app(server: Server) -> FastAPI:
+    app = FastAPI(title="verispec", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+    _install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict:
+        active, waiting = server.scheduler.counts()
+        return {"status": "ok", "model": server.config.model, "slots": len(server.scheduler.slots),
+                "active": active, "queued": waiting, "draft": server.draft_name(server.default_draft)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        server.check_key(request)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": server.created, "owned_by": "verispec"} for name in server.model_ids
+        ]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(server, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(server, request, chat=True)
+
+    return app
+
+
+async def _generate(server: Server, request: Request, chat: bool) -> Response:
+    endpoint = "chat" if chat else "completions"
+    try:
+        req, job = await _parse(server, request, chat)
+    except (ApiError, VerispecError):
+        server.metrics.requests.labels(endpoint, "invalid").inc()
+        raise
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+    job.sink, job.endpoint = (lambda e: loop.call_soon_threadsafe(events.put_nowait, e)), endpoint
+    try:
+        server.scheduler.submit(job)
+    except QueueFull as exc:
+        server.metrics.requests.labels(endpoint, "rejected").inc()
+        raise ApiError(429, f"the server is busy ({exc}); retry shortly", None, "queue_full", "rate_limit_error",
+                       {"Retry-After": "1"}) from None
+
+    shape = Shape(chat, req.model)
+    try:
+        first = await _next_event(events, request, server, job)
+        if first.kind == "error":
+            raise _error_for(first.error)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            body = _stream(server, job, events, first, shape, include_usage)
+            # The background task also runs when the client left before the body generator started.
+            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(_cancel_unfinished, server, job))
+        parts, event = [], first
+        while event.kind == "text":
+            parts.append(event.text)
+            event = await _next_event(events, request, server, job)
+        if event.kind == "error":
+            raise _error_for(event.error)
+    except BaseException:
+        server.scheduler.cancel(job)
+        raise
+    finish = protocol.FINISH_REASONS.get(event.finish_reason, event.finish_reason)
+    return JSONResponse(shape.whole("".join(parts), finish, job.stats, _spec_stats(job)))
+
+
+async def _parse(server: Server, request: Request, chat: bool) -> tuple[CompletionRequest | ChatRequest, Job]:
+    """Check the key, read and validate the body, tokenize: a Job ready to submit, or an ApiError."""
+    server.check_key(request)
+    raw = await _read_body(request, server.config.max_body_bytes)
+    req = protocol.parse(raw, ChatRequest if chat else CompletionRequest)
+    if req.model not in server.model_ids:
+        raise ApiError(404, f"model {req.model!r} is not served here; this server serves {server.model_ids[0]!r}",
+                       "model", "model_not_found")
+    if req.n != 1:
+        raise ApiError(400, f"only n=1 is supported, got n={req.n}", "n")
+    stop = req.stop_list()
+    spec, draft, pinned = server.speculative(req.speculative)
+    tokens = await run_in_threadpool(server.encode, req)
+    n_ctx = server.scheduler.n_ctx
+    room = n_ctx - len(tokens) - 1
+    if room < 1:
+        raise ApiError(400, f"the prompt has {len(tokens)} tokens but the context holds {n_ctx}",
+                       "messages" if chat else "prompt", "context_length_exceeded")
+    max_tokens = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
+    params = SamplingParams(max_tokens=req.default_max_tokens(room) if max_tokens is None else max_tokens,
+                            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)
+    return req, Job(tokens, params, spec, draft, pinned)
+
+
+def _spec_stats(job: Job) -> dict:
+    return protocol.speculative(job.stats, job.spec.draft or "none", job.disabled_steps)
+
+
+async def _stream(server: Server, job: Job, events: asyncio.Queue, first: Event, shape: Shape,
+                  include_usage: bool) -> AsyncIterator[bytes]:
+    """SSE chunks; if the client goes away Starlette cancels this generator and the job is cancelled."""
+    try:
+        if shape.chat:
+            yield protocol.sse(shape.chunk(None, first=True))
+        event = first
+        while event.kind == "text":
+            yield protocol.sse(shape.chunk(event.text))
+            event = await events.get()
+        if event.kind == "error":
+            yield protocol.sse(_error_for(event.error).body())
+        else:
+            spec_stats = _spec_stats(job)
+            final = shape.chunk(None, protocol.FINISH_REASONS.get(event.finish_reason, event.finish_reason))
+            final["usage"] = protocol.usage(job.stats)
+            final["speculative"] = spec_stats
+            yield protocol.sse(final)
+            if include_usage:
+                yield protocol.sse(shape.usage_chunk(job.stats, spec_stats))
+        yield protocol.sse("[DONE]")
+    finally:
+        _cancel_unfinished(server, job)
+
+
+def _cancel_unfinished(server: Server, job: Job) -> None:
+    if not job.finished:
+        server.scheduler.cancel(job)
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _next_event(events: asyncio.Queue, request: Request, server: Server, job: Job) -> Event:
+    """The job's next event. Checks at most every DISCONNECT_POLL_SECONDS whether the client is
+    still there, even while events keep coming; one that left cancels the job."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            event = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+        except asyncio.TimeoutError:
+            event = None
+        if loop.time() - job.checked_at >= DISCONNECT_POLL_SECONDS:
+            job.checked_at = loop.time()
+            if await request.is_disconnected():
+                server.scheduler.cancel(job)
+                raise _ClientGone()
+        if event is not None:
+            return event
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_big = ApiError(413, f"the request body exceeds {limit} bytes", None, "request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error_for(exc: Exception | None) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, VerispecError):
+        return ApiError(404 if isinstance(exc, ModelNotFound) else 400, str(exc), exc.param, "invalid_value")
+    return ApiError(500, str(exc) or "internal error", None, "internal_error", "server_error")
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def respond(err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return respond(exc)
+
+    @app.exception_handler(VerispecError)
+    async def verispec_error(request: Request, exc: VerispecError) -> JSONResponse:
+        return respond(_error_for(exc))
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(request: Request, exc: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody is listening; nginx's code for "client closed request"
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return respond(ApiError(exc.status_code, str(exc.detail), None, None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return respond(ApiError(400, str(exc), None, "invalid_request"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return respond(ApiError(500, "internal server error (see the server log)", None, "internal_error", "server_error"))
+
+
+def serve(base: Model, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the server until interrupted (the CLI's `verispec serve`)."""
+    import uvicorn
+
+    server = Server(base, config)
+    try:
+        uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
+    finally:
+        server.close()
