@@ -131,6 +131,9 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
         return lossy
 
     monkeypatch.setattr(bench_run, "engine_turn", engine_turn)
+    from verispec.models import quantize
+
+    monkeypatch.setattr(quantize, "derived_dir", lambda: tmp_path / "derived")  # not the real model cache
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"question_id": "edit", "category": "code-edit", "turns": [
             "Add type hints to this function:\n\ndef add(a, b):\n    return a + b\n", "Now add a docstring."]},
@@ -142,6 +145,7 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
         "bench", "--target", "smollm2-135m", "--draft", "smollm2-135m", "--methods", f"ar,ngram,ngram-k2,{LOSSY},draft-k2",
         "--prompts", str(prompts), "--max-new-tokens", "16", "--ctx", "1024", "--out", str(out),
         "--peers", "llamacpp-pld,llama-speculative", "--llama-cpp-bin", str(tmp_path / "no-such-dir"),
+        "--formats", "q8_0",
     ])
     assert result.exit_code == 0, result.output
 
@@ -174,8 +178,15 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
     pld = {r["variant"]: r for r in peers["llamacpp-pld"]["summary"]}
     assert pld["plain"]["tokens_per_s"] > 0 and pld["pld"]["speedup_vs_own_plain"] > 0
 
+    (fmt,) = results["formats"]
+    assert fmt["format"] == "q8_0" and fmt["label"] == "smollm2-135m:q8_0" and fmt["file_bytes"] > 0
+    assert set(fmt["verify_cost"]["ratio"]) == set(fmt["verify_cost"]["single_pass_ratio"]) == {"1", "2", "4", "8", "16"}
+    assert fmt["sequences"] == 4 and fmt["positions"] >= 4 and fmt["top1_agreement"] >= 0.8  # 4 turns of ar
+
     report = (out / "report.md").read_text()
-    for heading in ("## Results", "## Per category", "## Verify cost", "## Peak memory", "## Losslessness", "## Peers"):
+    assert "| smollm2-135m:q8_0 |" in report
+    for heading in ("## Results", "## Per category", "## Verify cost", "## Verification-friendly formats",
+                    "## Peak memory", "## Losslessness", "## Peers"):
         assert heading in report
     assert f"| {LOSSY} | 3 | 3 |" in report
     for png in ("speedup_by_category.png", "acceptance_by_position.png", "tokens_per_s_vs_k.png", "verify_cost.png"):

@@ -6,6 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..draft_length import prior_ratio
+from . import formats
 from .methods import BASELINE
 
 
@@ -28,6 +29,7 @@ def markdown(results: dict, plots: list[tuple[str, str]]) -> str:
                   f"{env['busy_threshold']}). Other processes competed for the CPU; ggml's threads spin, so these "
                   "numbers are skewed. Rerun on a quiet machine.", ""]
     lines += _seeds_table(results) + _category_table(results) + _plots(plots) + _verify_cost(results)
+    lines += formats.markdown(results)
     lines += _memory(results) + _lossless(results) + _per_prompt(results) + _peers(results) + _environment(results)
     return "\n".join(lines) + "\n"
 
@@ -41,6 +43,8 @@ def print_summary(results: dict, console: Console) -> None:
                       _pct(r["acceptance_rate"]) if r["method"] != BASELINE else "–",
                       _f(r["mean_accepted_length"], ".2f"), _f(r["mean_draft_length"], ".1f"), _mismatch(r))
     console.print(table)
+    for line in formats.console_lines(results):
+        console.print(line)
     for p in results["peers"]:
         if "skipped" in p:
             console.print(f"peer {p['peer']}: skipped ({p['skipped']})")

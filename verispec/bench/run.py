@@ -13,12 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ..errors import VerispecError
 from ..models import files, registry
 from ..sampling import SamplingParams
-from . import aggregate, environment, peers as peer_impls
+from . import aggregate, environment, formats as derived_formats, peers as peer_impls, verify_cost
 from .conversation import Conversation, converse, engine_turn
 from .lossless import TIE_TOLERANCE
 from .methods import BASELINE, Method, parse_methods
 from .prompts import BUILTIN, BenchPrompt, load_prompts
-from .verify_cost import ratios, verify_cost_curve
 
 WARMUP_TOKENS = 32
 
@@ -43,6 +42,7 @@ class BenchConfig:
     verify_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
     tie_tolerance: float = TIE_TOLERANCE
     plots: bool = True
+    formats: str = "q4_0,q8_0"  # derived formats whose verify cost and quality are measured ("" = none)
 
 
 def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
@@ -59,6 +59,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
                       "the CPU and the numbers will be skewed (ggml's threads spin)")
     prompts = load_prompts(config.prompts, config.limit, config.categories)
     methods = parse_methods(config.methods, config.draft)
+    format_names = derived_formats.parse(config.formats)
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
     runner_options = {"n_ctx": config.ctx, **({"n_threads": config.threads} if config.threads else {})}
     memory = {"before_load": environment.memory()}
@@ -81,9 +82,9 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
             if drafts[m.draft]["kind"] == "model" and f"with {m.draft}" not in memory:
                 memory[f"with {m.draft}"] = environment.memory()
 
+        context = model.prompt_tokens(messages=[{"role": "user", "content": prompts[0].turns[0]}])
         with console.status("measuring the target's verify-cost curve T(K)/T(1)"):
-            verify = _verify_costs(model.target, config.verify_ks, model.prompt_tokens(messages=[
-                {"role": "user", "content": prompts[0].turns[0]}]))
+            verify = verify_cost.measure(model.target, config.verify_ks, context)
 
         conversations = _run_methods(model, prompts, methods, params, config, console)
         records = [aggregate.record(c) for c in conversations.values()]
@@ -94,11 +95,14 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
 
         ar = {pid: c for (pid, method), c in conversations.items() if method == BASELINE}
         peer_results = [_run_peer(name, model, prompts, ar, config, console) for name in config.peers]
+        format_reference = derived_formats.reference(model, prompts, ar, context, format_names, console)
         threads = getattr(model.target, "n_threads", config.threads)
         target_info = {"name": model.target.name, "parameters": getattr(model.target, "n_params", None),
                        "file_bytes": model.target.source.file_bytes if getattr(model.target, "source", None) else None}
     finally:
         model.close()
+    # One derived model at a time, after the shipped one is closed, to bound memory.
+    format_results = derived_formats.measure(format_reference, format_names, config, runner_options, console)
 
     results = {
         "config": {**asdict(config), "methods": names, "prompt_count": len(prompts)},
@@ -111,6 +115,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
         "acceptance_by_position": {n: aggregate.acceptance_by_position(records, n) for n in names if n != BASELINE},
         "fixed_k": {m.name: {"family": m.family, "k": m.fixed_k} for m in methods if m.fixed_k is not None},
         "verify_cost": verify,
+        "formats": format_results,
         "memory": memory,
         "peers": peer_results,
         "records": records,
@@ -142,22 +147,6 @@ def _draft_info(model, draft: str) -> dict:
         "file_bytes": (runner.source.file_bytes if getattr(runner, "source", None) else None) if runner is not None else 0,
         "note": model.draft_choice_note,
     }
-
-
-def _verify_costs(runner, ks, context) -> dict:
-    """T(K) as verification pays it, and, on llama.cpp, as one unchunked pass (see LlamaCppRunner._score)."""
-    seconds = verify_cost_curve(runner, ks, context)
-    result = {"ks": list(ks), "seconds": seconds, "ratio": ratios(seconds), "exact_chunk": getattr(runner, "exact_chunk", None)}
-    if getattr(runner, "exact_chunk", 0):
-        saved = runner.exact_chunk
-        runner.exact_chunk = 0
-        try:
-            single = verify_cost_curve(runner, ks, context)
-        finally:
-            runner.exact_chunk = saved
-        result["single_pass_seconds"] = single
-        result["single_pass_ratio"] = ratios(single)
-    return result
 
 
 def _progress(console: Console) -> Progress:

@@ -51,3 +51,19 @@ def ratios(times: dict[int, float]) -> dict[int, float]:
     """T(K)/T(1), relative to the smallest K measured."""
     t1 = times[min(times)]
     return {k: t / t1 for k, t in times.items()}
+
+
+def measure(runner: Runner, ks: Sequence[int], context: Sequence[int] | None = None) -> dict:
+    """T(K) as verification pays it, and, on llama.cpp, as one unchunked pass (see LlamaCppRunner._score)."""
+    seconds = verify_cost_curve(runner, ks, context)
+    result = {"ks": list(ks), "seconds": seconds, "ratio": ratios(seconds), "exact_chunk": getattr(runner, "exact_chunk", None)}
+    if getattr(runner, "exact_chunk", 0):
+        saved = runner.exact_chunk
+        runner.exact_chunk = 0
+        try:
+            single = verify_cost_curve(runner, ks, context)
+        finally:
+            runner.exact_chunk = saved
+        result["single_pass_seconds"] = single
+        result["single_pass_ratio"] = ratios(single)
+    return result

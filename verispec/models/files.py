@@ -30,7 +30,20 @@ class ModelSource:
 
 
 def resolve(name_or_path: str, pull_if_missing: bool = False) -> ModelSource:
-    """A registered name must be pulled (or pull_if_missing); a path must exist and be a model."""
+    """A registered name must be pulled (or pull_if_missing); a path must exist and be a model.
+
+    NAME:FORMAT (e.g. qwen2.5-coder-1.5b:q4_0), with a registered name or a GGUF path before the colon, is
+    that model requantized to FORMAT (see quantize.py), made on first use and cached.
+    """
+    base, sep, fmt = name_or_path.rpartition(":")
+    if sep and name_or_path not in registry.REGISTRY and not Path(name_or_path).expanduser().exists() and (
+            base in registry.REGISTRY or Path(base).expanduser().is_file()):
+        from . import quantize
+
+        if fmt.lower() not in quantize.FORMATS:
+            raise ModelNotFound(f"unknown format {fmt!r} in {name_or_path!r}: a model name may end in "
+                                f"{', '.join(':' + f for f in quantize.FORMATS)} (a copy requantized by llama.cpp)")
+        return quantize.requantize(resolve(base, pull_if_missing), fmt)
     if name_or_path in registry.REGISTRY:
         spec = registry.get_spec(name_or_path)
         state = registry.status(spec)
