@@ -81,6 +81,16 @@ class Stats:
     def mean_draft_length(self) -> float:
         return float(np.mean(self.draft_lengths)) if self.draft_lengths else 0.0
 
+    def record_step(self, n_drafted: int, n_accepted: int, draft_seconds: float, verify_seconds: float) -> None:
+        """One target pass: n_drafted tokens (or tree nodes) checked, n_accepted kept, plus the target's own."""
+        self.draft_seconds += draft_seconds
+        self.verify_seconds += verify_seconds
+        self.target_passes += 1
+        self.drafted += n_drafted
+        self.accepted += n_accepted
+        self.draft_lengths.append(n_drafted)
+        self.accepted_lengths.append(n_accepted + 1)
+
     def record_positions(self, n_drafted: int, n_accepted: int) -> None:
         grow = n_drafted - len(self.drafted_at_position)
         if grow > 0:
@@ -137,7 +147,7 @@ class Engine:
         self._check_prompt(prompt, params)
         rng = np.random.default_rng(params.seed)
         verifier = ChainVerifier(self.target.n_vocab, params, rng, max_rows=self.config.draft_max + 1)
-        self._tree_verifier = TreeVerifier(self.target.n_vocab, params, rng)
+        tree_verifier = TreeVerifier(self.target.n_vocab, params, rng) if self.config.tree_width > 1 else None
         chooser = self._chooser()
         self.target.reset()
         stats.prompt_tokens = len(prompt)
@@ -164,16 +174,16 @@ class Engine:
             if self.target.n_past + 2 > self.target.n_ctx:
                 stats.finish_reason = "context"
                 return
-            new = self._step(context, last, chooser, verifier, stats, record_margins)
+            new = self._step(context, last, chooser, verifier, tree_verifier, stats, record_margins)
             context.extend(new)
             last = new[-1]
 
     def _step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
-              stats: Stats, record_margins: bool) -> list[int]:
+              tree_verifier: TreeVerifier | None, stats: Stats, record_margins: bool) -> list[int]:
         room = self.target.n_ctx - self.target.n_past - 1
         k = min(chooser.choose(), room) if self.drafter else 0
-        if k > 0 and self.config.tree_width > 1:
-            return self._tree_step(context, last, k, chooser, stats)
+        if k > 0 and tree_verifier is not None:
+            return self._tree_step(context, last, k, chooser, tree_verifier, stats)
         t0 = time.perf_counter()
         draft = self.drafter.propose(context, k) if k > 0 else None
         drafted = draft.tokens[:k] if draft else []
@@ -196,16 +206,11 @@ class Engine:
                 chooser.record_draft(len(drafted), t1 - t0)
             chooser.record_acceptance(len(drafted), verdict.n_accepted)
             stats.record_positions(len(drafted), verdict.n_accepted)
-        stats.draft_seconds += t1 - t0
-        stats.verify_seconds += t2 - t1
-        stats.target_passes += 1
-        stats.drafted += len(drafted)
-        stats.accepted += verdict.n_accepted
-        stats.draft_lengths.append(len(drafted))
-        stats.accepted_lengths.append(verdict.n_accepted + 1)
+        stats.record_step(len(drafted), verdict.n_accepted, t1 - t0, t2 - t1)
         return drafted[: verdict.n_accepted] + [verdict.next_token]
 
-    def _tree_step(self, context: list[int], last: int, k: int, chooser: DraftLengthChooser, stats: Stats) -> list[int]:
+    def _tree_step(self, context: list[int], last: int, k: int, chooser: DraftLengthChooser,
+                   verifier: TreeVerifier, stats: Stats) -> list[int]:
         """Verify a token tree (root = last token) in one pass; keep the accepted path in the cache."""
         t0 = time.perf_counter()
         branches = self.drafter.propose_branches(context, k, self.config.tree_width)
@@ -215,7 +220,7 @@ class Engine:
         if len(tree) > room:
             tree = build_tree(last, [])
         rows = self.target.forward(tree.tokens, tree.parents)
-        verdict = self._tree_verifier.verify(tree, rows)
+        verdict = verifier.verify(tree, rows)
         self.target.keep_path(verdict.path)
         t2 = time.perf_counter()
         n_drafted, n_accepted = len(tree) - 1, len(verdict.path) - 1
@@ -224,13 +229,7 @@ class Engine:
             if self.drafter.costly:
                 chooser.record_draft(k, t1 - t0)
             chooser.record_acceptance(min(k, n_drafted), n_accepted)
-        stats.draft_seconds += t1 - t0
-        stats.verify_seconds += t2 - t1
-        stats.target_passes += 1
-        stats.drafted += n_drafted
-        stats.accepted += n_accepted
-        stats.draft_lengths.append(n_drafted)
-        stats.accepted_lengths.append(n_accepted + 1)
+        stats.record_step(n_drafted, n_accepted, t1 - t0, t2 - t1)
         return [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
 
     def _emit(self, new: list[int], eos: frozenset[int], stats: Stats, max_tokens: int) -> tuple[list[int], bool]:
