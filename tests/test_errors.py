@@ -93,6 +93,7 @@ def test_draft_auto_picks_the_matching_small_model(qwen_pair):
     (["generate", "--model", "smollm2-135m", "-p", "hi", "--max-tokens", "0"], "max_tokens"),
     (["generate", "--model", "smollm2-135m", "-p", "   "], "empty"),
     (["models", "pull", "nope"], "unknown model"),
+    (["generate", "--model", "smollm2-135m", "-p", "hi", "--device", "cuda"], "--backend torch"),
 ])
 def test_cli_errors_are_one_line(args, message, smol_source):
     result = cli.invoke(app, args)

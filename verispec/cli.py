@@ -79,10 +79,12 @@ def models_verify(name: str) -> None:
     raise typer.Exit(0 if ok else 1)
 
 
-def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Optional[int], spec):
+def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Optional[int], spec, device: str = "auto"):
     from .api import load
 
     kwargs = {"n_ctx": ctx}
+    if device != "auto":
+        kwargs["device"] = device
     if threads:
         kwargs["n_threads"] = threads
     if model in registry.REGISTRY and registry.status(registry.get_spec(model)) in ("missing", "corrupt"):
@@ -111,6 +113,7 @@ def generate(
     backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
     ctx: int = typer.Option(4096, help="context length in tokens"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
+    device: str = typer.Option("auto", help="torch backend: auto (CUDA if present), cpu or cuda"),
 ) -> None:
     """Stream text from a model, plainly or speculatively, and print decoding stats."""
     from .engine import SpeculativeConfig, Stats
@@ -120,7 +123,7 @@ def generate(
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         spec = SpeculativeConfig(draft=draft, draft_tokens=draft_tokens, draft_max=draft_max, draft_min_prob=draft_min_prob,
                                  tree_width=tree_width)
-        loaded = _load(model, draft, backend, ctx, threads, spec)
+        loaded = _load(model, draft, backend, ctx, threads, spec, device)
         if loaded.draft_choice_note:
             console.print(loaded.draft_choice_note)
         stats = Stats()

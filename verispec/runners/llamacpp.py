@@ -98,8 +98,14 @@ class LlamaCppRunner(Runner):
     """A GGUF model on llama.cpp's CPU kernels, with sequence-level KV operations for rollback and trees."""
 
     def __init__(self, source, n_ctx: int = 4096, n_threads: int | None = None, max_tree_leaves: int = 32,
-                 n_batch: int = 512, verbose: bool = False, exact_chunk: int | None = None, _shared_model=None) -> None:
+                 n_batch: int = 512, verbose: bool = False, exact_chunk: int | None = None, device: str = "cpu",
+                 _shared_model=None) -> None:
         import llama_cpp as L
+
+        if device not in ("cpu", "auto"):
+            from ..errors import InvalidParameter
+
+            raise InvalidParameter(f"the llama.cpp runner runs on the CPU here; use --backend torch for --device {device}", "device")
 
         _init_backend(verbose)
         self._L = L
