@@ -132,3 +132,19 @@ def test_seeded_sampling_is_reproducible():
     params = SamplingParams(max_tokens=25, temperature=0.9, top_p=0.95, seed=123, ignore_eos=True)
     engine = Engine(target, NgramDrafter(1, 3), SpeculativeConfig(draft="ngram", draft_tokens=3))
     assert run(engine, prompt, params)[0] == run(engine, prompt, params)[0]
+
+
+def test_eos_inside_the_last_step_still_respects_max_tokens():
+    """A step may accept several tokens and then EOS; the output must still stop at max_tokens."""
+    target = tiny_runner(0, scale=30)
+    prompt = target.tokenizer.encode("hello hello hello")
+    plain, _ = run(Engine(target), prompt, SamplingParams(max_tokens=30, ignore_eos=True))
+    target.tokenizer.eos_ids = frozenset({plain[12]})
+    try:
+        for max_tokens in (8, 10, 11, 12):
+            first_eos = plain.index(plain[12])
+            engine = Engine(target, NgramDrafter(1, 3), SpeculativeConfig(draft="ngram", draft_tokens=6))
+            out, stats = run(engine, prompt, SamplingParams(max_tokens=max_tokens))
+            assert len(out) == min(max_tokens, first_eos) == stats.generated
+    finally:
+        target.tokenizer.eos_ids = frozenset({2})

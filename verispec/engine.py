@@ -233,20 +233,18 @@ class Engine:
         return [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
 
     def _emit(self, new: list[int], eos: frozenset[int], stats: Stats, max_tokens: int) -> tuple[list[int], bool]:
-        """Cut the step's tokens at EOS or max_tokens; say whether the request is finished."""
-        for i, token in enumerate(new):
-            if token in eos:
-                stats.finish_reason = "stop"
-                new = new[:i]
-                stats.generated += len(new)
-                return new, True
+        """Cut the step's tokens at EOS, then at max_tokens; say whether the request is finished."""
+        done = False
+        eos_at = next((i for i, token in enumerate(new) if token in eos), None)
+        if eos_at is not None:
+            new, done = new[:eos_at], True
+            stats.finish_reason = "stop"
         room = max_tokens - stats.generated
         if len(new) >= room:
-            stats.finish_reason = "length"
-            stats.generated += room
-            return new[:room], True
+            new, done = new[:room], True
+            stats.finish_reason = "length" if eos_at is None or eos_at > room else stats.finish_reason
         stats.generated += len(new)
-        return new, False
+        return new, done
 
     def _chooser(self) -> DraftLengthChooser:
         cfg = self.config

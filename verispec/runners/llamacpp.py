@@ -267,7 +267,8 @@ class LlamaCppRunner(Runner):
         tokens = [self._last_tree_tokens[i] for i in path]
         self._drop_tree()
         self.tree_redecodes += 1
-        self._forward_chain(tokens, all_logits=False)
+        # Re-decode in exact chunks too: cache rows from a 4+ token batch would differ from plain decoding.
+        self._score(tokens, [[0]] * len(tokens), range(self.n_past, self.n_past + len(tokens)), commit=True)
 
     def _drop_tree(self) -> None:
         if self._tree_seqs is None:
