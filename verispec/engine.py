@@ -155,7 +155,10 @@ class Engine:
         t0 = time.perf_counter()
         if self.drafter:
             self.drafter.begin(prompt, params, rng)
-        row = self.target.forward(prompt, all_logits=False)[-1]
+        rows = self.target.forward(prompt, all_logits=False)
+        row = rows[-1]
+        if self.drafter:
+            self.drafter.accepted(len(rows) - 1)
         last = pick(row, params, rng)
         if record_margins:
             stats.margins.append(_top2_margin(row))
@@ -194,6 +197,8 @@ class Engine:
         if record_margins:
             stats.margins.extend(_top2_margin(r) for r in rows[: verdict.n_accepted + 1])
         self.target.rollback(base + 1 + verdict.n_accepted)
+        if self.drafter:
+            self.drafter.accepted(verdict.n_accepted)
         t2 = time.perf_counter()
 
         chooser.record_verify(len(drafted) + 1, t2 - t1)
@@ -222,6 +227,7 @@ class Engine:
         rows = self.target.forward(tree.tokens, tree.parents)
         verdict = verifier.verify(tree, rows)
         self.target.keep_path(verdict.path)
+        self.drafter.accepted(verdict.path[-1])
         t2 = time.perf_counter()
         n_drafted, n_accepted = len(tree) - 1, len(verdict.path) - 1
         chooser.record_verify(len(tree), t2 - t1)

@@ -35,5 +35,12 @@ class Drafter(ABC):
         draft = self.propose(context, k)
         return [draft.tokens] if draft.tokens else []
 
+    def accepted(self, row: int) -> None:
+        """Called after every target pass with the row (in that pass's output) of the last kept token.
+
+        The target's state at that row predicts the next token; drafters that read the target's
+        hidden states (Medusa/EAGLE heads) take it from there. Most drafters ignore it.
+        """
+
     def close(self) -> None:
         pass

@@ -106,6 +106,9 @@ class Switchable(Drafter):
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
         return self.inner.propose_branches(context, k, width) if self.enabled else []
 
+    def accepted(self, row: int) -> None:
+        self.inner.accepted(row)
+
 
 def clone_runner(runner: Runner, n_ctx: int) -> Runner:
     """A runner with its own KV cache on the same weights."""
