@@ -103,3 +103,53 @@ class DraftLengthChooser:
         observed = n_accepted + (1 if n_accepted < n_drafted else 0)
         rate = n_accepted / observed
         self.acceptance = min(0.99, max(0.01, _ema(self.acceptance, rate, self.ema_weight * min(observed, 4) / 2)))
+
+
+TREE_BUDGETS = (0, 4, 8, 16, 32)  # 0 = no tree: a chain with its own adaptive K
+
+
+@dataclass
+class TreeBudgetChooser:
+    """Where the tree budget is chosen: the arm with the best measured tokens per second, "no tree" included.
+
+    Tree steps cannot be costed like chains (acceptance depends on the tree's shape), so each
+    budget is measured directly: tokens gained and seconds spent per step, as moving averages.
+    Every budget is tried `warmup` times first; afterwards the best one runs, and every
+    `explore_every` steps its neighbour is retried, since acceptance drifts with the text.
+    """
+
+    budgets: tuple[int, ...] = TREE_BUDGETS
+    fixed: int | None = None
+    warmup: int = 2
+    explore_every: int = 32
+    ema_weight: float = 0.2
+    tokens: dict[int, float] = field(default_factory=dict)
+    seconds: dict[int, float] = field(default_factory=dict)
+    tries: dict[int, int] = field(default_factory=dict)
+    _steps: int = 0
+
+    def choose(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        self._steps += 1
+        for budget in self.budgets:
+            if self.tries.get(budget, 0) < self.warmup:
+                return budget
+        best = self.best()
+        if self._steps % self.explore_every == 0:
+            i = self.budgets.index(best)
+            neighbours = [self.budgets[j] for j in (i - 1, i + 1) if 0 <= j < len(self.budgets)]
+            return neighbours[(self._steps // self.explore_every) % len(neighbours)]
+        return best
+
+    def best(self) -> int:
+        measured = [b for b in self.budgets if self.seconds.get(b)]
+        return max(measured, key=self.rate) if measured else self.budgets[0]
+
+    def rate(self, budget: int) -> float:
+        return self.tokens[budget] / self.seconds[budget]
+
+    def record(self, budget: int, tokens: int, seconds: float) -> None:
+        self.tries[budget] = self.tries.get(budget, 0) + 1
+        self.tokens[budget] = _ema(self.tokens.get(budget), float(tokens), self.ema_weight)
+        self.seconds[budget] = _ema(self.seconds.get(budget), seconds, self.ema_weight)

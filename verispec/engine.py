@@ -8,18 +8,37 @@ rolled back past the rejected tokens. K = 0 is plain autoregressive decoding thr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .draft_length import DraftLengthChooser
+from .draft_length import DraftLengthChooser, TreeBudgetChooser
 from .drafters.base import Drafter
+from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
 from .runners.base import Runner
 from .sampling import SamplingParams, pick
 from .verify.rejection import ChainVerifier
-from .verify.tree import TreeVerifier, build_tree
+from .verify.tree import TokenTree, TreeVerifier, build_tree
+
+PREFIX_WIDTH = 4  # candidate continuations per drafter level in prefix mode
+
+
+def relaxed_tau(acceptance: str) -> float | None:
+    """The TAU of 'relaxed:TAU' (lossy acceptance), None for the exact modes."""
+    from .errors import InvalidParameter
+
+    if acceptance in ("exact", "prefix"):
+        return None
+    if acceptance.startswith("relaxed:"):
+        try:
+            tau = float(acceptance.split(":", 1)[1])
+        except ValueError:
+            tau = -1.0
+        if 0.0 < tau <= 1.0:
+            return tau
+    raise InvalidParameter(f"acceptance must be exact, prefix or relaxed:TAU with 0 < TAU <= 1, got {acceptance!r}", "acceptance")
 
 
 @dataclass
@@ -33,9 +52,21 @@ class SpeculativeConfig:
     ngram_min: int = 2
     ngram_max: int = 4
     tree_width: int = 1  # candidates per depth; > 1 verifies a token tree instead of a chain
+    tree: str | None = None  # "dynamic" (EAGLE-2 style) or "static:4,2,2,1": grow a tree from the drafter
+    tree_budget: int | None = None  # drafted nodes per tree; None = chosen by measurement, "no tree" included
+    # "exact" (default): chain or tree, lossless. "prefix": several candidate continuations (one per
+    # drafter level and match, PARSE-style) verified in one pass, the longest valid one kept; lossless.
+    # "relaxed:TAU": LOSSY, also accepts a drafted token the target gives >= TAU x its top probability.
+    acceptance: str = "exact"
 
     def __post_init__(self) -> None:
         from .errors import InvalidParameter
+
+        if self.tree is not None:
+            TreeShape.parse(self.tree)
+        if self.tree_budget is not None and not 0 <= self.tree_budget <= 64:
+            raise InvalidParameter(f"tree_budget must be in 0..64, got {self.tree_budget}", "tree_budget")
+        relaxed_tau(self.acceptance)
 
         if self.draft_tokens is not None and not 0 <= self.draft_tokens <= 64:
             raise InvalidParameter(f"draft_tokens must be in 0..64, got {self.draft_tokens}", "draft_tokens")
@@ -63,6 +94,9 @@ class Stats:
     accepted_at_position: list[int] = field(default_factory=list)  # accepted count per draft position
     drafted_at_position: list[int] = field(default_factory=list)
     margins: list[float] = field(default_factory=list)  # top-1 minus top-2 logit per emitted token (when recorded)
+    drafted_by_source: dict[str, int] = field(default_factory=dict)  # which drafter (cascade level) proposed what
+    accepted_by_source: dict[str, int] = field(default_factory=dict)
+    tree_budgets: list[int] = field(default_factory=list)  # budget used per step, when trees are grown
     finish_reason: str = "length"
 
     @property
@@ -100,6 +134,12 @@ class Stats:
             self.drafted_at_position[i] += 1
             self.accepted_at_position[i] += i < n_accepted
 
+    def record_sources(self, drafted: list[str], accepted: list[str]) -> None:
+        for source in drafted:
+            self.drafted_by_source[source] = self.drafted_by_source.get(source, 0) + 1
+        for source in accepted:
+            self.accepted_by_source[source] = self.accepted_by_source.get(source, 0) + 1
+
     def summary(self) -> str:
         total = self.draft_seconds + self.verify_seconds or 1.0
         return (
@@ -107,6 +147,9 @@ class Stats:
             f"acceptance {self.acceptance_rate:.0%} ({self.accepted}/{self.drafted}) | "
             f"mean accepted length {self.mean_accepted_length:.2f} | draft length {self.mean_draft_length:.1f} | "
             f"time draft {self.draft_seconds / total:.0%} / verify {self.verify_seconds / total:.0%}"
+            + (" | accepted by level " + ", ".join(f"{s} {self.accepted_by_source.get(s, 0)}/{n}"
+                                               for s, n in self.drafted_by_source.items())
+               if len(self.drafted_by_source) > 1 else "")
         )
 
     def to_dict(self) -> dict:
@@ -128,6 +171,9 @@ class Stats:
             "accepted_at_position": self.accepted_at_position,
             "drafted_at_position": self.drafted_at_position,
             "finish_reason": self.finish_reason,
+            "drafted_by_source": self.drafted_by_source,
+            "accepted_by_source": self.accepted_by_source,
+            "tree_budgets": self.tree_budgets,
         }
 
 
@@ -138,6 +184,10 @@ class Engine:
         self.target = target
         self.drafter = drafter
         self.config = config or SpeculativeConfig()
+        self.tree_shape = TreeShape.parse(self.config.tree) if self.config.tree else None
+        self.relaxed = relaxed_tau(self.config.acceptance)
+        # Tree budgets are measured per engine, not per request: their costs are facts of the hardware.
+        self.budget_chooser = TreeBudgetChooser(fixed=self.config.tree_budget) if self.tree_shape else None
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, stats: Stats | None = None,
                  record_margins: bool = False) -> Iterator[list[int]]:
@@ -147,7 +197,8 @@ class Engine:
         self._check_prompt(prompt, params)
         rng = np.random.default_rng(params.seed)
         verifier = ChainVerifier(self.target.n_vocab, params, rng, max_rows=self.config.draft_max + 1)
-        tree_verifier = TreeVerifier(self.target.n_vocab, params, rng) if self.config.tree_width > 1 else None
+        uses_trees = self.config.tree_width > 1 or self.tree_shape is not None or self.config.acceptance != "exact"
+        tree_verifier = TreeVerifier(self.target.n_vocab, params, rng, self.relaxed) if uses_trees else None
         chooser = self._chooser()
         self.target.reset()
         stats.prompt_tokens = len(prompt)
@@ -183,10 +234,34 @@ class Engine:
 
     def _step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
               tree_verifier: TreeVerifier | None, stats: Stats, record_margins: bool) -> list[int]:
+        if self.budget_chooser is not None and self.drafter is not None:
+            return self._budgeted_step(context, last, chooser, verifier, tree_verifier, stats, record_margins)
         room = self.target.n_ctx - self.target.n_past - 1
         k = min(chooser.choose(), room) if self.drafter else 0
         if k > 0 and tree_verifier is not None:
-            return self._tree_step(context, last, k, chooser, tree_verifier, stats)
+            width = max(self.config.tree_width, PREFIX_WIDTH if self.config.acceptance != "exact" else 1)
+            return self._tree_step(lambda: self._branch_tree(context, last, k, width), k, chooser, tree_verifier, stats)
+        return self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
+
+    def _budgeted_step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
+                       tree_verifier: TreeVerifier, stats: Stats, record_margins: bool) -> list[int]:
+        """A grown tree of the chosen budget, or (budget 0) a chain step; the budget chooser learns from both."""
+        budget = self.budget_chooser.choose()
+        stats.tree_budgets.append(budget)
+        t0 = time.perf_counter()
+        if budget > 0:
+            expansions = max(1, budget // 2) if self.drafter.costly else budget
+            new = self._tree_step(lambda: grow_tree(self.drafter, context, self.tree_shape, budget, expansions,
+                                                    self.config.draft_max), expansions, None, tree_verifier, stats)
+        else:
+            room = self.target.n_ctx - self.target.n_past - 1
+            k = min(chooser.choose(), room)
+            new = self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
+        self.budget_chooser.record(budget, len(new), time.perf_counter() - t0)
+        return new
+
+    def _chain_step(self, context: list[int], last: int, k: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
+                    stats: Stats, record_margins: bool) -> list[int]:
         t0 = time.perf_counter()
         draft = self.drafter.propose(context, k) if k > 0 else None
         drafted = draft.tokens[:k] if draft else []
@@ -211,15 +286,25 @@ class Engine:
                 chooser.record_draft(len(drafted), t1 - t0)
             chooser.record_acceptance(len(drafted), verdict.n_accepted)
             stats.record_positions(len(drafted), verdict.n_accepted)
+            stats.record_sources([draft.source_of(i) for i in range(len(drafted))],
+                                 [draft.source_of(i) for i in range(verdict.n_accepted)])
         stats.record_step(len(drafted), verdict.n_accepted, t1 - t0, t2 - t1)
         return drafted[: verdict.n_accepted] + [verdict.next_token]
 
-    def _tree_step(self, context: list[int], last: int, k: int, chooser: DraftLengthChooser,
+    def _branch_tree(self, context: list[int], last: int, k: int, width: int) -> TokenTree:
+        branches, sources = self.drafter.branch_sources(context, k, width)
+        return build_tree(last, branches, sources)
+
+    def _tree_step(self, make_tree: Callable[[], TokenTree], k: int, chooser: DraftLengthChooser | None,
                    verifier: TreeVerifier, stats: Stats) -> list[int]:
-        """Verify a token tree (root = last token) in one pass; keep the accepted path in the cache."""
+        """Verify a token tree (root = last token) in one pass; keep the accepted path in the cache.
+
+        `chooser` (the chain's draft-length chooser) learns from branch trees, whose first branch is
+        the chain; grown trees are measured by the budget chooser instead.
+        """
         t0 = time.perf_counter()
-        branches = self.drafter.propose_branches(context, k, self.config.tree_width)
-        tree = build_tree(last, branches)
+        tree: TokenTree = make_tree()
+        last = tree.tokens[0]
         t1 = time.perf_counter()
         room = self.target.n_ctx - self.target.n_past - 1
         if len(tree) > room:
@@ -230,11 +315,14 @@ class Engine:
         self.drafter.accepted(verdict.path[-1])
         t2 = time.perf_counter()
         n_drafted, n_accepted = len(tree) - 1, len(verdict.path) - 1
-        chooser.record_verify(len(tree), t2 - t1)
+        if chooser is not None:
+            chooser.record_verify(len(tree), t2 - t1)
         if n_drafted:
-            if self.drafter.costly:
+            if chooser is not None and self.drafter.costly:
                 chooser.record_draft(k, t1 - t0)
-            chooser.record_acceptance(min(k, n_drafted), n_accepted)
+            if chooser is not None:
+                chooser.record_acceptance(min(k, n_drafted), n_accepted)
+            stats.record_sources(tree.sources[1:], [tree.sources[i] for i in verdict.path[1:]])
         stats.record_step(n_drafted, n_accepted, t1 - t0, t2 - t1)
         return [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
 

@@ -16,6 +16,19 @@ class Draft:
     tokens: list[int]
     probs: np.ndarray | None = None  # (len(tokens), V) draft distributions q; None = deterministic (one-hot)
     source: str = ""
+    sources: list[str] | None = None  # per token, when several drafters contributed (a cascade)
+
+    def source_of(self, i: int) -> str:
+        return self.sources[i] if self.sources else self.source
+
+
+@dataclass
+class Candidates:
+    """Next-token candidates for one tree node, most likely first."""
+
+    tokens: list[int]
+    probs: np.ndarray  # draft probability of each candidate (for ranking)
+    source: str
 
 
 class Drafter(ABC):
@@ -34,6 +47,21 @@ class Drafter(ABC):
         """Candidate continuations for a token tree, most likely first. Default: the chain alone."""
         draft = self.propose(context, k)
         return [draft.tokens] if draft.tokens else []
+
+    def branch_sources(self, context: Sequence[int], k: int, width: int) -> tuple[list[list[int]], list[str]]:
+        """propose_branches() plus the drafter that proposed each branch (a cascade has several)."""
+        branches = self.propose_branches(context, k, width)
+        return branches, [self.name] * len(branches)
+
+    def expand(self, context: Sequence[int], width: int) -> Candidates:
+        """Up to `width` candidate next tokens after `context`, most likely first, with draft probabilities.
+
+        Trees grow by calling this on tree nodes (context + the node's path). The probabilities only
+        rank candidates: the tree verifier treats every candidate as a one-hot proposal, so any
+        ranking is lossless. Default: the first token of propose(), with probability 1.
+        """
+        tokens = self.propose(context, 1).tokens[:1]
+        return Candidates(tokens, np.ones(len(tokens)), self.name)
 
     def accepted(self, row: int) -> None:
         """Called after every target pass with the row (in that pass's output) of the last kept token.

@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import TokenizerMismatch
 from ..runners.base import Runner
 from ..sampling import SamplingParams, logits_to_probs, sample
-from .base import Draft, Drafter
+from .base import Candidates, Draft, Drafter
 
 
 class ModelDrafter(Drafter):
@@ -25,6 +25,7 @@ class ModelDrafter(Drafter):
         self.min_prob = min_prob  # stop drafting when the draft's own top probability falls below this
         self._cached: list[int] = []
         self._q = np.empty((max_tokens, runner.n_vocab), dtype=np.float64)
+        self._scratch = np.empty(runner.n_vocab, dtype=np.float32)
         self.params = SamplingParams()
         self.rng = np.random.default_rng()
 
@@ -88,6 +89,17 @@ class ModelDrafter(Drafter):
                 logits = self.runner.forward([token], all_logits=False)[-1]
                 self._cached.append(token)
         return [chain] + sides
+
+    def expand(self, context: Sequence[int], width: int) -> Candidates:
+        """The draft's `width` most likely next tokens after `context` (one draft pass, plus any re-feed)."""
+        self.runner.check_fits(len(context) - self.runner.n_past + 1)
+        logits = self._sync(context)
+        top = np.argpartition(logits, -width)[-width:] if width < logits.shape[0] else np.arange(logits.shape[0])
+        top = top[np.argsort(-logits[top])]
+        peak = float(logits[top[0]])
+        np.subtract(logits, peak, out=self._scratch)
+        log_norm = peak + float(np.log(np.exp(self._scratch, out=self._scratch).sum()))
+        return Candidates([int(t) for t in top], np.exp(logits[top].astype(np.float64) - log_norm), self.name)
 
     def _choose(self, logits: np.ndarray, row: int) -> tuple[int, bool]:
         if self.params.greedy:

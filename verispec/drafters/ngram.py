@@ -1,16 +1,20 @@
 """Prompt-lookup / n-gram drafting: continue the latest earlier occurrence of the context's suffix.
 
-Free to run, and strong when the output copies its input (edits, refactors, summaries). The
-index maps each n-gram to where its most recent occurrence ended, and grows incrementally.
+Free to run, and strong when the output copies its input (edits, refactors, summaries). For each
+n-gram the index keeps where its most recent occurrences ended. It follows the context as it
+grows and, when a tree explores a hypothetical path or a draft is rejected, gives back exactly the
+positions past the point where the new context departs from the old one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Draft, Drafter
+import numpy as np
 
-_KEEP = 8
+from .base import Candidates, Draft, Drafter
+
+_KEEP = 8  # occurrences remembered per n-gram, most recent last
 
 
 class NgramDrafter(Drafter):
@@ -23,52 +27,82 @@ class NgramDrafter(Drafter):
         self._reset()
 
     def _reset(self) -> None:
-        self._index: dict[int, dict[tuple[int, ...], int]] = {n: {} for n in range(self.n_min, self.n_max + 1)}
-        # For trees: up to _KEEP earlier occurrences per n-gram, most recent last.
-        self._history: dict[tuple[int, ...], list[int]] = {}
-        self._indexed_to = 0
+        self._ends: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(self.n_min, self.n_max + 1)}
         self._context: list[int] = []
 
     def begin(self, prompt, params, rng) -> None:
         self._reset()
 
-    def _extend(self, context: Sequence[int]) -> None:
-        """Index every n-gram that ends before the last token (those have a continuation)."""
-        if len(context) < self._indexed_to or list(context[: self._indexed_to]) != self._context[: self._indexed_to]:
-            self._reset()
+    def _sync(self, context: Sequence[int]) -> None:
+        """Index `context`: forget what lies past the shared prefix with the last context, add the rest."""
+        old = self._context
+        common = 0
+        limit = min(len(old), len(context))
+        if limit and old[limit - 1] == context[limit - 1] and old[:limit] == list(context[:limit]):
+            common = limit
+        else:
+            while common < limit and old[common] == context[common]:
+                common += 1
+        # An n-gram ending at `end` is indexed once its continuation context[end] exists.
+        for end in range(len(old) - 1, max(common, self.n_min) - 1, -1):
+            self._forget(old, end)
         self._context = list(context)
-        for end in range(max(self._indexed_to, self.n_min), len(context)):
-            for n, table in self._index.items():
-                if end >= n:
-                    key = tuple(context[end - n : end])
-                    table[key] = end
-                    if n == self.n_min:
-                        ends = self._history.setdefault(key, [])
-                        ends.append(end)
-                        del ends[:-_KEEP]
-        self._indexed_to = max(self._indexed_to, len(context))
+        for end in range(max(common, self.n_min), len(context)):
+            self._remember(context, end)
+
+    def _remember(self, context: Sequence[int], end: int) -> None:
+        for n, table in self._ends.items():
+            if end >= n:
+                ends = table.setdefault(tuple(context[end - n : end]), [])
+                ends.append(end)
+                if len(ends) > _KEEP:
+                    del ends[0]
+
+    def _forget(self, context: Sequence[int], end: int) -> None:
+        for n, table in self._ends.items():
+            if end >= n:
+                ends = table.get(tuple(context[end - n : end]))
+                if ends and ends[-1] == end:
+                    ends.pop()
+
+    def _matches(self, context: Sequence[int], n: int) -> list[int]:
+        """Where continuations of the context's last n tokens start, most recent first."""
+        if len(context) <= n:
+            return []
+        return self._ends[n].get(tuple(context[-n:]), [])[::-1]
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         if k <= 0:
             return Draft([], None, self.name)
-        self._extend(context)
+        self._sync(context)
         for n in range(self.n_max, self.n_min - 1, -1):
-            if len(context) <= n:
-                continue
-            start = self._index[n].get(tuple(context[-n:]))
-            if start is not None:
-                return Draft(list(context[start : start + k]), None, self.name)
+            starts = self._matches(context, n)
+            if starts:
+                return Draft(list(context[starts[0] : starts[0] + k]), None, self.name)
         return Draft([], None, self.name)
 
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
         """Distinct continuations of the latest matches: the longest-n match first, then older ones."""
         first = self.propose(context, k).tokens
         branches = [first] if first else []
-        if len(context) > self.n_min:
-            for end in reversed(self._history.get(tuple(context[-self.n_min :]), [])):
-                if len(branches) >= width:
-                    break
-                candidate = list(context[end : end + k])
-                if candidate and all(candidate[:1] != b[:1] or candidate != b[: len(candidate)] for b in branches):
-                    branches.append(candidate)
+        for start in self._matches(context, self.n_min):
+            if len(branches) >= width:
+                break
+            candidate = list(context[start : start + k])
+            if candidate and all(candidate != b[: len(candidate)] for b in branches):
+                branches.append(candidate)
         return branches
+
+    def expand(self, context: Sequence[int], width: int) -> Candidates:
+        """Next tokens seen after the context's suffix, scored by how long and how often they matched."""
+        self._sync(context)
+        scores: dict[int, float] = {}
+        for n in range(self.n_min, self.n_max + 1):
+            for rank, start in enumerate(self._matches(context, n)):
+                token = context[start]
+                scores[token] = scores.get(token, 0.0) + n / (1 + rank)
+        if not scores:
+            return Candidates([], np.empty(0), self.name)
+        ranked = sorted(scores, key=scores.get, reverse=True)[:width]
+        total = sum(scores.values())
+        return Candidates(ranked, np.array([scores[t] / total for t in ranked]), self.name)

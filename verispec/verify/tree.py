@@ -10,6 +10,10 @@ probability p'(x), where p' starts as p and, after each rejected child, loses th
 and is renormalised. If every child is rejected, draw from the final p'. This is sampling from p
 by sequential elimination, so the accepted token is distributed exactly as p (SpecInfer's
 multi-candidate rejection sampling with one-hot drafts).
+
+Relaxed acceptance (opt-in, LOSSY): a child is also accepted when the target gives it at least
+`relaxed` times the probability of the target's own top token. Output then departs from the
+target's; the bench measures by how much.
 """
 
 from __future__ import annotations
@@ -67,9 +71,11 @@ def build_tree(root: int, branches: Sequence[Sequence[int]], sources: Sequence[s
 
 
 class TreeVerifier:
-    def __init__(self, n_vocab: int, params: SamplingParams, rng: np.random.Generator) -> None:
+    def __init__(self, n_vocab: int, params: SamplingParams, rng: np.random.Generator,
+                 relaxed: float | None = None) -> None:
         self.params = params
         self.rng = rng
+        self.relaxed = relaxed
         self._p = np.empty(n_vocab, dtype=np.float64)
 
     def verify(self, tree: TokenTree, target_logits: np.ndarray) -> TreeVerdict:
@@ -81,15 +87,27 @@ class TreeVerifier:
             if self.params.greedy:
                 choice = int(np.argmax(row))
                 nxt = next((c for c in kids[node] if tree.tokens[c] == choice), None)
+                if nxt is None and self.relaxed:
+                    nxt = self._relaxed_child(row, kids[node], tree.tokens, float(row[choice]) + np.log(self.relaxed))
                 if nxt is None:
                     return TreeVerdict(path, choice)
                 path.append(nxt)
                 continue
             p = logits_to_probs(row, self.params, out=self._p[None, :])
-            accepted = self._accept_child(p, [c for c in kids[node]], tree.tokens)
+            accepted = None
+            if self.relaxed:
+                accepted = self._relaxed_child(p, kids[node], tree.tokens, float(p.max()) * self.relaxed)
+            if accepted is None:
+                accepted = self._accept_child(p, kids[node], tree.tokens)
             if accepted is None:
                 return TreeVerdict(path, sample(p, self.rng))
             path.append(accepted)
+
+    @staticmethod
+    def _relaxed_child(scores: np.ndarray, children: list[int], tokens: list[int], floor: float) -> int | None:
+        """The child the target scores highest, if its score reaches `floor` (lossy acceptance)."""
+        best = max(children, key=lambda c: scores[tokens[c]], default=None)
+        return best if best is not None and scores[tokens[best]] >= floor else None
 
     def _accept_child(self, p: np.ndarray, children: list[int], tokens: list[int]) -> int | None:
         """Sequential elimination over one-hot candidates; `p` becomes the residual in place."""
