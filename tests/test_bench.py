@@ -97,6 +97,20 @@ def test_method_names():
         parse_methods("ar,tree", draft="x")
 
 
+def test_tree_cascade_and_lossy_method_names():
+    methods = {m.name: m for m in parse_methods("draft-dyn-b8,ngram-s4.2.2.1,cascade-prefix,draft-relaxed0.5", draft="d")}
+    dyn = methods["draft-dyn-b8"].config()
+    assert (dyn.draft, dyn.tree, dyn.tree_budget) == ("d", "dynamic", 8)
+    assert methods["ngram-s4.2.2.1"].config().tree == "static:4,2,2,1"
+    cascade = methods["cascade-prefix"].config()
+    assert (cascade.draft, cascade.acceptance) == ("cascade:ngram,d", "prefix") and not methods["cascade-prefix"].lossy
+    assert methods["draft-relaxed0.5"].config().acceptance == "relaxed:0.5" and methods["draft-relaxed0.5"].lossy
+    with pytest.raises(InvalidParameter):
+        parse_methods("draft-relaxed3", draft="d")
+    with pytest.raises(InvalidParameter):
+        parse_methods("draft-s0.2", draft="d")
+
+
 def test_verify_cost_curve(smol_llama):
     from verispec.bench.verify_cost import ratios, verify_cost_curve
 
@@ -109,6 +123,7 @@ def test_verify_cost_curve(smol_llama):
 # -- end to end ---------------------------------------------------------------------------------
 
 LOSSY = "ngram-k4"  # the planted lossy method: its outputs are altered after decoding
+TREES = "draft-dyn-b0,draft-dyn-b4,cascade-prefix,draft-relaxed0.5"
 
 
 @pytest.mark.real
@@ -142,7 +157,7 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
     ])
     out = tmp_path / "out"
     result = CliRunner().invoke(app, [
-        "bench", "--target", "smollm2-135m", "--draft", "smollm2-135m", "--methods", f"ar,ngram,ngram-k2,{LOSSY},draft-k2",
+        "bench", "--target", "smollm2-135m", "--draft", "smollm2-135m", "--methods", f"ar,ngram,ngram-k2,{LOSSY},draft-k2,{TREES}",
         "--prompts", str(prompts), "--max-new-tokens", "16", "--ctx", "1024", "--out", str(out),
         "--peers", "llamacpp-pld,llama-speculative", "--llama-cpp-bin", str(tmp_path / "no-such-dir"),
         "--formats", "q8_0",
@@ -151,13 +166,13 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
 
     results = json.loads((out / "results.json").read_text())
     assert {"records", "summary", "environment"} <= set(results)
-    assert len(results["records"]) == 3 * 5
+    assert len(results["records"]) == 3 * 9
     for rec in results["records"]:
         assert {"prompt_id", "category", "method", "tokens", "wall_seconds", "decode_seconds", "drafted", "accepted",
                 "accepted_lengths", "draft_lengths", "tokens_per_s"} <= set(rec)
     assert sum(len(r["output_tokens"]) for r in results["records"] if r["prompt_id"] == "edit" and r["method"] == "ar") == 2
     summary = {r["method"]: r for r in results["summary"]}
-    assert list(summary) == ["ar", "ngram", "ngram-k2", LOSSY, "draft-k2"]
+    assert list(summary) == ["ar", "ngram", "ngram-k2", LOSSY, "draft-k2", *TREES.split(",")]
     for row in summary.values():
         assert {"method", "tokens_per_s", "speedup", "acceptance_rate", "mean_accepted_length", "mismatches",
                 "unexplained_mismatches"} <= set(row)
@@ -165,7 +180,7 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
     assert summary["ar"]["speedup"] == pytest.approx(1.0)
     assert summary["draft-k2"]["bound_speedup"] > 0 and summary["draft-k2"]["acceptance_per_token"] > 0.9
     assert summary["draft-k2"]["drafted"] > 0 and summary["draft-k2"]["acceptance_rate"] > 0.9  # its own draft
-    for name in ("ngram", "ngram-k2", "draft-k2"):  # the real methods are lossless on the llama.cpp runner
+    for name in ("ngram", "ngram-k2", "draft-k2", "draft-dyn-b0", "draft-dyn-b4", "cascade-prefix"):  # lossless methods
         assert summary[name]["unexplained_mismatches"] == 0, results["records"]
     assert summary[LOSSY]["mismatches"] == 3
     assert summary[LOSSY]["unexplained_mismatches"] >= 1
@@ -189,6 +204,12 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
                     "## Peak memory", "## Losslessness", "## Peers"):
         assert heading in report
     assert f"| {LOSSY} | 3 | 3 |" in report
-    for png in ("speedup_by_category.png", "acceptance_by_position.png", "tokens_per_s_vs_k.png", "verify_cost.png"):
+    assert summary["draft-dyn-b4"]["nodes_per_pass"] > 2 and summary["draft-dyn-b0"]["nodes_per_pass"] <= 13
+    assert set(summary["cascade-prefix"]["drafted_by_source"]) <= {"ngram", "smollm2-135m"}
+    relaxed = summary["draft-relaxed0.5"]
+    assert relaxed["lossy"] and relaxed["quality_vs_ar"]["prompts"] == 3 and 0 <= relaxed["quality_vs_ar"]["token_agreement"] <= 1
+    assert "## Trees, cascades and prefixes" in report and "| draft-relaxed0.5 | " in report
+    for png in ("speedup_by_category.png", "acceptance_by_position.png", "tokens_per_s_vs_k.png", "verify_cost.png",
+                "tokens_per_s_vs_budget.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in report

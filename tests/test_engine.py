@@ -49,9 +49,13 @@ def test_greedy_equality_llamacpp_qwen_pair(qwen_pair, prompt):
     plain, _ = run(model.engine(SpeculativeConfig()), tokens, params)
     for spec in (SpeculativeConfig(draft="ngram", draft_tokens=4), SpeculativeConfig(draft="qwen2.5-coder-0.5b", draft_tokens=4),
                  SpeculativeConfig(draft="qwen2.5-coder-0.5b"), SpeculativeConfig(draft="ngram", draft_tokens=4, tree_width=3),
-                 SpeculativeConfig(draft="qwen2.5-coder-0.5b", draft_tokens=3, tree_width=2)):
+                 SpeculativeConfig(draft="qwen2.5-coder-0.5b", draft_tokens=3, tree_width=2),
+                 SpeculativeConfig(draft="qwen2.5-coder-0.5b", tree="dynamic", tree_budget=6),
+                 SpeculativeConfig(draft="ngram", tree="static:3,2,1"),
+                 SpeculativeConfig(draft="cascade:ngram,qwen2.5-coder-0.5b", draft_tokens=4),
+                 SpeculativeConfig(draft="cascade:ngram,qwen2.5-coder-0.5b", draft_tokens=3, acceptance="prefix")):
         out, stats = run(model.engine(spec), tokens, params)
-        assert out == plain, f"{spec.draft} K={spec.draft_tokens} width={spec.tree_width} diverges at {divergence(plain, out)}"
+        assert out == plain, f"{spec} diverges at {divergence(plain, out)}"
         if spec.draft_tokens and spec.draft != "ngram":
             assert stats.drafted > 0
 
@@ -76,10 +80,13 @@ def test_greedy_equality_torch_smollm2(smol_torch_pair, prompt):
     tokens = target.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=16)
     plain, plain_stats = run(Engine(target), tokens, params, record=True)
-    for drafter, k, width in ((NgramDrafter(), 4, 1), (ModelDrafter(draft), 4, 1), (ModelDrafter(draft), 3, 2)):
-        spec = SpeculativeConfig(draft="x", draft_tokens=k, tree_width=width)
+    for drafter, spec in ((NgramDrafter(), SpeculativeConfig(draft="x", draft_tokens=4)),
+                          (ModelDrafter(draft), SpeculativeConfig(draft="x", draft_tokens=4)),
+                          (ModelDrafter(draft), SpeculativeConfig(draft="x", draft_tokens=3, tree_width=2)),
+                          (ModelDrafter(draft), SpeculativeConfig(draft="x", tree="dynamic", tree_budget=6)),
+                          (NgramDrafter(), SpeculativeConfig(draft="x", tree="static:3,2,1", tree_budget=9))):
         out, _ = run(Engine(target, drafter, spec), tokens, params)
-        assert_same_or_tie(plain, plain_stats.margins, out, TORCH_TIE, f"{drafter.name} K={k} width={width}")
+        assert_same_or_tie(plain, plain_stats.margins, out, TORCH_TIE, f"{drafter.name} {spec}")
 
 
 def test_tiny_model_greedy_equality_with_partial_acceptance():

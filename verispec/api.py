@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from .drafters.base import Drafter
 from .engine import Engine, SpeculativeConfig, Stats
-from .errors import PromptError, TokenizerMismatch, VerispecError
+from .errors import InvalidParameter, PromptError, TokenizerMismatch, VerispecError
 from .models import files, registry
 from .models.chat import render_chat
 from .runners import Runner, open_runner
@@ -37,6 +37,7 @@ class Model:
     backend: str
     spec: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     _drafters: dict[str, Drafter] = field(default_factory=dict)
+    _engines: dict[str, Engine] = field(default_factory=dict)
     runner_options: dict = field(default_factory=dict)
     draft_choice_note: str = ""
 
@@ -57,7 +58,8 @@ class Model:
         return self.tokenizer.encode(text, add_special=True)
 
     def drafter(self, name: str | None) -> Drafter | None:
-        """The drafter for a --draft value: None/'none', 'ngram', 'auto', a registered name or a path."""
+        """The drafter for a --draft value: None/'none', 'ngram', 'auto', 'medusa:PATH', 'eagle:PATH',
+        a registered name or a path."""
         if name in (None, "", "none"):
             return None
         if name not in self._drafters:
@@ -71,6 +73,10 @@ class Model:
             return NgramDrafter(self.spec.ngram_min, self.spec.ngram_max)
         if name == "auto":
             return self._auto_drafter()
+        if name.startswith(("medusa:", "eagle:")):
+            return self._heads_drafter(name)
+        if name.startswith("cascade:"):
+            return self._cascade_drafter(name)
         from .drafters.draft_model import ModelDrafter, check_same_vocab
 
         source = files.resolve(name)
@@ -81,6 +87,28 @@ class Model:
             runner.close()
             raise
         return ModelDrafter(runner, self.spec.draft_min_prob, self.spec.draft_max)
+
+    def _heads_drafter(self, name: str) -> Drafter:
+        """Heads trained on this target by `verispec train-heads`; they read its hidden states."""
+        from .drafters.heads import HeadsDrafter
+        from .errors import InvalidParameter
+        from .heads.file import heads_fit, load_heads
+
+        kind, path = name.split(":", 1)
+        heads = load_heads(path)
+        if heads.kind != kind:
+            raise InvalidParameter(f"{path} holds {heads.kind} heads, not {kind}: use --draft {heads.kind}:{path}", "draft")
+        heads_fit(heads, self.target)
+        return HeadsDrafter(heads, self.target, name)
+
+    def _cascade_drafter(self, name: str) -> Drafter:
+        """'cascade:ngram,qwen2.5-coder-0.5b': the levels in order, cheapest first."""
+        from .drafters.cascade import CascadeDrafter
+
+        levels = [part.strip() for part in name[len("cascade:") :].split(",") if part.strip()]
+        if len(levels) < 2 or any(level.startswith("cascade:") for level in levels):
+            raise InvalidParameter(f"a cascade names two or more drafters, e.g. cascade:ngram,qwen2.5-coder-0.5b; got {name!r}", "draft")
+        return CascadeDrafter([self.drafter(level) for level in levels], self.target.n_vocab, self.spec.draft_max)
 
     def _auto_drafter(self) -> Drafter:
         """The smallest registered, downloaded model that shares the target's vocabulary, else n-gram."""
@@ -106,7 +134,14 @@ class Model:
 
     def engine(self, spec: SpeculativeConfig | None = None) -> Engine:
         spec = spec or self.spec
-        return Engine(self.target, self.drafter(spec.draft), spec)
+        drafter = self.drafter(spec.draft)
+        # Hidden states cost a side pass per prompt on llama.cpp: keep them only for drafters that read them.
+        self.target.keep_hidden = bool(getattr(drafter, "needs_hidden", False))
+        # One engine per distinct config, kept: what an engine measures (tree budgets) outlives a request.
+        key = repr(spec)
+        if key not in self._engines:
+            self._engines[key] = Engine(self.target, drafter, spec)
+        return self._engines[key]
 
     def stream(self, prompt: str | None = None, params: SamplingParams | None = None, *, messages: list[dict] | None = None,
                chat: bool = False, spec: SpeculativeConfig | None = None, stats: Stats | None = None,

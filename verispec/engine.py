@@ -17,7 +17,7 @@ from .draft_length import DraftLengthChooser, TreeBudgetChooser
 from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
-from .runners.base import Runner
+from .runners.base import Runner, tree_depths
 from .sampling import SamplingParams, pick
 from .verify.rejection import ChainVerifier
 from .verify.tree import TokenTree, TreeVerifier, build_tree
@@ -265,6 +265,10 @@ class Engine:
         t0 = time.perf_counter()
         draft = self.drafter.propose(context, k) if k > 0 else None
         drafted = draft.tokens[:k] if draft else []
+        shadow = None
+        if not drafted and self.drafter and not self.drafter.costly and self.config.draft_tokens is None:
+            # Taken before the target pass: drafters that read the target's state see it as it is now.
+            shadow = self.drafter.propose(context, 1).tokens
         t1 = time.perf_counter()
         base = self.target.n_past
         rows = self.target.forward([last] + drafted)
@@ -277,10 +281,8 @@ class Engine:
         t2 = time.perf_counter()
 
         chooser.record_verify(len(drafted) + 1, t2 - t1)
-        if not drafted and self.drafter and not self.drafter.costly and self.config.draft_tokens is None:
-            shadow = self.drafter.propose(context, 1).tokens
-            if shadow:
-                chooser.record_acceptance(1, int(shadow[0] == verdict.next_token))
+        if shadow:
+            chooser.record_acceptance(1, int(shadow[0] == verdict.next_token))
         if drafted:
             if self.drafter.costly:
                 chooser.record_draft(len(drafted), t1 - t0)
@@ -323,6 +325,7 @@ class Engine:
             if chooser is not None:
                 chooser.record_acceptance(min(k, n_drafted), n_accepted)
             stats.record_sources(tree.sources[1:], [tree.sources[i] for i in verdict.path[1:]])
+            stats.record_positions(int(tree_depths(tree.parents).max()), n_accepted)  # per depth
         stats.record_step(n_drafted, n_accepted, t1 - t0, t2 - t1)
         return [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
 

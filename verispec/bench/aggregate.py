@@ -47,7 +47,37 @@ def record(conv: Conversation) -> dict:
         "end_to_end_tokens_per_s": generated / wall if wall > 0 else None,
         "finish_reasons": [s.finish_reason for s in stats],
         "output_tokens": conv.tokens,
+        "drafted_by_source": _sum_dicts(s.drafted_by_source for s in stats),
+        "accepted_by_source": _sum_dicts(s.accepted_by_source for s in stats),
+        "tree_budgets": [b for s in stats for b in s.tree_budgets],
     }
+
+
+def _sum_dicts(dicts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = defaultdict(int)
+    for d in dicts:
+        for key, n in d.items():
+            total[key] += n
+    return dict(total)
+
+
+def quality_vs_ar(records: list[dict], method: str) -> dict:
+    """How far a (lossy) method's greedy output departs from plain decoding's on the same prompts.
+
+    identical: prompts whose whole output equals ar's. token_agreement: the share of ar's tokens
+    reproduced at the same position, averaged over prompts (1.0 = lossless).
+    """
+    base = {r["prompt_id"]: [t for turn in r["output_tokens"] for t in turn] for r in records if r["method"] == BASELINE}
+    agreements, identical = [], 0
+    for r in records:
+        ar = base.get(r["prompt_id"]) if r["method"] == method else None
+        if ar is None:
+            continue
+        mine = [t for turn in r["output_tokens"] for t in turn]
+        identical += mine == ar
+        agreements.append(sum(a == b for a, b in zip(ar, mine)) / max(len(ar), 1))
+    return {"identical": identical, "prompts": len(agreements),
+            "token_agreement": statistics.fmean(agreements) if agreements else None}
 
 
 def check_lossless(records: list[dict], conversations: dict[tuple[str, str], Conversation], greedy: bool,
@@ -131,6 +161,9 @@ def _pooled(recs: list[dict]) -> dict:
         "mean_draft_length": statistics.fmean(draft_lengths) if draft_lengths else 0.0,
         "draft_seconds": sum(r["draft_seconds"] for r in recs),
         "verify_seconds": sum(r["verify_seconds"] for r in recs),
+        "nodes_per_pass": 1 + statistics.fmean(draft_lengths) if draft_lengths else 1.0,
+        "drafted_by_source": _sum_dicts(r.get("drafted_by_source", {}) for r in recs),
+        "accepted_by_source": _sum_dicts(r.get("accepted_by_source", {}) for r in recs),
     }
 
 

@@ -1,8 +1,15 @@
 """Method names on the bench command line -> SpeculativeConfig.
 
-ar = plain decoding; ngram, draft (the --draft model) and auto (`--draft auto`) draft with
-adaptive K; a `-kN` suffix fixes K = N, e.g. ngram-k4, draft-k3; a `-wN` suffix verifies a token
-tree with N candidates per depth instead of a chain, e.g. draft-k3-w2.
+ar = plain decoding; ngram, draft (the --draft model), auto (`--draft auto`) and cascade
+(`cascade:ngram,<draft>`) draft with adaptive K. `medusa:PATH` and `eagle:PATH` draft from heads
+trained by `verispec train-heads`. Suffixes, in this order, all optional:
+  -kN        fix K = N (ngram-k4, draft-k3)
+  -wN        verify a tree of N candidates per depth instead of a chain (draft-k3-w2)
+  -dyn       grow a dynamic tree by cumulative draft probability; -s4.2.2.1 a static tree shape
+  -bN        tree budget N drafted nodes (default: measured, "no tree" included); -b0 = chain
+  -prefix    several candidates side by side, longest valid prefix kept (lossless)
+  -relaxedT  LOSSY relaxed acceptance with TAU = T (draft-relaxed0.5)
+e.g. draft-dyn-b8, ngram-s4.2.2.1, cascade-prefix, medusa:heads.safetensors-k4-w2.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from dataclasses import dataclass
 from ..engine import SpeculativeConfig
 from ..errors import InvalidParameter
 
-_PATTERN = re.compile(r"^(ngram|draft|auto)(?:-k(\d+))?(?:-w(\d+))?$")
+_SUFFIXES = r"(?:-k(?P<k>\d+))?(?:-w(?P<w>\d+))?(?:-(?P<tree>dyn|s[\d.]+))?(?:-b(?P<b>\d+))?(?:-(?P<acc>prefix|relaxed[\d.]+))?$"
+_PATTERN = re.compile(r"^(?P<family>ngram|draft|auto|cascade)" + _SUFFIXES)
+_HEADS = re.compile(r"^(?P<family>medusa|eagle):(?P<path>.+?)" + _SUFFIXES)
 BASELINE = "ar"
 
 
@@ -22,11 +31,19 @@ class Method:
     name: str
     draft: str | None  # the SpeculativeConfig.draft value; None = plain decoding
     fixed_k: int | None = None
-    family: str = BASELINE  # ar | ngram | draft | auto
+    family: str = BASELINE  # ar | ngram | draft | auto | cascade | medusa | eagle
     tree_width: int = 1
+    tree: str | None = None  # "dynamic" | "static:4,2,2,1"
+    tree_budget: int | None = None
+    acceptance: str = "exact"
+
+    @property
+    def lossy(self) -> bool:
+        return self.acceptance.startswith("relaxed")
 
     def config(self, draft_max: int = 12) -> SpeculativeConfig:
-        return SpeculativeConfig(draft=self.draft, draft_tokens=self.fixed_k, draft_max=draft_max, tree_width=self.tree_width)
+        return SpeculativeConfig(draft=self.draft, draft_tokens=self.fixed_k, draft_max=draft_max, tree_width=self.tree_width,
+                                 tree=self.tree, tree_budget=self.tree_budget, acceptance=self.acceptance)
 
 
 def parse_methods(text: str | list[str], draft: str) -> list[Method]:
@@ -36,13 +53,29 @@ def parse_methods(text: str | list[str], draft: str) -> list[Method]:
     for name in names:
         if name == BASELINE or any(m.name == name for m in methods):
             continue
-        match = _PATTERN.match(name)
+        match = _HEADS.match(name) or _PATTERN.match(name)
         if not match:
             raise InvalidParameter(
-                f"unknown bench method {name!r}: use ar, ngram, draft, auto, or one of those with -kN (e.g. ngram-k4)",
+                f"unknown bench method {name!r}: use ar, ngram, draft, auto, cascade, medusa:PATH, eagle:PATH, "
+                "optionally with -kN, -wN, -dyn or -sB1.B2, -bN, -prefix or -relaxedTAU (e.g. ngram-k4, draft-dyn-b8)",
                 "methods",
             )
-        family, k, width = match.group(1), match.group(2), match.group(3)
-        draft_name = {"ngram": "ngram", "draft": draft, "auto": "auto"}[family]
-        methods.append(Method(name, draft_name, int(k) if k is not None else None, family, int(width) if width else 1))
+        methods.append(_method(name, match, draft))
     return methods
+
+
+def _method(name: str, match: re.Match, draft: str) -> Method:
+    family = match["family"]
+    draft_name = {"ngram": "ngram", "draft": draft, "auto": "auto", "cascade": f"cascade:ngram,{draft}"}.get(family)
+    if draft_name is None:  # medusa / eagle heads
+        draft_name = f"{family}:{match['path']}"
+    tree = match["tree"]
+    if tree is not None:
+        tree = "dynamic" if tree == "dyn" else "static:" + ",".join(tree[1:].split("."))
+    acceptance = match["acc"] or "exact"
+    if acceptance.startswith("relaxed"):
+        acceptance = "relaxed:" + acceptance[len("relaxed"):]
+    as_int = lambda g: int(match[g]) if match[g] is not None else None  # noqa: E731
+    method = Method(name, draft_name, as_int("k"), family, as_int("w") or 1, tree, as_int("b"), acceptance)
+    method.config()  # validate the tree shape and acceptance now, with the method's name in the error
+    return method

@@ -18,7 +18,8 @@ def write_all(results: dict, out: Path) -> list[tuple[str, str]]:
     """(title, file name) of every plot written."""
     plots = []
     for title, fn in (("Speedup per category", speedup_by_category), ("Acceptance by draft position", acceptance_by_position),
-                      ("Tokens/s against fixed draft length K", tokens_per_s_vs_k), ("Verify cost T(K)/T(1)", verify_cost)):
+                      ("Tokens/s against fixed draft length K", tokens_per_s_vs_k), ("Verify cost T(K)/T(1)", verify_cost),
+                      ("Tokens/s against tree budget", tokens_per_s_vs_budget)):
         name = fn(results, out)
         if name:
             plots.append((title, name))
@@ -78,6 +79,28 @@ def tokens_per_s_vs_k(results: dict, out: Path) -> str | None:
     ax.set_title("Tokens/s against draft length")
     ax.legend(fontsize=8)
     return _save(fig, out, "tokens_per_s_vs_k.png")
+
+
+def tokens_per_s_vs_budget(results: dict, out: Path) -> str | None:
+    """One line per (drafter, tree kind) run at several fixed budgets; budget 0 is the chain."""
+    curves: dict[str, list[tuple[int, float]]] = {}
+    for r in results["summary"]:
+        if r.get("tree") and r.get("tree_budget") is not None and r["tokens_per_s"]:
+            curves.setdefault(f"{r['family']}, {r['tree']}", []).append((r["tree_budget"], r["tokens_per_s"]))
+    curves = {label: sorted(points) for label, points in curves.items() if len(points) >= 2}
+    if not curves:
+        return None
+    rows = {r["method"]: r for r in results["summary"]}
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, points in curves.items():
+        ax.plot([b for b, _ in points], [y for _, y in points], marker="o", label=label)
+    if rows.get(BASELINE, {}).get("tokens_per_s"):
+        ax.axhline(rows[BASELINE]["tokens_per_s"], color="black", linestyle="--", label="ar")
+    ax.set_xlabel("tree budget (drafted nodes per pass; 0 = chain)")
+    ax.set_ylabel("tokens/s (median over prompts)")
+    ax.set_title("Tokens/s against tree budget")
+    ax.legend(fontsize=8)
+    return _save(fig, out, "tokens_per_s_vs_budget.png")
 
 
 def verify_cost(results: dict, out: Path) -> str | None:

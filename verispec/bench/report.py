@@ -28,7 +28,7 @@ def markdown(results: dict, plots: list[tuple[str, str]]) -> str:
         lines += [f"> **Warning:** the load average was {env['load_before'][0]} before the run (above "
                   f"{env['busy_threshold']}). Other processes competed for the CPU; ggml's threads spin, so these "
                   "numbers are skewed. Rerun on a quiet machine.", ""]
-    lines += _seeds_table(results) + _category_table(results) + _plots(plots) + _verify_cost(results)
+    lines += _seeds_table(results) + _category_table(results) + _trees(results) + _plots(plots) + _verify_cost(results)
     lines += formats.markdown(results)
     lines += _memory(results) + _lossless(results) + _per_prompt(results) + _peers(results) + _environment(results)
     return "\n".join(lines) + "\n"
@@ -115,6 +115,35 @@ def _category_table(results: dict) -> list[str]:
     return out + [""]
 
 
+def _trees(results: dict) -> list[str]:
+    """Tree, cascade, prefix and lossy rows: what each verified per pass and where accepted tokens came from."""
+    rows = [r for r in results["summary"]
+            if r.get("tree") or r.get("acceptance", "exact") != "exact" or r.get("family") == "cascade"]
+    if not rows:
+        return []
+    out = ["## Trees, cascades and prefixes", "",
+           "Nodes per pass = tokens the target scores in one verification pass (root included). "
+           "Accepted by level: accepted / drafted tokens per drafter.", "",
+           "| method | tokens/s | speedup | acceptance | mean accepted length | nodes per pass | accepted by level | budgets used |",
+           "|---|---|---|---|---|---|---|---|"]
+    records = results["records"]
+    for r in rows:
+        levels = ", ".join(f"{s} {r['accepted_by_source'].get(s, 0)}/{n}" for s, n in r.get("drafted_by_source", {}).items())
+        budgets = [b for rec in records if rec["method"] == r["method"] for b in rec.get("tree_budgets", [])]
+        used = ", ".join(f"{b}: {budgets.count(b)}" for b in sorted(set(budgets))) if budgets else "–"
+        out.append(f"| {r['method']} | {_f(r['tokens_per_s'], '.1f')} | {_f(r['speedup'], '.2f', 'x')} | "
+                   f"{_pct(r['acceptance_rate'])} | {_f(r['mean_accepted_length'], '.2f')} | "
+                   f"{_f(r.get('nodes_per_pass'), '.1f')} | {levels or '–'} | {used} |")
+    lossy = [r for r in rows if r.get("quality_vs_ar")]
+    if lossy:
+        out += ["", "**Lossy (opt-in) acceptance: its quality cost against exact greedy output (`ar`).**", "",
+                "| method | identical outputs | token agreement with ar |", "|---|---|---|"]
+        for r in lossy:
+            q = r["quality_vs_ar"]
+            out.append(f"| {r['method']} | {q['identical']}/{q['prompts']} | {_pct(q['token_agreement'])} |")
+    return out + [""]
+
+
 def _plots(plots: list[tuple[str, str]]) -> list[str]:
     out = []
     for title, name in plots:
@@ -170,7 +199,8 @@ def _lossless(results: dict) -> list[str]:
             "| method | prompts | mismatches | unexplained mismatches |", "|---|---|---|---|"]
     for r in results["summary"]:
         if r["method"] != BASELINE:
-            out.append(f"| {r['method']} | {r['prompts']} | {r['mismatches']} | {r['unexplained_mismatches']} |")
+            lossy = " (lossy by choice)" if r.get("lossy") else ""
+            out.append(f"| {r['method']}{lossy} | {r['prompts']} | {r['mismatches']} | {r['unexplained_mismatches']} |")
     diverged = [r for r in results["records"] if r.get("divergence")]
     if diverged:
         out += ["", "| method | prompt | turn | first differing token | ar margin there | tie |", "|---|---|---|---|---|---|"]
@@ -274,6 +304,8 @@ def _mb(n) -> str:
 
 
 def _mismatch(r: dict) -> str:
+    if r.get("lossy"):
+        return "lossy (opt-in)"
     if r["method"] == BASELINE or r["mismatches"] is None:
         return "–"
     return f"{r['mismatches']} ({r['unexplained_mismatches']})"

@@ -92,6 +92,10 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
         aggregate.check_lossless(records, conversations, greedy, config.tie_tolerance)
         names = [m.name for m in methods]
         summary = aggregate.summarize(records, names, greedy, verify["seconds"])
+        for row, m in zip(summary, methods):
+            row.update(tree=m.tree, tree_budget=m.tree_budget, acceptance=m.acceptance, family=m.family, lossy=m.lossy)
+            if m.lossy and greedy:
+                row["quality_vs_ar"] = aggregate.quality_vs_ar(records, m.name)
 
         ar = {pid: c for (pid, method), c in conversations.items() if method == BASELINE}
         peer_results = [_run_peer(name, model, prompts, ar, config, console) for name in config.peers]
@@ -140,10 +144,11 @@ def _draft_info(model, draft: str) -> dict:
     model.draft_choice_note = ""
     drafter = model.drafter(draft)
     runner = getattr(drafter, "runner", None)
+    heads = bool(getattr(drafter, "needs_hidden", False))
     return {
         "drafter": drafter.name,
-        "kind": "model" if runner is not None else "ngram",
-        "parameters": getattr(runner, "n_params", 0) if runner is not None else 0,
+        "kind": "heads" if heads else "model" if runner is not None else "ngram",
+        "parameters": getattr(drafter, "n_params", 0) if heads else getattr(runner, "n_params", 0) if runner is not None else 0,
         "file_bytes": (runner.source.file_bytes if getattr(runner, "source", None) else None) if runner is not None else 0,
         "note": model.draft_choice_note,
     }

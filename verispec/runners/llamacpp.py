@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -135,6 +136,7 @@ class LlamaCppRunner(Runner):
         cparams.n_threads_batch = threads
         cparams.no_perf = True
         cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))
+        cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # per-token embeddings (hidden states) when switched on
         self._ctx = L.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             if self._owns_model:
@@ -154,6 +156,11 @@ class LlamaCppRunner(Runner):
         self._last_tree_tokens: list[int] = []
         self.tree_redecodes = 0  # paths that had to be re-decoded (see keep_path)
         self.n_past = 0
+        self.n_embd = L.llama_model_n_embd(self._model)
+        self.keep_hidden = False  # store hidden states on every forward (heads drafters read them)
+        self._hidden = np.empty((0, self.n_embd), dtype=np.float32)
+        self._n_hidden = 0
+        self._embeddings_on = False
 
     # -- forward passes -------------------------------------------------------------------------
 
@@ -172,14 +179,19 @@ class LlamaCppRunner(Runner):
         """Prefill-style passes (one logits row) go in batches of n_batch; scoring passes in exact chunks."""
         if all_logits:
             return self._score(tokens, [[0]] * len(tokens), range(self.n_past, self.n_past + len(tokens)), commit=True)
+        self._embeddings(False)  # embeddings on would output (and change the kernels of) every prompt row
         for start in range(0, len(tokens), self.n_batch):
             part = tokens[start : start + self.n_batch]
             last = start + len(part) == len(tokens)
             self._decode(part, range(self.n_past, self.n_past + len(part)), [[0]] * len(part), [0] * (len(part) - 1) + [int(last)])
             self.n_past += len(part)
-        return self._logits(1)
+        logits = self._logits(1)
+        if self.keep_hidden:
+            logits = logits.copy()  # the side pass below overwrites llama.cpp's logits buffer
+            self._hidden_of_last(tokens[-1])
+        return logits
 
-    def _score(self, tokens: Sequence[int], seqs, positions, commit: bool) -> np.ndarray:
+    def _score(self, tokens: Sequence[int], seqs, positions, commit: bool, capture: bool = True) -> np.ndarray:
         """Decode with logits for every token, in chunks of at most `exact_chunk` tokens.
 
         ggml's CPU matmul takes another kernel path for 4+ rows, whose results differ from a
@@ -189,8 +201,15 @@ class LlamaCppRunner(Runner):
         """
         n = len(tokens)
         chunk = self.exact_chunk or n
+        capture = capture and self.keep_hidden
+        # Every row is an output here, so switching embeddings on changes no kernel: logits stay bit-identical.
+        self._embeddings(capture)
+        if capture:
+            self._reserve_hidden(n)
         if n <= chunk:
             self._decode(tokens, positions, seqs, [1] * n)
+            if capture:
+                self._hidden[:n] = self._embedding_rows(n)
             if commit:
                 self.n_past += n
             return self._logits(n)
@@ -201,6 +220,8 @@ class LlamaCppRunner(Runner):
             end = min(n, start + chunk)
             self._decode(tokens[start:end], positions[start:end], seqs[start:end], [1] * (end - start))
             self._rows[start:end] = self._logits(end - start)
+            if capture:
+                self._hidden[start:end] = self._embedding_rows(end - start)
             if commit:
                 self.n_past += end - start
         return self._rows[:n]
@@ -236,6 +257,42 @@ class LlamaCppRunner(Runner):
         ptr = self._L.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab))
 
+    # -- hidden states ------------------------------------------------------------------------------
+
+    def hidden_states(self) -> np.ndarray:
+        """Last-layer hidden states (after the output norm) of the previous forward's returned rows."""
+        if not self.keep_hidden:
+            raise RuntimeError("set keep_hidden = True before the forward whose hidden states you need")
+        return self._hidden[: self._n_hidden]
+
+    def _embeddings(self, on: bool) -> None:
+        if on != self._embeddings_on:
+            self._L.llama_set_embeddings(self._ctx, on)
+            self._embeddings_on = on
+
+    def _reserve_hidden(self, n: int) -> None:
+        if self._hidden.shape[0] < n:
+            self._hidden = np.empty((max(n, 16), self.n_embd), dtype=np.float32)
+        self._n_hidden = n
+
+    def _embedding_rows(self, n_rows: int) -> np.ndarray:
+        return np.ctypeslib.as_array(self._L.llama_get_embeddings(self._ctx), shape=(n_rows, self.n_embd))
+
+    def _hidden_of_last(self, token: int) -> None:
+        """The last committed token's hidden state, from a side pass on sequence 1.
+
+        A prefill with embeddings on would output every prompt row and change the last row's
+        logits (another matmul kernel), so the prefill runs plainly and the last token is decoded
+        once more, alone, on a copy of the prefix; sequence 0's cache is left as plain decoding left it.
+        """
+        pos = self.n_past - 1
+        self._L.llama_memory_seq_cp(self._mem, 0, 1, -1, pos)
+        self._embeddings(True)
+        self._decode([token], [pos], [[1]], [1])
+        self._reserve_hidden(1)
+        self._hidden[:1] = self._embedding_rows(1)
+        self._L.llama_memory_seq_rm(self._mem, 1, -1, -1)
+
     # -- KV cache ---------------------------------------------------------------------------------
 
     def rollback(self, n_past: int) -> None:
@@ -268,7 +325,8 @@ class LlamaCppRunner(Runner):
         self._drop_tree()
         self.tree_redecodes += 1
         # Re-decode in exact chunks too: cache rows from a 4+ token batch would differ from plain decoding.
-        self._score(tokens, [[0]] * len(tokens), range(self.n_past, self.n_past + len(tokens)), commit=True)
+        # The tree pass's hidden states stay: the caller indexes them by tree node.
+        self._score(tokens, [[0]] * len(tokens), range(self.n_past, self.n_past + len(tokens)), commit=True, capture=False)
 
     def _drop_tree(self) -> None:
         if self._tree_seqs is None:
@@ -322,3 +380,66 @@ def _leaf_sequences(parents: Sequence[int]) -> list[list[int]]:
         if parents[i] >= 0:
             seqs[parents[i]].extend(seqs[i])
     return seqs
+
+
+# -- memory accounting (used by the server's start-up check) ------------------------------------------
+
+
+def _meta_int(L, model, key: str) -> int | None:
+    buf = ctypes.create_string_buffer(64)
+    n = L.llama_model_meta_val_str(model, key.encode(), buf, 64)
+    try:
+        return int(buf.value.decode()) if n > 0 else None
+    except ValueError:
+        return None
+
+
+def kv_bytes_per_token(runner: LlamaCppRunner) -> int:
+    """Bytes of KV cache one token takes (f16 K and V), from the model's layer and head counts.
+
+    Head sizes come from the GGUF keys `<arch>.attention.key_length` / `value_length` when present,
+    else n_embd / n_head.
+    """
+    L, model = runner._L, runner._model
+    buf = ctypes.create_string_buffer(64)
+    L.llama_model_meta_val_str(model, b"general.architecture", buf, 64)
+    arch = buf.value.decode()
+    n_head, n_head_kv = L.llama_model_n_head(model), L.llama_model_n_head_kv(model)
+    head = L.llama_model_n_embd(model) // max(1, n_head)
+    k_len = _meta_int(L, model, f"{arch}.attention.key_length") or head
+    v_len = _meta_int(L, model, f"{arch}.attention.value_length") or head
+    return L.llama_model_n_layer(model) * n_head_kv * (k_len + v_len) * 2
+
+
+def context_buffers(runner: LlamaCppRunner, n_ctx: int, n_seq_max: int = 1, n_batch: int | None = None) -> dict[str, float]:
+    """MiB that llama.cpp allocates for a context of this shape, by buffer ("KV", "compute", "output"),
+    read from its own log lines while a probe context is created and freed."""
+    import re
+
+    L = runner._L
+    lines: list[str] = []
+    capture = L.llama_log_callback(lambda level, text, user: lines.append(text.decode("utf-8", "replace")))
+    L.llama_log_set(capture, ctypes.c_void_p())
+    try:
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = n_batch or runner.n_batch
+        cparams.n_seq_max = n_seq_max
+        cparams.kv_unified = True
+        cparams.n_threads = cparams.n_threads_batch = runner.n_threads
+        cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))
+        ctx = L.llama_init_from_model(runner._model, cparams)
+        if ctx:
+            L.llama_free(ctx)
+    finally:
+        restore = _KEEP_LOG_CALLBACK or L.llama_log_callback(lambda level, text, user: sys.stderr.write(text.decode("utf-8", "replace")))
+        L.llama_log_set(restore, ctypes.c_void_p())
+        global _PROBE_LOG_CALLBACK
+        _PROBE_LOG_CALLBACK = restore  # keep the ctypes callback alive
+    sizes: dict[str, float] = {}
+    for kind, mib in re.findall(r"\b(KV|compute|output) buffer size =\s*([\d.]+) MiB", "".join(lines)):
+        sizes[kind] = sizes.get(kind, 0.0) + float(mib)
+    return sizes
+
+
+_PROBE_LOG_CALLBACK = None

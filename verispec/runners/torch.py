@@ -51,7 +51,7 @@ class TorchRunner(Runner):
         self.n_params = sum(p.numel() for p in model.parameters())
         self.dtype = next(model.parameters()).dtype
         self._hidden: np.ndarray | None = None
-        self._want_hidden = False
+        self.keep_hidden = False  # store hidden states on every forward (heads drafters read them)
         self._pending = 0  # tree nodes in the cache not yet committed
         self.reset()
 
@@ -94,6 +94,7 @@ class TorchRunner(Runner):
             raise RuntimeError("keep_path() must follow a tree forward before the next forward")
         n = len(tokens)
         self.check_fits(n)
+        hidden = hidden or self.keep_hidden
         if parents is None:
             depths = np.arange(n)
             visible = np.tril(np.ones((n, n), dtype=bool))
@@ -115,7 +116,9 @@ class TorchRunner(Runner):
                 logits_to_keep=0 if all_logits else 1,
             )
         if hidden:
-            self._hidden = out.hidden_states[-1][0].float().cpu().numpy()
+            # hidden_states[-1] is after the final norm: logits = lm_head(hidden). Rows match the returned logits.
+            last = out.hidden_states[-1][0]
+            self._hidden = (last if all_logits else last[-1:]).float().cpu().numpy()
         if parents is None:
             self.n_past += n
         else:
