@@ -48,11 +48,13 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray | None = None) -> np.ndarray:
+def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray | None = None,
+                    scratch: np.ndarray | None = None) -> np.ndarray:
     """Turn logit rows (n, V) or one row (V,) into the sampling distribution, in float64.
 
     Greedy (temperature 0) gives a one-hot on the argmax, so the rejection sampler needs no
-    special case. `out` lets the caller reuse one buffer across steps.
+    special case. `out` (and `scratch`, as large, used by top-k) let the caller reuse buffers
+    across steps.
     """
     rows = np.atleast_2d(logits)
     if out is None:
@@ -67,7 +69,7 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray 
     out -= out.max(axis=1, keepdims=True)
     np.exp(out, out=out)
     if params.top_k and params.top_k < rows.shape[1]:
-        _keep_top_k(out, params.top_k)
+        _keep_top_k(out, params.top_k, scratch)
     out /= out.sum(axis=1, keepdims=True)
     if params.top_p < 1.0:
         for row in out:
@@ -75,9 +77,15 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray 
     return out if logits.ndim == 2 else out[0]
 
 
-def _keep_top_k(weights: np.ndarray, k: int) -> None:
+def _keep_top_k(weights: np.ndarray, k: int, scratch: np.ndarray | None = None) -> None:
     """Zero every entry below each row's k-th largest (ties at the threshold are kept)."""
-    kth = np.partition(weights, -k, axis=1)[:, -k][:, None]
+    if scratch is None:
+        kth = np.partition(weights, -k, axis=1)[:, -k][:, None]
+    else:
+        work = scratch.reshape(-1, weights.shape[1])[: weights.shape[0]]
+        np.copyto(work, weights)
+        work.partition(-k, axis=1)
+        kth = work[:, -k][:, None]
     weights[weights < kth] = 0.0
 
 
@@ -100,9 +108,9 @@ def _keep_nucleus(row: np.ndarray, top_p: float) -> None:
     row[keep] = kept_mass / kept_mass.sum()
 
 
-def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw one token from a distribution row by inverse CDF (no vocab-sized allocation but cumsum)."""
-    cdf = np.cumsum(probs)
+def sample(probs: np.ndarray, rng: np.random.Generator, cdf_buffer: np.ndarray | None = None) -> int:
+    """Draw one token from a distribution row by inverse CDF; `cdf_buffer` (V floats) avoids allocating."""
+    cdf = np.cumsum(probs, out=cdf_buffer[: probs.shape[0]] if cdf_buffer is not None else None)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.shape[0] - 1))
 
 

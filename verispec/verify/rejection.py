@@ -45,6 +45,7 @@ class ChainVerifier:
         self.params = params
         self.rng = rng
         self._p = np.empty((max_rows, n_vocab), dtype=np.float64)
+        self._scratch = np.empty((max_rows, n_vocab), dtype=np.float64)  # top-k work space, then the CDF
         self._residual = np.empty(n_vocab, dtype=np.float64)
 
     def verify(self, target_logits: np.ndarray, drafted: Sequence[int], draft_probs: np.ndarray | None) -> Verdict:
@@ -53,7 +54,8 @@ class ChainVerifier:
         k = len(drafted)
         if k + 1 > self._p.shape[0]:
             self._p = np.empty((k + 1, self._p.shape[1]), dtype=np.float64)
-        p = logits_to_probs(target_logits[: k + 1], self.params, out=self._p)
+            self._scratch = np.empty_like(self._p)
+        p = logits_to_probs(target_logits[: k + 1], self.params, out=self._p, scratch=self._scratch)
         return self.verify_probs(p, drafted, draft_probs)
 
     def verify_probs(self, p: np.ndarray, drafted: Sequence[int], q: np.ndarray | None) -> Verdict:
@@ -61,8 +63,9 @@ class ChainVerifier:
             q_x = 1.0 if q is None else q[i, x]
             if self.rng.random() * q_x < p[i, x]:
                 continue
-            return Verdict(i, sample(residual(p[i], None if q is None else q[i], x, self._residual), self.rng))
-        return Verdict(len(drafted), sample(p[len(drafted)], self.rng))
+            return Verdict(i, sample(residual(p[i], None if q is None else q[i], x, self._residual), self.rng,
+                                     self._scratch[0]))
+        return Verdict(len(drafted), sample(p[len(drafted)], self.rng, self._scratch[0]))
 
 
 def greedy_verdict(target_logits: np.ndarray, drafted: Sequence[int]) -> Verdict:

@@ -77,6 +77,7 @@ class TreeVerifier:
         self.rng = rng
         self.relaxed = relaxed
         self._p = np.empty(n_vocab, dtype=np.float64)
+        self._scratch = np.empty(n_vocab, dtype=np.float64)  # top-k work space, then the CDF
 
     def verify(self, tree: TokenTree, target_logits: np.ndarray) -> TreeVerdict:
         kids = tree.children()
@@ -93,14 +94,14 @@ class TreeVerifier:
                     return TreeVerdict(path, choice)
                 path.append(nxt)
                 continue
-            p = logits_to_probs(row, self.params, out=self._p[None, :])
+            p = logits_to_probs(row, self.params, out=self._p[None, :], scratch=self._scratch)
             accepted = None
             if self.relaxed:
                 accepted = self._relaxed_child(p, kids[node], tree.tokens, float(p.max()) * self.relaxed)
             if accepted is None:
                 accepted = self._accept_child(p, kids[node], tree.tokens)
             if accepted is None:
-                return TreeVerdict(path, sample(p, self.rng))
+                return TreeVerdict(path, sample(p, self.rng, self._scratch))
             path.append(accepted)
 
     @staticmethod
