@@ -376,12 +376,17 @@ def test_metrics_exposition(running):
                  "verispec_accepted_at_position_total", "verispec_mean_accepted_length", "verispec_queue_depth",
                  "verispec_active_requests", "verispec_time_to_first_token_seconds_bucket",
                  "verispec_inter_token_latency_seconds_bucket", "verispec_draft_length_bucket",
-                 "verispec_speculation_disabled_total", "verispec_speculation_disabled_now"):
+                 "verispec_speculation_disabled_total", "verispec_speculation_disabled_now", "verispec_draft_budget",
+                 "verispec_goodput_predicted_tokens_per_second", "verispec_fused_pass_seconds", "verispec_fused_rows_bucket",
+                 "verispec_kv_pool_cells", "verispec_kv_pool_live_tokens", "verispec_kv_pool_reserved_cells"):
         assert name in text, name
     assert running.metric("verispec_drafted_at_position_total", position="1") >= running.metric(
         "verispec_accepted_at_position_total", position="1") > 0
     assert running.metric("verispec_time_to_first_token_seconds_count") > 0
     assert running.metric("verispec_requests_total", outcome="invalid") > 0
+    assert running.metric("verispec_kv_pool_cells") >= 4 * 2048  # one pool for all slots
+    assert running.metric("verispec_fused_rows_count") > 0
+    assert running.metric("verispec_fused_pass_seconds", rows="1") > 0
 
 
 def test_model_drafter_gets_a_context_per_slot(smol_source):
@@ -405,6 +410,31 @@ def test_model_drafter_gets_a_context_per_slot(smol_source):
         assert spec["speculative"]["draft"] == MODEL
         assert spec["speculative"]["acceptance_rate"] == 1.0  # a model drafting for itself is always right
         assert spec["speculative"]["mean_accepted_length"] > 2
+    finally:
+        server.close()
+        base.close()
+
+
+def test_per_slot_contexts_without_pool(smol_source):
+    """--kv-pool 0: one context per slot, passes not fused; concurrent outputs still equal solo ones."""
+    from fastapi.testclient import TestClient
+
+    import verispec
+    from verispec.serve import ServeConfig, Server, create_app
+    from verispec.serve.scheduler import Scheduler
+
+    base = verispec.load(MODEL, n_ctx=512, draft="ngram", n_threads=1)
+    server = Server(base, ServeConfig(model=MODEL, max_batch=2, ctx=512, kv_pool=0))
+    try:
+        assert type(server.scheduler) is Scheduler
+        with TestClient(create_app(server)) as http:
+            def complete(prompt: str) -> str:
+                body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}
+                return http.post(C, json=body).json()["choices"][0]["text"]
+
+            with ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(complete, PROMPTS[:4]))
+        assert got == [base.generate(p, SamplingParams(max_tokens=12)).text for p in PROMPTS[:4]]
     finally:
         server.close()
         base.close()

@@ -1,4 +1,4 @@
-"""The `verispec` command: generate | bench | serve | models | demo. No decoding logic lives here."""
+"""The `verispec` command: generate | bench | serve | models | demo | train-heads. No decoding logic lives here."""
 
 from __future__ import annotations
 
@@ -99,11 +99,15 @@ def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Opt
 def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt text"),
     model: str = typer.Option(registry.DEFAULT_TARGET, "--model", "-m", help="registered name, GGUF path or HF model directory"),
-    draft: Optional[str] = typer.Option(None, help="drafter: ngram, auto, a registered model or a path; omit for plain decoding"),
+    draft: Optional[str] = typer.Option(None, "--draft", "--drafter",
+                                        help="drafter: ngram, auto, a registered model, a path, or cascade:ngram,MODEL; omit for plain decoding"),
     draft_tokens: Optional[int] = typer.Option(None, help="fixed draft length K (default: adaptive)"),
     draft_max: int = typer.Option(12, help="upper bound for the adaptive draft length"),
     draft_min_prob: float = typer.Option(0.0, help="stop a model draft when its top probability falls below this"),
     tree_width: int = typer.Option(1, help="candidates per depth: >1 verifies a token tree in one pass instead of a chain"),
+    tree: Optional[str] = typer.Option(None, help="grow a token tree: dynamic (by cumulative draft probability) or static:4,2,2,1"),
+    tree_budget: Optional[int] = typer.Option(None, help="drafted nodes per tree (default: measured, 'no tree' included)"),
+    acceptance: str = typer.Option("exact", help="exact | prefix (several candidates, longest valid kept) | relaxed:TAU (LOSSY)"),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_k: int = typer.Option(0, help="0 = off"),
@@ -122,7 +126,9 @@ def generate(
     try:
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         spec = SpeculativeConfig(draft=draft, draft_tokens=draft_tokens, draft_max=draft_max, draft_min_prob=draft_min_prob,
-                                 tree_width=tree_width)
+                                 tree_width=tree_width, tree=tree, tree_budget=tree_budget, acceptance=acceptance)
+        if spec.acceptance.startswith("relaxed"):
+            console.print(f"[yellow]acceptance {spec.acceptance} is LOSSY: output may differ from the target's own[/]")
         loaded = _load(model, draft, backend, ctx, threads, spec, device)
         if loaded.draft_choice_note:
             console.print(loaded.draft_choice_note)
@@ -225,15 +231,31 @@ def serve(
     max_batch: int = typer.Option(4, help="requests decoded concurrently (one KV context each)"),
     max_queue: int = typer.Option(64, help="requests allowed to wait for a slot; beyond, 429"),
     ctx: int = typer.Option(4096, help="context length in tokens per request"),
-    spec_off_at: int = typer.Option(2, help="active requests at which default drafting turns off (0 = never)"),
+    spec_off_at: int = typer.Option(0, help="active requests at which default drafting turns off (0 = the goodput "
+                                    "planner decides from measured pass costs)"),
+    kv_pool: Optional[int] = typer.Option(None, help="KV cells shared by all requests (llama.cpp; default ctx x max-batch); "
+                                          "0 = one context per slot, passes not fused"),
+    fuse_rows: int = typer.Option(3, help="rows per fused target decode; <= 3 keeps outputs bit-identical to solo runs"),
+    prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per fused step (chunked prefill; default 512)"),
     backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores; with --ray: per replica, "
+                                          "this machine's cores split over the replicas)"),
+    ray: bool = typer.Option(False, "--ray", help="serve as Ray Serve replicas behind one endpoint (needs the 'cluster' extra)"),
+    replicas: int = typer.Option(1, help="with --ray: the number of replicas"),
+    autoscale: Optional[str] = typer.Option(None, help="with --ray: MIN,MAX replicas, scaled on ongoing requests"),
+    ray_address: Optional[str] = typer.Option(None, help="with --ray: join this cluster ('auto' or host:port); "
+                                              "default: start a local one on loopback"),
 ) -> None:
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from .engine import SpeculativeConfig
     from .serve import ServeConfig
     from .serve import serve as run_server
 
+    if ray:
+        config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
+                             spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk)
+        _serve_ray(config, draft, backend, threads, replicas, autoscale, ray_address, host, port)
+        return
     try:
         # The loaded runner only tokenizes and owns the weights; each slot gets its own --ctx context.
         loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, SpeculativeConfig())
@@ -242,13 +264,152 @@ def serve(
     if loaded.draft_choice_note:
         console.print(loaded.draft_choice_note)
     config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
-                         spec_off_at=spec_off_at)
+                         spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk)
     try:
         run_server(loaded, config, host, port)
     except VerispecError as exc:
         fail(exc)
     finally:
         loaded.close()
+
+
+@app.command("bench-load")
+def bench_load(
+    model: str = typer.Option(registry.DEFAULT_TARGET, "--model", "-m"),
+    draft: str = typer.Option("auto", help="the server's default drafter for the 'on' rows"),
+    concurrency: str = typer.Option("1,4,16", help="comma-separated requests in flight"),
+    requests: int = typer.Option(16, help="requests per cell (at least the concurrency)"),
+    max_tokens: int = typer.Option(128),
+    url: Optional[str] = typer.Option(None, help="drive a running server instead of starting one"),
+    ctx: int = typer.Option(2048),
+    kv_pool: Optional[int] = typer.Option(None, help="0 = per-slot contexts (no fusion)"),
+    fuse_rows: int = typer.Option(3),
+    threads: Optional[int] = typer.Option(None),
+    out: str = typer.Option("load.md", help="markdown table (and a .json next to it)"),
+) -> None:
+    """Drive the server at several concurrencies, speculation off and on: tokens/s, TTFT and ITL percentiles."""
+    from .bench.load import run_load
+
+    try:
+        run_load(model, draft, [int(c) for c in concurrency.split(",")], requests, max_tokens, out, url, ctx,
+                 threads=threads, kv_pool=kv_pool, fuse_rows=fuse_rows)
+    except VerispecError as exc:
+        fail(exc)
+    console.print(Path(out).read_text())
+
+
+@app.command("train-heads")
+def train_heads(
+    target: str = typer.Option(registry.DEFAULT_TARGET, "--target", "-m", help="registered name, GGUF path or HF model directory"),
+    kind: str = typer.Option("medusa", help="medusa (one head per draft depth) or eagle (one feature-level layer)"),
+    heads: int = typer.Option(4, help="Medusa heads: the longest chain they draft"),
+    data: str = typer.Option("builtin", help="training prompts the target answers: 'builtin' or a JSONL prompt file"),
+    out: Optional[str] = typer.Option(None, help="heads file to write (default: heads/<target>-<kind>.safetensors)"),
+    data_tokens: int = typer.Option(16000, help="self-distillation tokens to generate (cached, resumable)"),
+    max_new_tokens: int = typer.Option(256, help="tokens at most per training answer"),
+    data_cache: Optional[str] = typer.Option(None, help="where the generated data is kept (default: next to --out)"),
+    vocab: int = typer.Option(4096, help="draft vocabulary: the K most frequent tokens of the data"),
+    steps: int = typer.Option(2000),
+    batch: int = typer.Option(64),
+    lr: float = typer.Option(1e-3),
+    unroll: int = typer.Option(3, help="eagle: steps trained on the layer's own predicted features"),
+    seed: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(100, help="steps between checkpoints (<out>.ckpt)"),
+    resume: bool = typer.Option(True, help="continue from the checkpoint and the cached data if present"),
+    backend: str = typer.Option("auto", help="runner giving the hidden states: llamacpp | torch | auto"),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for the target and for training"),
+    ctx: int = typer.Option(2048, help="context length in tokens"),
+) -> None:
+    """Train Medusa heads or an EAGLE-style layer on the target's own greedy outputs (self-distillation)."""
+    import torch
+    import numpy as np
+
+    from .heads import data as distill
+    from .heads.file import new_heads, save_heads
+    from .heads.train import TrainConfig, evaluate, train
+    from .heads.vocab import DraftVocab
+    from .models import files
+    from .runners import open_runner
+
+    if kind not in ("medusa", "eagle"):
+        fail(ValueError(f"--kind must be medusa or eagle, not {kind!r}"))
+    if threads:
+        torch.set_num_threads(threads)
+    label = target if target in registry.REGISTRY else Path(target).stem
+    out_path = Path(out or f"heads/{label}-{kind}.safetensors")
+    cache = Path(data_cache or out_path.with_name(f"{label}-{Path(data).stem}.distill.safetensors"))
+    checkpoint = out_path.with_name(out_path.name + ".ckpt")
+    if not resume:
+        checkpoint.unlink(missing_ok=True)
+        cache.unlink(missing_ok=True)
+    try:
+        if target in registry.REGISTRY and registry.status(registry.get_spec(target)) in ("missing", "corrupt"):
+            pull_with_progress(target)
+        source = files.resolve(target)
+        with console.status(f"loading {target}"):
+            runner = open_runner(source, backend, n_ctx=ctx, **({"n_threads": threads} if threads else {}))
+        prompts = distill.training_prompts(data)
+        meta = {"target": runner.name, "prompts": data, "max_new_tokens": max_new_tokens}
+        with _bar("self-distillation tokens") as (progress, task):
+            samples = distill.generate(runner, prompts, cache, data_tokens, max_new_tokens, meta,
+                                       lambda done, total: progress.update(task, completed=done, total=total))
+        train_set, held_out = samples.split(0.1)
+        draft_vocab = DraftVocab.most_frequent(train_set.tokens, runner.n_vocab, vocab)
+        console.print(f"data: {len(samples):,} tokens in {samples.n_sequences} answers ({cache}); draft vocabulary "
+                      f"{len(draft_vocab):,} tokens covering {draft_vocab.coverage(held_out.tokens):.1%} of held-out tokens")
+        command = "verispec train-heads " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "verispec train-heads"
+        made = new_heads(kind, runner, draft_vocab, distill._hidden_size(runner), heads,
+                         {"target": runner.name, "command": command, "data": {**samples.meta, "tokens": len(samples),
+                          "answers": samples.n_sequences, "held_out_answers": held_out.n_sequences}})
+        runner.close()
+        cfg = TrainConfig(steps=steps, batch=batch, lr=lr, eagle_unroll=unroll, seed=seed, checkpoint_every=checkpoint_every)
+        with _bar(f"training {kind}") as (progress, task):
+            progress.update(task, total=steps)
+            state = train(made, train_set, cfg, checkpoint,
+                          lambda st, loss: progress.update(task, completed=st.step, loss=f"loss {np.mean(st.losses[-20:]):.3f}"))
+        scores = evaluate(made, held_out, unroll)
+        made.meta.update({"train": {**cfg.__dict__, "seconds": round(state.seconds, 1),
+                                    "loss_every_50": [round(float(np.mean(state.losses[i:i + 50])), 4) for i in range(0, len(state.losses), 50)]},
+                          "held_out": scores})
+        save_heads(out_path, made)
+    except (VerispecError, ValueError) as exc:
+        fail(exc)
+    console.print(f"wrote {out_path}: held-out top-1 {scores['top1']}, greedy chain accepted length "
+                  f"{scores['chain_accepted_length']:.2f} (bonus token included); use --draft {kind}:{out_path}")
+
+
+def _bar(description: str):
+    """A rich progress bar yielding (progress, task); the task has a `loss` field."""
+    from contextlib import contextmanager
+
+    from rich.progress import MofNCompleteColumn, TimeElapsedColumn
+
+    @contextmanager
+    def bar():
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), TextColumn("{task.fields[loss]}"), console=console) as progress:
+            yield progress, progress.add_task(description, total=None, loss="")
+
+    return bar()
+
+def _serve_ray(config, draft: str, backend: str, threads: Optional[int], replicas: int, autoscale: Optional[str],
+               address: Optional[str], host: str, port: int) -> None:
+    from .serve.cluster import ClusterConfig, ReplicaSpec, parse_autoscale, run, threads_per_replica
+
+    try:
+        bounds = parse_autoscale(autoscale) if autoscale else None
+        most = bounds[1] if bounds else replicas
+        spec = ReplicaSpec(config.model, None if draft == "none" else draft, backend, threads or threads_per_replica(most),
+                           config)
+        cluster = ClusterConfig(spec, replicas=replicas, autoscale=bounds, address=address, host=host, port=port)
+        run(cluster, lambda url: console.print(f"serving {config.model} on {url} ({_scale_note(cluster)}, "
+                                               f"{spec.threads} thread(s) each); Ctrl-C stops"))
+    except VerispecError as exc:
+        fail(exc)
+
+
+def _scale_note(cluster) -> str:
+    return f"{cluster.autoscale[0]}-{cluster.autoscale[1]} replicas" if cluster.autoscale else f"{cluster.replicas} replica(s)"
 
 
 def main() -> None:

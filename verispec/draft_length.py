@@ -114,14 +114,17 @@ class TreeBudgetChooser:
 
     Tree steps cannot be costed like chains (acceptance depends on the tree's shape), so each
     budget is measured directly: tokens gained and seconds spent per step, as moving averages.
-    Every budget is tried `warmup` times first; afterwards the best one runs, and every
-    `explore_every` steps its neighbour is retried, since acceptance drifts with the text.
+    Budgets are tried `warmup` times each, smallest first, and warm-up stops at the first budget
+    slower than the one before it (verify cost grows with the budget, so larger ones would lose
+    too). Afterwards the best one runs, and every `explore_every` steps its neighbour is retried,
+    since acceptance drifts with the text. A costly drafter is not re-explored (explore_every=None):
+    after steps without drafting it would first have to catch up on every token it skipped.
     """
 
     budgets: tuple[int, ...] = TREE_BUDGETS
     fixed: int | None = None
     warmup: int = 2
-    explore_every: int = 32
+    explore_every: int | None = 32
     ema_weight: float = 0.2
     tokens: dict[int, float] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
@@ -132,15 +135,24 @@ class TreeBudgetChooser:
         if self.fixed is not None:
             return self.fixed
         self._steps += 1
-        for budget in self.budgets:
-            if self.tries.get(budget, 0) < self.warmup:
-                return budget
+        warming = self._next_warmup()
+        if warming is not None:
+            return warming
         best = self.best()
-        if self._steps % self.explore_every == 0:
+        if self.explore_every and self._steps % self.explore_every == 0:
             i = self.budgets.index(best)
             neighbours = [self.budgets[j] for j in (i - 1, i + 1) if 0 <= j < len(self.budgets)]
             return neighbours[(self._steps // self.explore_every) % len(neighbours)]
         return best
+
+    def _next_warmup(self) -> int | None:
+        """The smallest budget not yet tried `warmup` times; None once one proved slower than a smaller one."""
+        for i, budget in enumerate(self.budgets):
+            if self.tries.get(budget, 0) < self.warmup:
+                return budget
+            if i > 0 and self.rate(budget) < max(self.rate(b) for b in self.budgets[:i]):
+                return None
+        return None
 
     def best(self) -> int:
         measured = [b for b in self.budgets if self.seconds.get(b)]

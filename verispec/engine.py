@@ -187,7 +187,10 @@ class Engine:
         self.tree_shape = TreeShape.parse(self.config.tree) if self.config.tree else None
         self.relaxed = relaxed_tau(self.config.acceptance)
         # Tree budgets are measured per engine, not per request: their costs are facts of the hardware.
-        self.budget_chooser = TreeBudgetChooser(fixed=self.config.tree_budget) if self.tree_shape else None
+        self.budget_chooser = None
+        if self.tree_shape:
+            costly = bool(drafter and drafter.costly)
+            self.budget_chooser = TreeBudgetChooser(fixed=self.config.tree_budget, explore_every=None if costly else 32)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, stats: Stats | None = None,
                  record_margins: bool = False) -> Iterator[list[int]]:

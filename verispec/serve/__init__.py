@@ -1,12 +1,14 @@
 """The OpenAI-compatible server: `verispec serve`.
 
 protocol.py  the wire format: request validation, error bodies, completion and chunk objects
-scheduler.py slots, the waiting queue, one step per active request per round, speculation on/off
+scheduler.py the waiting queue, request plumbing, and the per-slot-context scheduler (--kv-pool 0)
+pooled.py    the default llama.cpp scheduler: a thread per slot over one KV pool, fused passes
+pool.py      the shared KV pool (one llama.cpp context, a sequence per request) and its Runner view
+fuser.py     gathers the waiting target passes into llama_decode calls of <= 3 rows; chunked prefill
+goodput.py   how many draft tokens each request may verify, from measured pass costs
+memory.py    the start-up check of --ctx / --max-batch / --kv-pool against available memory
 metrics.py   Prometheus counters and histograms
 app.py       FastAPI routes, API key, body limit, streaming and client disconnects
-
-Requests interleave step by step over `--max-batch` slots, but each request's target pass still
-runs on its own context: passes are not fused into one batch (see scheduler.py).
 """
 
 from .app import ServeConfig, Server, create_app, serve

@@ -35,8 +35,11 @@ class ServeConfig:
     max_queue: int = 64
     ctx: int | None = None  # per-slot context; None = the loaded target's
     api_key: str | None = None
-    spec_off_at: int = 2  # active requests at which unpinned requests stop drafting; 0 = never
+    spec_off_at: int = 0  # active requests at which unpinned requests stop drafting; 0 = the goodput planner decides
     max_body_bytes: int = 1 << 20
+    kv_pool: int | None = None  # cells of the shared KV pool (llama.cpp); None = ctx x max_batch; 0 = per-slot contexts
+    fuse_rows: int = 3  # rows per fused decode; <= 3 keeps every request bit-identical to its solo run
+    prefill_chunk: int | None = None  # prompt tokens per fused tick (chunked prefill); None = n_batch
 
 
 class Server:
@@ -46,7 +49,7 @@ class Server:
         self.base = base
         self.config = config
         self.metrics = Metrics()
-        self.scheduler = Scheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, self.metrics)
+        self.scheduler = _scheduler(base, config, self.metrics)
         self.model_ids = [config.model] + ([base.target.name] if base.target.name != config.model else [])
         self.created = int(time.time())
         # The --draft drafter as a key: "model" (cloned onto every slot), "ngram" or None.
@@ -112,6 +115,18 @@ class Server:
                     raise ApiError(400, "send one prompt per request: batches of prompts are not supported", "prompt")
                 prompt = prompt[0]
             return self.base.prompt_tokens(prompt=prompt)
+
+
+def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
+    """The pooled, fused scheduler for llama.cpp targets unless --kv-pool 0; per-slot contexts otherwise."""
+    from ..runners.llamacpp import LlamaCppRunner
+
+    if config.kv_pool != 0 and isinstance(base.target, LlamaCppRunner):
+        from .pooled import PooledScheduler
+
+        return PooledScheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics,
+                               config.kv_pool, config.fuse_rows, config.prefill_chunk)
+    return Scheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics)
 
 
 def create_app(server: Server) -> FastAPI:

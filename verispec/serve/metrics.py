@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..engine import Stats
@@ -43,11 +45,28 @@ class Metrics:
         self.inter_token = Histogram("verispec_inter_token_latency_seconds",
                                      "Time between steps divided over the tokens the step produced, once per token",
                                      buckets=_INTER_TOKEN, registry=r)
+        self.draft_budget = Gauge("verispec_draft_budget", "Draft tokens per step the goodput planner allows all "
+                                  "unpinned requests together", registry=r)
+        self.goodput = Gauge("verispec_goodput_predicted_tokens_per_second", "Tokens/s the goodput planner predicts "
+                             "for its current caps", registry=r)
+        self.pass_seconds = Gauge("verispec_fused_pass_seconds", "Measured seconds of one fused target decode, by rows",
+                                  ["rows"], registry=r)
+        self.fused_rows = Histogram("verispec_fused_rows", "Rows (tokens of all requests) per fused target decode",
+                                    buckets=_LENGTHS[1:], registry=r)
+        self.pool_cells = Gauge("verispec_kv_pool_cells", "KV cells of the shared pool (0: per-slot contexts)", registry=r)
+        self.pool_live = Gauge("verispec_kv_pool_live_tokens", "Tokens the active requests hold in the pool", registry=r)
+        self.pool_reserved = Gauge("verispec_kv_pool_reserved_cells", "Cells reserved by admitted requests", registry=r)
+        self.pool_compactions = Gauge("verispec_kv_pool_compactions", "Times the pool was compacted", registry=r)
+        self._lock = threading.Lock()
         self._steps = 0
         self._gained = 0
 
     def record_steps(self, stats: Stats, seen: int) -> int:
         """Count the steps `stats` recorded since index `seen`; return the new index."""
+        with self._lock:
+            return self._record_steps(stats, seen)
+
+    def _record_steps(self, stats: Stats, seen: int) -> int:
         for drafted, gained in zip(stats.draft_lengths[seen:], stats.accepted_lengths[seen:]):
             accepted = gained - 1
             self.target_passes.inc()

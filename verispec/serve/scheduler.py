@@ -1,27 +1,23 @@
 """Where requests wait, get a slot, advance one step at a time and leave: the server's scheduler.
 
-One worker thread owns `max_batch` slots. A slot is a target runner with its own KV cache (a
-llama.cpp sibling context on the shared weights, or a TorchRunner on the shared module) plus its
-own drafters. Each round the worker admits waiting requests into free slots, then advances every
-active request's engine generator by one step (draft -> verify -> accept), round-robin. Requests
-therefore join and leave between steps and a long request never blocks a short one.
+Two schedulers share this file's request plumbing (Job, Event, Switchable, submit/cancel/finish):
 
-What this is not (yet): the target passes of the active requests are NOT fused into one batch.
-Each request's verify pass runs on its own context, one after another, so total throughput is that
-of a single stream shared fairly between requests. Fusing the passes (one llama.cpp batch with a
-sequence id per request, a batched torch pass) is the follow-up that makes batching pay.
+- `PooledScheduler` (pooled.py), the default for llama.cpp targets: every request is a sequence of
+  one shared KV pool (pool.py), each slot's engine runs in its own thread, and the target passes
+  of all active requests are fused into llama_decode calls of <= 3 rows (fuser.py), which keeps
+  every request's logits bit-identical to a solo run. Draft caps come from the goodput planner
+  (goodput.py). Prompts are prefilled in chunks between the others' steps.
+- `Scheduler` below (`--kv-pool 0`, and the torch backend): `max_batch` slots, each a target
+  runner with its own KV cache (a llama.cpp sibling context, or a TorchRunner on the shared module)
+  plus its own drafters. One worker thread admits waiting requests into free slots and advances
+  every active request's engine generator by one step, round-robin. Passes are not fused, so
+  throughput is that of one stream shared fairly; a request's extra verify rows cost only its own
+  pass, so the engine's per-request adaptive K is already the goodput rule there and drafting is
+  only turned off by `spec_off_at` (active requests at which unpinned requests step with K = 0;
+  0 = never). Such steps are counted in `verispec_speculation_disabled_total`.
 
-Goodput-aware speculation, as far as that allows: each request keeps the engine's adaptive draft
-length. On top, while `spec_off_at` or more requests are active, requests that did not pin a
-drafter step without drafting (K = 0); those steps are counted in
-`verispec_speculation_disabled_total` and `verispec_speculation_disabled_now` is 1. The rule is
-meant for fused batches, where every request's verify tokens share one compute-bound pass. With
-the unfused passes above, a speculative step costs the same whether one or four requests are
-active, so the threshold evens out step times between requests but does not buy throughput; the
-load benchmark should set it (or a cost model replace it). `spec_off_at=0` never turns drafting off.
-
-A prompt's prefill runs inside its first step, so a long prompt delays one round for everyone
-(no chunked prefill yet).
+Both check at start-up that --ctx x --max-batch (target KV, draft KV, compute buffers) fits in the
+available memory (memory.py).
 """
 
 from __future__ import annotations
@@ -40,6 +36,7 @@ from ..engine import Engine, SpeculativeConfig, Stats
 from ..errors import InvalidParameter, VerispecError
 from ..runners.base import Runner
 from ..sampling import SamplingParams
+from .memory import check_server
 from .metrics import Metrics
 
 log = logging.getLogger("verispec.serve")
@@ -89,22 +86,30 @@ class Job:
 
 
 class Switchable(Drafter):
-    """A drafter the scheduler can turn off between steps: off, it proposes nothing (K = 0)."""
+    """A drafter the scheduler can cap between steps: `cap` limits K (0 = off: it proposes nothing)."""
 
     def __init__(self, inner: Drafter) -> None:
         self.inner = inner
         self.name = inner.name
         self.costly = inner.costly
-        self.enabled = True
+        self.cap: int | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cap != 0
 
     def begin(self, prompt, params, rng) -> None:
         self.inner.begin(prompt, params, rng)
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
-        return self.inner.propose(context, k) if self.enabled else Draft([], None, self.name)
+        if self.cap == 0:
+            return Draft([], None, self.name)
+        return self.inner.propose(context, k if self.cap is None else min(k, self.cap))
 
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
-        return self.inner.propose_branches(context, k, width) if self.enabled else []
+        if self.cap == 0:
+            return []
+        return self.inner.propose_branches(context, k if self.cap is None else min(k, self.cap), width)
 
     def accepted(self, row: int) -> None:
         self.inner.accepted(row)
@@ -157,6 +162,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         default = base.drafter(base.spec.draft)
         self.model_drafter = default if isinstance(default, ModelDrafter) else None
+        self.memory = check_server(base, self.model_drafter, max_batch, self.n_ctx)
         self.slots: list[Slot] = []
         try:
             for _ in range(max_batch):
@@ -182,12 +188,12 @@ class Scheduler:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(job)
             self.metrics.queue_depth.set(len(self._waiting))
-            self._cond.notify()
+            self._cond.notify_all()
 
     def cancel(self, job: Job) -> None:
         with self._cond:
             job.cancelled = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     def counts(self) -> tuple[int, int]:
         """(active, waiting)"""
@@ -199,7 +205,7 @@ class Scheduler:
         if thread is not None:
             with self._cond:
                 self._stop = True
-                self._cond.notify()
+                self._cond.notify_all()
             thread.join()
         for slot in self.slots:
             slot.close()
@@ -223,7 +229,7 @@ class Scheduler:
             self.metrics.spec_disabled.set(0 if speculate else 1)
             for slot in active:
                 try:
-                    self._step(slot, speculate)
+                    self._step(slot, None if speculate else 0)
                 except Exception:  # never let one request kill the worker
                     log.exception("scheduler step failed")
                     if slot.job is not None:
@@ -254,14 +260,15 @@ class Scheduler:
         self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.active.set(sum(s.job is not None for s in self.slots))
 
-    def _step(self, slot: Slot, speculate: bool) -> None:
+    def _step(self, slot: Slot, cap: int | None) -> None:
+        """One engine step of the slot's request; `cap` limits an unpinned request's K (None = no limit)."""
         job = slot.job
         if job.cancelled:
             self._finish(slot, "cancelled")
             return
         if job._gate is not None:
-            job._gate.enabled = speculate
-            if not speculate and job._last_token_at is not None:  # a decode step, not the prefill
+            job._gate.cap = cap
+            if cap == 0 and job._last_token_at is not None:  # a decode step, not the prefill
                 job.disabled_steps += 1
                 self.metrics.spec_disabled_steps.inc()
         generated = job.stats.generated

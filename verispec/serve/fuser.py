@@ -1,0 +1,164 @@
+"""Fused verification: the target passes of all active requests in as few llama_decode calls as exactness allows.
+
+Each request runs its engine in its own thread; its SeqRunner.forward() hands the rows to the
+fuser and blocks. Once every attached request is blocked here (a barrier: their drafting and
+verification in Python are done), `tick()` decodes everything pending:
+
+- scoring rows (verification passes, all logits) of all requests are packed into decodes of at
+  most `fuse_rows` rows. ggml's CPU matmul is row-independent only below 4 rows (4+ rows take
+  another kernel path whose logits differ by up to ~0.5), so with the default 3 a request's
+  logits are bit-identical to its solo run however its rows are packed with other requests' rows
+  (tests/test_scheduler_pool.py checks this). A larger `fuse_rows` is faster per row but not
+  batch-invariant: greedy output may then differ from a solo run at near-ties.
+- a prefill (one logits row) runs alone, one `prefill_chunk` of one prompt (the least advanced) per tick:
+  chunked prefill, so a long prompt delays the others' next step by one chunk, not by its whole
+  prefill, and requests arriving together get their first tokens one after another. With the default
+  chunk (= the runner's n_batch, 512) the chunks are those of a solo run.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .pool import KvPool
+
+
+@dataclass
+class _Work:
+    seq: int
+    tokens: list[int]
+    all_logits: bool
+    done: int = 0  # tokens decoded so far
+    out: np.ndarray | None = None
+    error: BaseException | None = None
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+def chunk_sizes(n_rows: int, fuse_rows: int) -> list[int]:
+    """Rows per decode: full chunks, but 2 + 2 rather than 3 + 1 (a lone row may need a dummy row, see pool.py)."""
+    sizes = [fuse_rows] * (n_rows // fuse_rows) + ([n_rows % fuse_rows] if n_rows % fuse_rows else [])
+    if len(sizes) > 1 and sizes[-1] == 1 and fuse_rows > 2:
+        sizes[-2] -= 1
+        sizes[-1] += 1
+    return sizes
+
+
+class Fuser:
+    def __init__(self, pool: KvPool, fuse_rows: int = 3, prefill_chunk: int | None = None) -> None:
+        if fuse_rows < 1:
+            raise ValueError(f"fuse_rows must be >= 1, got {fuse_rows}")
+        self.pool = pool
+        self.fuse_rows = min(fuse_rows, pool.n_batch)
+        self.prefill_chunk = min(prefill_chunk or pool.n_batch, pool.n_batch)
+        self._cond = threading.Condition()
+        self._pending: dict[int, _Work] = {}
+        self._attached: set[int] = set()
+        self._closed = False
+        self.pass_seconds: dict[int, float] = {}  # EMA of one scoring decode's time, by rows
+        self.rows_per_decode: list[int] = []  # scoring decodes since the last take_rows() (for metrics)
+
+    # -- request threads ---------------------------------------------------------------------------
+
+    def attach(self, seq: int) -> None:
+        """A request thread starts working on `seq`: ticks wait for it."""
+        with self._cond:
+            self._attached.add(seq)
+
+    def detach(self, seq: int) -> None:
+        with self._cond:
+            self._attached.discard(seq)
+            self._cond.notify_all()
+
+    def run(self, seq: int, tokens: list[int], all_logits: bool) -> np.ndarray:
+        """Called by SeqRunner.forward from the request's thread; returns when the rows are decoded."""
+        work = _Work(seq, tokens, all_logits)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the server is shutting down")
+            self._pending[seq] = work
+            self._cond.notify_all()
+        work.finished.wait()
+        if work.error is not None:
+            raise work.error
+        return work.out
+
+    # -- the scheduler thread ----------------------------------------------------------------------
+
+    def tick(self, timeout: float = 0.05) -> bool:
+        """Wait (up to `timeout`) until every attached request is blocked here, then decode. True if it decoded."""
+        with self._cond:
+            ready = self._cond.wait_for(lambda: self._closed or (self._pending and self._all_blocked()), timeout)
+            if not ready or self._closed:
+                return False
+            works = list(self._pending.values())
+        scoring = [w for w in works if w.all_logits]
+        # One prompt chunk per tick, for the prompt with the fewest chunks done (then the oldest): a short
+        # prompt is not stuck behind a long one, and prompts that arrive together finish one by one.
+        prefills = sorted((w for w in works if not w.all_logits), key=lambda w: w.done)[:1]
+        with self.pool.lock:
+            self._guard(scoring, self._score)
+            for work in prefills:
+                self._guard([work], self._prefill_chunk)
+        with self._cond:
+            for work in scoring + prefills:
+                if work.done == len(work.tokens) or work.error is not None:
+                    del self._pending[work.seq]
+                    work.finished.set()  # only now: the request may submit its next work at once
+        return True
+
+    def _all_blocked(self) -> bool:
+        return self._attached <= self._pending.keys()
+
+    def _guard(self, works: list[_Work], fn) -> None:
+        try:
+            fn(works)
+        except BaseException as exc:  # hand the error to the requests; the server keeps running
+            for work in works:
+                work.error = exc
+
+    def _score(self, works: list[_Work]) -> None:
+        rows = [(w, i) for w in works for i in range(len(w.tokens))]
+        for w in works:
+            w.out = np.empty((len(w.tokens), self.pool.n_vocab), dtype=np.float32)
+        start = 0
+        for size in chunk_sizes(len(rows), self.fuse_rows):
+            part = rows[start : start + size]
+            start += size
+            t0 = time.perf_counter()
+            logits = self.pool.decode([w.seq for w, _ in part], [w.tokens[i] for w, i in part], [True] * len(part))
+            for j, (w, i) in enumerate(part):
+                w.out[i] = logits[j]
+            self._record(len(part), time.perf_counter() - t0)
+        for w in works:
+            w.done = len(w.tokens)
+
+    def _prefill_chunk(self, works: list[_Work]) -> None:
+        (w,) = works
+        part = w.tokens[w.done : w.done + self.prefill_chunk]
+        last = w.done + len(part) == len(w.tokens)
+        logits = self.pool.decode([w.seq] * len(part), part, [False] * (len(part) - 1) + [last])
+        w.done += len(part)
+        if last:
+            w.out = logits.copy()
+
+    def _record(self, rows: int, seconds: float) -> None:
+        old = self.pass_seconds.get(rows)
+        self.pass_seconds[rows] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self.rows_per_decode.append(rows)
+
+    def take_rows(self) -> list[int]:
+        rows, self.rows_per_decode = self.rows_per_decode, []
+        return rows
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for work in self._pending.values():
+                work.error = RuntimeError("the server is shutting down")
+                work.finished.set()
+            self._pending.clear()
+            self._cond.notify_all()

@@ -1,0 +1,176 @@
+"""The start-up memory check: do --ctx, --max-batch (and --kv-pool) fit in the memory that is available?
+
+What a server allocates on top of the loaded weights, per llama.cpp context:
+- the target's KV cache: n_layer x n_head_kv x (key + value head size) x 2 bytes (f16) per token,
+  computed from the model (`kv_bytes_per_token`; it equals llama.cpp's own "KV buffer size");
+- the draft model's KV cache, the same way: a draft model has one context per slot, and its memory
+  is easy to forget (vLLM #9995);
+- compute and output buffers, which llama.cpp sizes from the batch size, not the context: measured
+  by creating two small probe contexts and reading llama.cpp's "buffer size" log lines, then
+  extrapolated linearly in n_ctx.
+Per-slot contexts (--kv-pool 0) pay all of it once per slot; the shared pool pays the target's
+KV for the pool's cells and one set of compute buffers.
+
+Available memory is MemAvailable (psutil if installed, else /proc/meminfo), or the
+VERISPEC_MEMORY_AVAILABLE environment variable (bytes, or with a K/M/G suffix) to test or cap it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import InvalidParameter
+
+MiB = 1 << 20
+GiB = 1 << 30
+_PROBES = (512, 2048)  # n_ctx of the two probe contexts
+
+
+class InsufficientMemory(InvalidParameter):
+    pass
+
+
+@dataclass(frozen=True)
+class ContextCost:
+    """Bytes one llama.cpp context of a model takes, as a function of its n_ctx."""
+
+    name: str
+    kv_per_token: int
+    buffers: float  # compute + output buffers at n_ctx = 0
+    buffers_per_token: float
+
+    def bytes(self, n_ctx: int) -> int:
+        return int(self.kv_per_token * n_ctx + self.buffers + self.buffers_per_token * n_ctx)
+
+
+def measure(runner, n_seq_max: int = 1, n_batch: int | None = None) -> ContextCost | None:
+    """The context cost of a llama.cpp runner; None for other backends (not checked)."""
+    from ..runners.llamacpp import LlamaCppRunner, context_buffers, kv_bytes_per_token
+
+    if not isinstance(runner, LlamaCppRunner):
+        return None
+    small, large = (context_buffers(runner, n, n_seq_max, n_batch) for n in _PROBES)
+    other = [sum(v for k, v in sizes.items() if k != "KV") * MiB for sizes in (small, large)]
+    slope = max(0.0, (other[1] - other[0]) / (_PROBES[1] - _PROBES[0]))
+    return ContextCost(runner.name, kv_bytes_per_token(runner), max(0.0, other[0] - slope * _PROBES[0]), slope)
+
+
+@dataclass
+class MemoryPlan:
+    target: ContextCost
+    draft: ContextCost | None  # one context per slot
+    slots: int
+    ctx: int
+    pool: int = 0  # cells of the shared target KV pool; 0 = one target context per slot
+
+    def parts(self) -> dict[str, int]:
+        parts = {}
+        if self.pool:
+            parts[f"target KV pool ({self.pool} tokens x {self.target.kv_per_token / 1024:.1f} KiB)"] = self.target.kv_per_token * self.pool
+            parts["target compute buffers (1 context)"] = self.target.bytes(self.pool) - self.target.kv_per_token * self.pool
+        else:
+            parts[f"target KV ({self.slots} x {self.ctx} tokens x {self.target.kv_per_token / 1024:.1f} KiB)"] = \
+                self.slots * self.target.kv_per_token * self.ctx
+            parts[f"target compute buffers ({self.slots} contexts)"] = \
+                self.slots * (self.target.bytes(self.ctx) - self.target.kv_per_token * self.ctx)
+        if self.draft is not None:
+            parts[f"draft KV ({self.slots} x {self.ctx} tokens x {self.draft.kv_per_token / 1024:.1f} KiB)"] = \
+                self.slots * self.draft.kv_per_token * self.ctx
+            parts[f"draft compute buffers ({self.slots} contexts)"] = \
+                self.slots * (self.draft.bytes(self.ctx) - self.draft.kv_per_token * self.ctx)
+        return parts
+
+    def needed(self) -> int:
+        return sum(self.parts().values())
+
+    def with_(self, **changes) -> "MemoryPlan":
+        return MemoryPlan(**{**self.__dict__, **changes})
+
+
+def available_bytes() -> int:
+    forced = os.environ.get("VERISPEC_MEMORY_AVAILABLE")
+    if forced:
+        return parse_size(forced)
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot tell how much memory is available")
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": MiB, "G": GiB}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMG")) * scale)
+
+
+def check(plan: MemoryPlan, available: int | None = None) -> None:
+    """Raise InsufficientMemory, with what would fit, if the plan needs more than is available."""
+    available = available_bytes() if available is None else available
+    need = plan.needed()
+    if need <= available:
+        return
+    detail = ", ".join(f"{name} {size / MiB:,.0f} MiB" for name, size in plan.parts().items())
+    raise InsufficientMemory(
+        f"--ctx {plan.ctx} --max-batch {plan.slots}" + (f" --kv-pool {plan.pool}" if plan.pool else "")
+        + f" needs {need / GiB:.2f} GiB ({detail}) but {available / GiB:.2f} GiB is available. "
+        + _what_fits(plan, available), "max_batch")
+
+
+def _largest(fits, lo: int, hi: int) -> int:
+    """The largest n in [lo, hi] with fits(n) (fits is monotone), or lo - 1 if none."""
+    if not fits(lo):
+        return lo - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
+def _what_fits(plan: MemoryPlan, available: int) -> str:
+    def fits(**changes) -> bool:
+        return plan.with_(**changes).needed() <= available
+
+    options = []
+    slots = _largest(lambda n: fits(slots=n), 1, plan.slots)
+    if 1 <= slots < plan.slots:
+        options.append(f"--max-batch {slots} at --ctx {plan.ctx}")
+    if plan.pool:
+        pool = _largest(lambda n: fits(pool=n, ctx=min(plan.ctx, n)), 1, plan.pool) // 256 * 256
+        if pool >= 256:
+            options.append(f"--kv-pool {pool}" + (f" --ctx {pool}" if pool < plan.ctx else "") + f" at --max-batch {plan.slots}")
+    else:
+        ctx = _largest(lambda n: fits(ctx=n), 1, plan.ctx) // 256 * 256
+        if ctx >= 256:
+            options.append(f"--ctx {ctx} at --max-batch {plan.slots}")
+    if not options:
+        ctx = _largest(lambda n: fits(slots=1, ctx=n, pool=n if plan.pool else 0), 1, plan.ctx) // 256 * 256
+        if ctx >= 256:
+            options.append(f"--max-batch 1 --ctx {ctx}" + (f" --kv-pool {ctx}" if plan.pool else ""))
+    if not options:
+        return "Nothing fits: even one slot with a 256-token context needs more; free memory or use a smaller model."
+    return "What would fit: " + "; or ".join(options) + "."
+
+
+def plan_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
+    """The memory plan of a server on `base` (None when the target is not on llama.cpp: not checked)."""
+    target = base.target
+    target_cost = measure(target, slots + 1 if pool else getattr(target, "max_tree_leaves", 0) + 1)
+    if target_cost is None:
+        return None
+    draft = model_drafter.runner if model_drafter is not None else None
+    draft_cost = measure(getattr(draft, "inner", draft), draft.max_tree_leaves + 1) if draft is not None else None
+    return MemoryPlan(target_cost, draft_cost, slots, ctx, pool)
+
+
+def check_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
+    plan = plan_server(base, model_drafter, slots, ctx, pool)
+    if plan is not None:
+        check(plan)
+    return plan

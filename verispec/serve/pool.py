@@ -1,0 +1,206 @@
+"""One KV cache for every request: a llama.cpp context with a sequence id per slot, and a Runner view per sequence.
+
+Memory is one pool of `n_cells` KV cells shared by all requests, so it is sized for the tokens in
+flight, not for context x slots; a request reserves the cells it can use at most when it is admitted
+(`reserve`), and waits in the queue while they are not free.
+
+Exactness. llama.cpp's attention (flash attention on the CPU) visits a sequence's cells in cell
+order and skips cells masked out for it; it is exact only when a sequence's later positions sit in
+higher cells than its earlier ones (LLAMACPP.md, `LlamaCppRunner.keep_path`). llama.cpp hands out
+the lowest free cell from its search head, so a cell freed by one request's rollback could receive
+another request's next token below that request's earlier cells. The pool therefore never frees a
+cell while others may sit above it: rolled-back and finished cells are *parked* (given to the park
+sequence, which nothing attends to), so every decoded token lands above all occupied cells. When
+the cells run out, `compact()` copies each live sequence out (`llama_state_seq_get_data`), clears
+the cache and writes them back, packed and in order. The bytes are copied verbatim, so compaction
+changes no logit.
+
+Single-row decodes. ggml's CPU flash attention splits the KV range across threads for a batch of
+one query row once 512+ cells are in view (its "split-KV" path), and the split points depend on
+where the cells lie, so such a row is not reproducible across cache layouts; batches of 2+ rows
+visit the cells in order on one thread per row. So once the view reaches 512 cells, a one-row
+decode gets a dummy second row (on its own sequence, no logits, removed at once). A request's
+rows are then computed like the 2-3-row chunks of a solo speculative pass, which equal a solo
+plain pass while the solo context holds <= 256 tokens (beyond, plain llama.cpp decoding itself
+takes the split path and differs from its own multi-row passes; see the report in the README).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import InvalidParameter, PromptError
+from ..runners.base import Runner
+from ..runners.llamacpp import LlamaCppRunner
+
+
+class PoolFull(RuntimeError):
+    pass
+
+
+class KvPool:
+    """The shared context. Not thread-safe: the fuser (or a caller holding `lock`) drives it."""
+
+    def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512) -> None:
+        import llama_cpp as L
+
+        self._L = L
+        self.base = base
+        self.n_seqs = n_seqs
+        self.park = n_seqs  # the sequence holding cells nobody attends to any more
+        self.pad = n_seqs + 1  # the dummy second row of a one-row decode
+        cparams = L.llama_context_default_params()
+        cparams.n_ctx = n_cells
+        cparams.n_batch = cparams.n_ubatch = n_batch
+        cparams.n_seq_max = n_seqs + 2
+        cparams.kv_unified = True
+        cparams.n_threads = cparams.n_threads_batch = base.n_threads
+        cparams.no_perf = True
+        cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))  # as LlamaCppRunner
+        self._ctx = L.llama_init_from_model(base._model, cparams)
+        if not self._ctx:
+            raise InvalidParameter(f"llama.cpp could not create a KV pool of {n_cells} cells", "kv_pool")
+        self._mem = L.llama_get_memory(self._ctx)
+        self.n_cells = L.llama_n_ctx(self._ctx)
+        self.n_batch = n_batch
+        self.n_vocab = base.n_vocab
+        self._batch = L.llama_batch_init(n_batch + 1, 0, 1)
+        self.lock = threading.Lock()  # every llama.cpp computation of the server runs under it
+        self.bump = 0  # cells handed out since the last compaction; every cell below it is occupied
+        self.live = [0] * n_seqs  # committed tokens per sequence
+        self.reserved = [0] * n_seqs
+        self.compactions = 0
+        self.decodes = 0
+        self.padded = 0  # one-row decodes that got a dummy row
+
+    # -- cells ------------------------------------------------------------------------------------
+
+    def free_cells(self) -> int:
+        """Cells not reserved by any admitted request."""
+        return self.n_cells - sum(self.reserved)
+
+    def reserve(self, seq: int, n: int) -> bool:
+        if n > self.free_cells() + self.reserved[seq]:
+            return False
+        self.reserved[seq] = n
+        return True
+
+    def release(self, seq: int) -> None:
+        self.drop(seq, 0)
+        self.reserved[seq] = 0
+        if not any(self.live):  # idle: start again from cell 0, as a solo run does
+            self._L.llama_memory_clear(self._mem, True)
+            self.bump = 0
+
+    def drop(self, seq: int, from_pos: int) -> None:
+        """Forget positions >= from_pos of `seq`, parking their cells."""
+        if from_pos >= self.live[seq]:
+            return
+        self._L.llama_memory_seq_cp(self._mem, seq, self.park, from_pos, -1)
+        self._L.llama_memory_seq_rm(self._mem, seq, from_pos, -1)
+        self.live[seq] = from_pos
+
+    def compact(self) -> None:
+        """Copy the live sequences out, clear every cell (parked ones too), copy them back packed."""
+        L = self._L
+        saved = []
+        for seq in range(self.n_seqs):
+            if self.live[seq]:
+                size = L.llama_state_seq_get_size(self._ctx, seq)
+                buf = (ctypes.c_uint8 * size)()
+                written = L.llama_state_seq_get_data(self._ctx, buf, size, seq)
+                saved.append((seq, buf, written))
+        L.llama_memory_clear(self._mem, True)
+        for seq, buf, size in saved:
+            if L.llama_state_seq_set_data(self._ctx, buf, size, seq) != size:
+                raise RuntimeError(f"llama.cpp could not restore sequence {seq} while compacting the KV pool")
+        self.bump = sum(self.live)
+        self.compactions += 1
+
+    # -- decoding ----------------------------------------------------------------------------------
+
+    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool]) -> np.ndarray:
+        """One llama_decode. Row i appends tokens[i] to seqs[i] at its next position; returns the wanted rows."""
+        n = len(tokens)
+        if n > self.n_batch:
+            raise ValueError(f"{n} rows exceed the pool's batch size {self.n_batch}")
+        pad = n == 1 and self._split_kv(self.bump + 2)
+        if self.bump + n + pad > self.n_cells:
+            self.compact()
+            pad = n == 1 and self._split_kv(self.bump + 2)
+            if self.bump + n + pad > self.n_cells:
+                raise PoolFull(f"the KV pool of {self.n_cells} cells is full ({self.bump} live)")
+        b = self._batch
+        b.n_tokens = n + pad
+        for i, (seq, tok, flag) in enumerate(zip(seqs, tokens, want)):
+            self._put(i, tok, self.live[seq], seq, flag)
+            self.live[seq] += 1
+        if pad:  # last, so that its cell is the highest one and freeing it keeps the cells ordered
+            self._put(n, tokens[0], 0, self.pad, False)
+        status = self._L.llama_decode(self._ctx, b)
+        if pad:
+            self._L.llama_memory_seq_rm(self._mem, self.pad, -1, -1)
+            self.padded += 1
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} in the KV pool")
+        self.bump += n
+        self.decodes += 1
+        n_out = sum(bool(w) for w in want)
+        return np.ctypeslib.as_array(self._L.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
+
+    def _put(self, i: int, token: int, pos: int, seq: int, want: bool) -> None:
+        b = self._batch
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, int(want)
+        b.seq_id[i][0] = seq
+
+    def _split_kv(self, used: int) -> bool:
+        """Would a one-row decode take ggml's split-KV attention path? (view = used cells padded to 256, >= 512)"""
+        return min(self.n_cells, -(-used // 256) * 256) >= 512
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._L.llama_batch_free(self._batch)
+            self._L.llama_free(self._ctx)
+            self._ctx = None
+
+
+class SeqRunner(Runner):
+    """A request's target runner on one sequence of the pool. forward() goes through `fuser`, which
+    may decode these rows in one llama_decode with other requests' rows."""
+
+    def __init__(self, pool: KvPool, seq: int, fuser, n_ctx: int) -> None:
+        self.pool, self.seq, self.fuser = pool, seq, fuser
+        self.name = pool.base.name
+        self.source = pool.base.source
+        self.n_ctx = n_ctx
+        self.n_vocab = pool.n_vocab
+        self.tokenizer = pool.base.tokenizer
+        self.n_params = pool.base.n_params
+
+    @property
+    def n_past(self) -> int:
+        return self.pool.live[self.seq]
+
+    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
+        if parents is not None:
+            raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",
+                                   "tree_width")
+        self.check_fits(len(tokens))
+        if len(tokens) + self.n_past > self.pool.reserved[self.seq]:
+            raise PromptError(f"request outgrew its {self.pool.reserved[self.seq]} reserved KV cells", "max_tokens")
+        return self.fuser.run(self.seq, list(tokens), all_logits)
+
+    def rollback(self, n_past: int) -> None:
+        with self.pool.lock:
+            self.pool.drop(self.seq, n_past)
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        raise RuntimeError("keep_path() needs a tree forward, which the pool does not run")
+
+    def reset(self) -> None:
+        self.rollback(0)

@@ -1,0 +1,258 @@
+"""The scheduler on one shared KV pool with fused verification (llama.cpp targets).
+
+Each slot is a sequence of the pool (pool.py) and has its own thread that drives its request's
+engine generator step by step. The engine's target passes block in the fuser (fuser.py); the
+scheduler thread admits requests and, whenever every active request is blocked there, runs one
+fused tick and re-plans the draft caps (goodput.py). A draft model keeps one context per slot,
+serialised with the pool by the pool's lock: two llama.cpp computations at once on the same
+cores slow each other down many times over.
+
+A request is admitted when the pool can reserve the cells it can use at most: prompt + max_tokens
++ draft_max + 1, capped by --ctx. Until then it waits in the queue (first come, first served).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+
+from ..api import Model, TextAssembler
+from ..drafters.draft_model import ModelDrafter
+from ..engine import Engine
+from ..errors import InvalidParameter
+from ..runners.base import Runner
+from ..runners.llamacpp import LlamaCppRunner
+from .fuser import Fuser
+from .memory import check_server
+from .goodput import Candidate, GoodputPolicy
+from .metrics import Metrics
+from .pool import KvPool, SeqRunner
+from .scheduler import Event, Scheduler, Switchable
+
+log = logging.getLogger("verispec.serve")
+
+
+class Locked(Runner):
+    """A runner whose passes take `lock` (a draft model's per-slot context, next to the pool)."""
+
+    def __init__(self, inner: Runner, lock: threading.Lock) -> None:
+        self.inner, self.lock = inner, lock
+        self.name, self.n_ctx, self.n_vocab, self.tokenizer = inner.name, inner.n_ctx, inner.n_vocab, inner.tokenizer
+
+    @property
+    def n_past(self) -> int:
+        return self.inner.n_past
+
+    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True):
+        with self.lock:
+            return self.inner.forward(tokens, parents, all_logits)
+
+    def rollback(self, n_past: int) -> None:
+        with self.lock:
+            self.inner.rollback(n_past)
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        with self.lock:
+            self.inner.keep_path(path)
+
+    def reset(self) -> None:
+        with self.lock:
+            self.inner.reset()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class PoolSlot:
+    """Sequence `seq` of the pool, its drafters, its thread and at most one request."""
+
+    def __init__(self, base: Model, pool: KvPool, fuser: Fuser, seq: int, n_ctx: int,
+                 model_drafter: ModelDrafter | None) -> None:
+        self.seq = seq
+        self.model = Model(target=SeqRunner(pool, seq, fuser, n_ctx), backend=base.backend, spec=base.spec,
+                           runner_options=base.runner_options)
+        self.model_drafter = None
+        if model_drafter is not None:
+            runner = Locked(model_drafter.runner.sibling(n_ctx=n_ctx), pool.lock)
+            self.model_drafter = ModelDrafter(runner, model_drafter.min_prob, base.spec.draft_max)
+        self.job = None
+        self.cap: int | None = None
+        self.thread: threading.Thread | None = None
+
+    def drafter(self, key: str | None):
+        return self.model_drafter if key == "model" else self.model.drafter(key)
+
+    def close(self) -> None:
+        if self.model_drafter is not None:
+            self.model_drafter.close()
+        self.model.close()  # the SeqRunner frees nothing: the pool owns the context
+
+
+class PooledScheduler(Scheduler):
+    def __init__(self, base: Model, max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None,
+                 spec_off_at: int = 0, metrics: Metrics | None = None, pool_cells: int | None = None,
+                 fuse_rows: int = 3, prefill_chunk: int | None = None) -> None:
+        if not isinstance(base.target, LlamaCppRunner):
+            raise InvalidParameter("the shared KV pool needs a llama.cpp target (serve with --kv-pool 0)", "kv_pool")
+        if max_batch < 1:
+            raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
+        self.n_ctx = n_ctx or base.target.n_ctx
+        self.max_queue = max_queue
+        self.spec_off_at = spec_off_at
+        self.metrics = metrics or Metrics()
+        default = base.drafter(base.spec.draft)
+        self.model_drafter = default if isinstance(default, ModelDrafter) else None
+        cells = pool_cells or self.n_ctx * max_batch
+        if cells < self.n_ctx:
+            raise InvalidParameter(f"--kv-pool {cells} is smaller than --ctx {self.n_ctx}: one request could never fit",
+                                   "kv_pool")
+        self.memory = check_server(base, self.model_drafter, max_batch, self.n_ctx, cells)
+        self.pool = KvPool(base.target, cells, max_batch)
+        self.fuser = Fuser(self.pool, fuse_rows, prefill_chunk)
+        self.policy = GoodputPolicy(self.fuser.fuse_rows)
+        self.policy.pass_seconds = self.fuser.pass_seconds
+        self.slots: list[PoolSlot] = []
+        self._waiting: deque = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        try:
+            for seq in range(max_batch):
+                self.slots.append(PoolSlot(base, self.pool, self.fuser, seq, self.n_ctx, self.model_drafter))
+        except BaseException:
+            self.close()
+            raise
+        self.metrics.slots.set(max_batch)
+        self.metrics.pool_cells.set(self.pool.n_cells)
+        for slot in self.slots:
+            slot.thread = threading.Thread(target=self._slot_loop, args=(slot,), name=f"verispec-slot-{slot.seq}", daemon=True)
+            slot.thread.start()
+        self._thread = threading.Thread(target=self._run, name="verispec-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the scheduler thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and all(s.job is None for s in self.slots):
+                    self._cond.wait()
+                if self._stop:
+                    break
+                self._admit()
+            if self.fuser.tick(timeout=0.02):
+                self._plan()
+                self._publish()
+
+    def _admit(self) -> None:
+        """Give free slots to waiting requests whose cells the pool can reserve (lock held)."""
+        for slot in self.slots:
+            if slot.job is not None:
+                continue
+            while self._waiting and self._waiting[0].cancelled:
+                self.metrics.requests.labels(self._waiting.popleft().endpoint, "cancelled").inc()
+            if not self._waiting:
+                break
+            job = self._waiting[0]
+            need = min(self.n_ctx, len(job.tokens) + job.params.max_tokens + job.spec.draft_max + 2)
+            with self.pool.lock:
+                if not self.pool.reserve(slot.seq, need):
+                    break  # first come, first served: the head waits for cells
+            self._waiting.popleft()
+            slot.model.target.n_ctx = need
+            drafter = slot.drafter(job.draft)
+            if drafter is not None and not job.pinned:
+                job._gate = drafter = Switchable(drafter)
+                job._gate.cap = slot.cap = self._initial_cap()
+            job._gen = Engine(slot.model.target, drafter, job.spec).generate(job.tokens, job.params, job.stats)
+            job._decoder = TextAssembler(slot.model.tokenizer, job.params.stop)
+            self.fuser.attach(slot.seq)
+            slot.job = job
+            self.metrics.prompt_tokens.inc(len(job.tokens))
+            self._cond.notify_all()
+        self.metrics.queue_depth.set(len(self._waiting))
+        self.metrics.active.set(sum(s.job is not None for s in self.slots))
+
+    def _initial_cap(self) -> int | None:
+        if self.spec_off_at > 0 and 1 + sum(s.job is not None for s in self.slots) >= self.spec_off_at:
+            return 0
+        return None
+
+    def _plan(self) -> None:
+        """Re-plan every unpinned request's draft cap from the measured pass costs (goodput.py)."""
+        active = [(s, s.job) for s in self.slots]
+        active = [(s, job) for s, job in active if job is not None]  # slot threads may finish jobs meanwhile
+        if not active:
+            return
+        if self.spec_off_at > 0:
+            caps = [0 if len(active) >= self.spec_off_at else None] * len(active)
+        elif len(active) == 1:  # nothing shares the pass: the engine's own chooser is the goodput rule
+            caps = [None]
+        else:
+            candidates = [Candidate(job.stats, job.spec.draft_max if job.draft else 0, job._gate is None)
+                          for _, job in active]
+            caps = self.policy.plan(candidates)
+        gated = [(s, cap) for (s, job), cap in zip(active, caps) if job._gate is not None]
+        for slot, cap in gated:
+            slot.cap = cap
+        self.metrics.spec_disabled.set(1 if gated and all(cap == 0 for _, cap in gated) else 0)
+        self.metrics.draft_budget.set(sum(cap or 0 for _, cap in gated))
+
+    def _publish(self) -> None:
+        m, pool = self.metrics, self.pool
+        for rows in self.fuser.take_rows():
+            m.fused_rows.observe(rows)
+        for rows, seconds in list(self.fuser.pass_seconds.items()):
+            m.pass_seconds.labels(str(rows)).set(seconds)
+        m.goodput.set(self.policy.predicted)
+        m.pool_live.set(sum(pool.live))
+        m.pool_reserved.set(sum(pool.reserved))
+        m.pool_compactions.set(pool.compactions)
+
+    # -- slot threads ----------------------------------------------------------------------------------
+
+    def _slot_loop(self, slot: PoolSlot) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._stop or slot.job is not None)
+                if slot.job is None:
+                    return
+            while slot.job is not None:
+                try:
+                    self._step(slot, slot.cap)
+                except Exception:  # never let one request kill its slot
+                    if not self._stop:
+                        log.exception("scheduler step failed")
+                    if slot.job is not None:
+                        message = "the server is shutting down" if self._stop else "internal error while decoding"
+                        self._finish(slot, "error", Event("error", error=RuntimeError(message)))
+
+    def _finish(self, slot: PoolSlot, outcome: str, event: Event | None = None) -> None:
+        super()._finish(slot, outcome, event)
+        with self.pool.lock:
+            self.pool.release(slot.seq)
+        self.fuser.detach(slot.seq)
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        fuser = getattr(self, "fuser", None)
+        if fuser is not None:
+            fuser.close()
+        for slot in self.slots:
+            if slot.thread is not None:
+                slot.thread.join()
+        thread = getattr(self, "_thread", None)
+        if thread is not None:
+            thread.join()
+        for job in getattr(self, "_waiting", ()):
+            job.emit(Event("error", error=RuntimeError("the server is shutting down")))
+        for slot in self.slots:
+            slot.close()
+        self.slots = []
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
