@@ -29,7 +29,7 @@ from .memory import check_server
 from .goodput import Candidate, GoodputPolicy
 from .metrics import Metrics
 from .pool import KvPool, SeqRunner
-from .scheduler import Event, Scheduler, Switchable
+from .scheduler import Event, Scheduler, Switchable, drop_cancelled
 
 log = logging.getLogger("verispec.serve")
 
@@ -150,8 +150,7 @@ class PooledScheduler(Scheduler):
         for slot in self.slots:
             if slot.job is not None:
                 continue
-            while self._waiting and self._waiting[0].cancelled:
-                self.metrics.requests.labels(self._waiting.popleft().endpoint, "cancelled").inc()
+            drop_cancelled(self._waiting, self.metrics)
             if not self._waiting:
                 break
             job = self._waiting[0]

@@ -115,6 +115,12 @@ class Switchable(Drafter):
         self.inner.accepted(row)
 
 
+def drop_cancelled(waiting: deque[Job], metrics: Metrics) -> None:
+    """Drop requests cancelled while they waited from the head of the queue, counting them."""
+    while waiting and waiting[0].cancelled:
+        metrics.requests.labels(waiting.popleft().endpoint, "cancelled").inc()
+
+
 def clone_runner(runner: Runner, n_ctx: int) -> Runner:
     """A runner with its own KV cache on the same weights."""
     if hasattr(runner, "sibling"):
@@ -245,8 +251,7 @@ class Scheduler:
         for slot in self.slots:
             if slot.job is not None:
                 continue
-            while self._waiting and self._waiting[0].cancelled:
-                self.metrics.requests.labels(self._waiting.popleft().endpoint, "cancelled").inc()
+            drop_cancelled(self._waiting, self.metrics)
             if not self._waiting:
                 break
             job = self._waiting.popleft()
