@@ -12,8 +12,10 @@ import pytest
 
 from tests.prompts import PROMPTS
 from tests.toy import tiny_llama, tiny_runner, ByteTokenizer
+from verispec.drafters.base import Draft, Drafter
 from verispec.drafters.draft_model import ModelDrafter
 from verispec.drafters.ngram import NgramDrafter
+from verispec.draft_length import CarriedCosts, DraftLengthChooser
 from verispec.engine import Engine, SpeculativeConfig, Stats
 from verispec.runners.torch import TorchRunner
 from verispec.sampling import SamplingParams
@@ -155,3 +157,57 @@ def test_eos_inside_the_last_step_still_respects_max_tokens():
             assert len(out) == min(max_tokens, first_eos) == stats.generated
     finally:
         target.tokenizer.eos_ids = frozenset({2})
+
+
+
+class _CountingDrafter(Drafter):
+    """A costly drafter that counts its prefills and proposes a fixed token."""
+
+    costly = True
+    name = "counting"
+
+    def __init__(self) -> None:
+        self.prefills = 0
+
+    def prefill(self, prompt) -> None:
+        self.prefills += 1
+
+    def propose(self, context, k: int) -> Draft:
+        return Draft([5] * k, None, self.name)
+
+
+def _learned_not_to_draft(carried: CarriedCosts) -> None:
+    """One request's worth of measurements: passes cost 1 s per token, drafts 0.5 s, and nothing is accepted."""
+    chooser = DraftLengthChooser(k_max=8, probe_every=None)
+    for n in (1, 2, 3):
+        chooser.record_verify(n, float(n))
+    chooser.record_draft(2, 1.0)
+    for _ in range(20):
+        chooser.record_acceptance(2, 0)
+    carried.absorb(chooser)
+
+
+def test_measured_costs_carry_to_the_next_request_and_every_eighth_request_re_explores():
+    carried = CarriedCosts(explore_every=8)
+    _learned_not_to_draft(carried)
+    seeded = []
+    for _ in range(8):
+        chooser = DraftLengthChooser(k_max=8, probe_every=None)
+        carried.seed(chooser)
+        seeded.append(chooser)
+    assert all(not c.would_draft() and c.choose() == 0 for c in seeded[:7])
+    assert seeded[7].acceptance == DraftLengthChooser().acceptance and seeded[7].verify_seconds[1] == 1.0
+
+
+def test_a_costly_drafter_that_does_not_pay_is_not_even_prefilled():
+    from tests.toy import TableRunner
+
+    carried = CarriedCosts()
+    _learned_not_to_draft(carried)
+    drafter = _CountingDrafter()
+    engine = Engine(TableRunner(vocab=12), drafter, SpeculativeConfig(draft="counting"), carried)
+    out, stats = run(engine, [1, 2, 3], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert len(out) == 12 and stats.drafted == 0 and drafter.prefills == 0
+    fresh = Engine(TableRunner(vocab=12), drafter, SpeculativeConfig(draft="counting"))
+    run(fresh, [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
+    assert drafter.prefills == 1  # with nothing measured yet it drafts, so it prefills

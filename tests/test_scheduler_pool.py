@@ -2,6 +2,7 @@
 on SmolLM2-135M (llama.cpp). Exactness is checked bit for bit against solo runs."""
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -57,6 +58,40 @@ def _drive(fuser, jobs) -> None:
 
 
 # -- exactness ---------------------------------------------------------------------------------------
+
+
+def test_a_request_alone_decodes_like_plain_llama_cpp_past_256_tokens_without_dummy_rows(smol):
+    """Alone and packed, one-row decodes are not padded: they equal the solo runner's, rollbacks included."""
+    runner = smol.target
+    prompt = smol.prompt_tokens(" ".join(PROMPTS))[:300]
+    assert len(prompt) == 300  # past 256: one-row decodes take the split-KV path
+    steps = [(5, 0), (7, 3), (9, 0), (4, 2)]  # (tokens fed one by one, positions then rolled back)
+
+    def run(forward, rollback, n_past):
+        rows = []
+        for n, back in steps:
+            for tok in range(100, 100 + n):
+                rows.append(forward([tok]).copy())
+            rollback(n_past() - back)
+        return rows
+
+    runner.reset()
+    runner.forward(prompt, all_logits=False)
+    solo = run(lambda t: runner.forward(t)[0], runner.rollback, lambda: runner.n_past)
+    pool, _ = _pool(smol, 1024, 2)
+    try:
+        pool.reserve(0, 512)
+        pool.decode([0] * len(prompt), prompt, [False] * (len(prompt) - 1) + [True])
+        pooled = run(lambda t: pool.decode([0], t, [True])[0], lambda n: pool.drop(0, n), lambda: pool.live[0])
+        assert pool.padded == 0 and pool.bump == pool.live[0]
+        pool.reserve(1, 64)
+        pool.decode([1, 1], [1, 2], [False, True])  # another request's cells: now a lone row is padded
+        pool.decode([0], [5], [True])
+        assert pool.padded == 1
+    finally:
+        pool.close()
+    for i, (a, b) in enumerate(zip(solo, pooled)):
+        assert np.array_equal(a, b), f"step {i} differs by {np.abs(a - b).max()}"
 
 
 def test_rows_of_different_requests_in_one_decode_equal_solo_rows(smol):
@@ -143,6 +178,117 @@ def test_chunked_prefill_lets_others_decode(smol):
     assert events.index("long prefilled") >= 3, events
 
 
+# -- the draft model's pool -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def drafting(smol_source):
+    """SmolLM2 with itself as the draft model."""
+    import verispec
+
+    model = verispec.load(MODEL, n_ctx=512, draft=MODEL, n_threads=2)
+    yield model
+    model.close()
+
+
+def _submit(scheduler, base, text: str, max_tokens: int):
+    """A greedy request drafting with the model (K = 4); returns the job and the list its events go to."""
+    from dataclasses import replace
+
+    from verispec.serve.scheduler import Job
+
+    events = []
+    spec = replace(base.spec, draft=MODEL, draft_tokens=4)
+    job = Job(base.prompt_tokens(text), SamplingParams(max_tokens=max_tokens), spec, "model", True, events.append)
+    scheduler.submit(job)
+    return job, events
+
+
+def _until(condition, seconds: float = 60.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_draft_sequence_is_refed_after_its_cells_are_released(smol):
+    """A draft model on a sequence of a draft pool (prefill in 16-token batches): it proposes what a solo
+    context with the same batches proposes, and again after the sequence's cells were released between
+    requests (the drafter must not trust its record of what the cache held)."""
+    from verispec.drafters.draft_model import ModelDrafter
+    from verispec.serve.pool import DirectSeqRunner, KvPool
+
+    prompt = smol.prompt_tokens(PROMPTS[2])
+    assert len(prompt) > 16
+    rng = np.random.default_rng(0)
+    solo_runner = smol.target.sibling(n_ctx=512, n_batch=16, max_tree_leaves=1)  # llama.cpp: n_seq_max <= n_batch
+    try:
+        solo = ModelDrafter(solo_runner, max_tokens=8)
+        solo.begin(prompt, SamplingParams(), rng)
+        expected = solo.propose(prompt, 6).tokens
+    finally:
+        solo_runner.close()
+    pool = KvPool(smol.target, 512, 2, n_batch=16)
+    proposals = []
+    try:
+        drafter = ModelDrafter(DirectSeqRunner(pool, 1, 512), max_tokens=8)
+        for _ in range(2):
+            assert pool.reserve(1, 256)
+            drafter.begin(prompt, SamplingParams(), rng)
+            proposals.append(drafter.propose(prompt, 6).tokens)
+            assert pool.live == [0, len(prompt) + 5]
+            pool.release(1)
+    finally:
+        pool.close()
+    assert proposals == [expected, expected]
+
+
+def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
+    """Three greedy requests drafting with the model on two slots (the third reuses a slot): each slot's
+    draft is a sequence of one draft pool, every output equals the solo plain output, and both pools
+    are empty afterwards."""
+    from verispec.serve.pool import DirectSeqRunner
+    from verispec.serve.pooled import PooledScheduler
+
+    texts, n = [PROMPTS[0], PROMPTS[4], PROMPTS[7]], 40
+    solo = [drafting.generate(t, SamplingParams(max_tokens=n), spec=SpeculativeConfig()).text for t in texts]
+    scheduler = PooledScheduler(drafting, max_batch=2, n_ctx=512)
+    try:
+        draft_pool = scheduler.draft_pool
+        assert draft_pool is not None and draft_pool.n_cells == scheduler.pool.n_cells
+        assert draft_pool.lock is scheduler.pool.lock
+        assert all(isinstance(s.model_drafter.runner, DirectSeqRunner) and s.model_drafter.runner.pool is draft_pool
+                   for s in scheduler.slots)
+        runs = [_submit(scheduler, drafting, t, n) for t in texts]
+        assert all(_until(lambda: events and events[-1].kind != "text") for _, events in runs)
+        assert _until(lambda: not any(draft_pool.reserved) and not any(scheduler.pool.reserved))
+        assert draft_pool.live == [0, 0] and scheduler.pool.live == [0, 0]
+    finally:
+        scheduler.close()
+    for (job, events), want in zip(runs, solo):
+        assert events[-1].kind == "done", events[-1]
+        assert "".join(e.text for e in events) == want
+        assert job.stats.drafted > 0 and job.stats.acceptance_rate > 0.9  # a model drafting for itself
+
+
+def test_cancelled_request_releases_its_draft_cells(drafting):
+    from verispec.serve.pooled import PooledScheduler
+
+    scheduler = PooledScheduler(drafting, max_batch=1, n_ctx=512)
+    try:
+        draft_pool = scheduler.draft_pool
+        job, events = _submit(scheduler, drafting, PROMPTS[7], 400)
+        assert _until(lambda: events and draft_pool.live[0] >= len(job.tokens))  # decoding, the prompt drafted on
+        assert draft_pool.reserved[0] > 0 and not job.finished
+        scheduler.cancel(job)
+        assert _until(lambda: draft_pool.reserved == [0] and scheduler.pool.reserved == [0])
+        assert draft_pool.live == [0] and job.stats.generated < 400
+    finally:
+        scheduler.close()
+
+
 # -- goodput planner ------------------------------------------------------------------------------------
 
 
@@ -183,7 +329,7 @@ def test_kv_bytes_per_token_equals_llama_cpp_kv_buffer(smol):
 
 def test_memory_check_counts_the_draft_and_says_what_fits(smol_source):
     import verispec
-    from verispec.serve.memory import GiB, InsufficientMemory, MemoryPlan, check, measure
+    from verispec.serve.memory import GiB, InsufficientMemory, MemoryPlan, check, measure, plan_server
 
     base = verispec.load(MODEL, n_ctx=512, draft=MODEL, n_threads=1)
     try:
@@ -202,6 +348,11 @@ def test_memory_check_counts_the_draft_and_says_what_fits(smol_source):
         check(plan.with_(slots=slots), available)  # the suggestion passes
         pooled = MemoryPlan(target, None, 8, 8192, pool=8 * 8192)
         assert pooled.needed() < without  # one set of compute buffers instead of eight
+        served = plan_server(base, base.drafter(MODEL), 8, 8192, pool=8 * 8192)
+        draft_parts = {name: size for name, size in served.parts().items() if name.startswith("draft")}
+        assert list(draft_parts) == [f"draft KV pool ({8 * 8192} tokens x {served.draft.kv_per_token / 1024:.1f} KiB)",
+                                     "draft compute buffers (1 context)"]
+        assert sum(draft_parts.values()) == served.draft.bytes(8 * 8192)  # the draft once, for the pool's cells
     finally:
         base.close()
 

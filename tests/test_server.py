@@ -390,7 +390,7 @@ def test_metrics_exposition(running):
 
 
 def test_model_drafter_gets_a_context_per_slot(smol_source):
-    """A draft *model* (here SmolLM2 drafting for itself) is cloned onto every slot's own context."""
+    """A draft *model* (here SmolLM2 drafting for itself) gets a runner per slot: a sequence of the draft pool."""
     from fastapi.testclient import TestClient
 
     import verispec

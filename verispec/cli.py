@@ -233,9 +233,10 @@ def serve(
     ctx: int = typer.Option(4096, help="context length in tokens per request"),
     spec_off_at: int = typer.Option(0, help="active requests at which default drafting turns off (0 = the goodput "
                                     "planner decides from measured pass costs)"),
-    kv_pool: Optional[int] = typer.Option(None, help="KV cells shared by all requests (llama.cpp; default ctx x max-batch); "
-                                          "0 = one context per slot, passes not fused"),
-    fuse_rows: int = typer.Option(3, help="rows per fused target decode; <= 3 keeps outputs bit-identical to solo runs"),
+    kv_pool: Optional[int] = typer.Option(None, help="KV cells shared by all requests (default ctx x max-batch; llama.cpp "
+                                          "context or paged torch blocks); 0 = one context per slot, passes not fused"),
+    fuse_rows: Optional[int] = typer.Option(None, help="rows per fused target decode (default: the most that keeps outputs "
+                                            "bit-identical to solo runs: 3 on llama.cpp, all of a step's rows on torch)"),
     prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per fused step (chunked prefill; default 512)"),
     backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores; with --ray: per replica, "
@@ -283,7 +284,7 @@ def bench_load(
     url: Optional[str] = typer.Option(None, help="drive a running server instead of starting one"),
     ctx: int = typer.Option(2048),
     kv_pool: Optional[int] = typer.Option(None, help="0 = per-slot contexts (no fusion)"),
-    fuse_rows: int = typer.Option(3),
+    fuse_rows: Optional[int] = typer.Option(None, help="default: 3 on llama.cpp, all of a step's rows on torch"),
     threads: Optional[int] = typer.Option(None),
     out: str = typer.Option("load.md", help="markdown table (and a .json next to it)"),
 ) -> None:

@@ -8,6 +8,7 @@ yet seen are extrapolated from a prior curve T(n)/T(1) scaled to what was measur
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 # T(n)/T(1) for one llama.cpp pass over n tokens, measured with llama-bench on this project's
@@ -76,6 +77,13 @@ class DraftLengthChooser:
             self._steps_at_zero = 0
         return k
 
+    def would_draft(self) -> bool:
+        """Whether the next choose() may draft (without choose()'s side effects)."""
+        if self.fixed is not None or not self.verify_seconds:
+            return bool(self.fixed if self.fixed is not None else self.k_max)
+        return self.probe_every is not None or best_k(self.acceptance, self.verify_table(),
+                                                       self.draft_seconds_per_token or 0.0, self.k_max, self.min_gain) > 0
+
     def verify_table(self) -> dict[int, float]:
         """Measured seconds per verify size; unmeasured sizes from the prior curve, scaled by the nearest measured size."""
         table = {}
@@ -103,6 +111,40 @@ class DraftLengthChooser:
         observed = n_accepted + (1 if n_accepted < n_drafted else 0)
         rate = n_accepted / observed
         self.acceptance = min(0.99, max(0.01, _ema(self.acceptance, rate, self.ema_weight * min(observed, 4) / 2)))
+
+
+class CarriedCosts:
+    """What one request's chooser measured, handed to the next request's chooser.
+
+    Pass costs are facts of the hardware, and a drafter's acceptance on earlier requests is a
+    better prior than a constant. Without this, every request pays to re-learn them: a draft
+    model that does not pay here still prefills each prompt and drafts a first probe. Every
+    `explore_every`-th request starts from the constant acceptance prior instead, so a drafter
+    that was judged not to pay gets measured again. Thread-safe: a server's slots share one.
+    """
+
+    def __init__(self, explore_every: int = 8) -> None:
+        self.explore_every = explore_every
+        self.requests = 0
+        self._verify_seconds: dict[int, float] = {}
+        self._draft_seconds_per_token: float | None = None
+        self._acceptance: float | None = None
+        self._lock = threading.Lock()
+
+    def seed(self, chooser: DraftLengthChooser) -> None:
+        with self._lock:
+            self.requests += 1
+            chooser.verify_seconds.update(self._verify_seconds)
+            chooser.draft_seconds_per_token = self._draft_seconds_per_token
+            if self._acceptance is not None and self.requests % self.explore_every:
+                chooser.acceptance = self._acceptance
+
+    def absorb(self, chooser: DraftLengthChooser) -> None:
+        with self._lock:
+            self._verify_seconds.update(chooser.verify_seconds)
+            if chooser.draft_seconds_per_token is not None:
+                self._draft_seconds_per_token = chooser.draft_seconds_per_token
+            self._acceptance = chooser.acceptance
 
 
 TREE_BUDGETS = (0, 4, 8, 16, 32)  # 0 = no tree: a chain with its own adaptive K

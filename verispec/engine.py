@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .draft_length import DraftLengthChooser, TreeBudgetChooser
+from .draft_length import CarriedCosts, DraftLengthChooser, TreeBudgetChooser
 from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
@@ -180,10 +180,13 @@ class Stats:
 class Engine:
     """Generates tokens for one request at a time from a target runner and an optional drafter."""
 
-    def __init__(self, target: Runner, drafter: Drafter | None = None, config: SpeculativeConfig | None = None) -> None:
+    def __init__(self, target: Runner, drafter: Drafter | None = None, config: SpeculativeConfig | None = None,
+                 carried: CarriedCosts | None = None) -> None:
         self.target = target
         self.drafter = drafter
         self.config = config or SpeculativeConfig()
+        # The adaptive K's measurements carry from request to request (a server shares one across slots).
+        self.carried = carried if carried is not None else CarriedCosts()
         self.tree_shape = TreeShape.parse(self.config.tree) if self.config.tree else None
         self.relaxed = relaxed_tau(self.config.acceptance)
         # Tree budgets are measured per engine, not per request: their costs are facts of the hardware.
@@ -203,12 +206,17 @@ class Engine:
         uses_trees = self.config.tree_width > 1 or self.tree_shape is not None or self.config.acceptance != "exact"
         tree_verifier = TreeVerifier(self.target.n_vocab, params, rng, self.relaxed) if uses_trees else None
         chooser = self._chooser()
+        adaptive = self.drafter is not None and chooser.fixed is None
+        if adaptive:
+            self.carried.seed(chooser)
         self.target.reset()
         stats.prompt_tokens = len(prompt)
 
         t0 = time.perf_counter()
         if self.drafter:
             self.drafter.begin(prompt, params, rng)
+            if chooser.would_draft() or self.budget_chooser is not None:
+                self.drafter.prefill(prompt)
         rows = self.target.forward(prompt, all_logits=False)
         row = rows[-1]
         if self.drafter:
@@ -218,8 +226,17 @@ class Engine:
             stats.margins.append(_top2_margin(row))
         stats.prefill_seconds = time.perf_counter() - t0
         context = prompt + [last]
-        eos = frozenset() if params.ignore_eos else self.target.tokenizer.eos_ids
         t_decode = time.perf_counter()
+        try:
+            yield from self._decode(context, last, chooser, verifier, tree_verifier, stats, params, record_margins, t_decode)
+        finally:
+            if adaptive:
+                self.carried.absorb(chooser)
+
+    def _decode(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
+                tree_verifier: TreeVerifier | None, stats: Stats, params: SamplingParams, record_margins: bool,
+                t_decode: float) -> Iterator[list[int]]:
+        eos = frozenset() if params.ignore_eos else self.target.tokenizer.eos_ids
         new = [last]
         while True:
             new, done = self._emit(new, eos, stats, params.max_tokens)

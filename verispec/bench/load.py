@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ctx", type=int, default=2048)
     ap.add_argument("--max-batch", type=int, default=None, help="server slots (default: the highest concurrency)")
     ap.add_argument("--kv-pool", type=int, default=None, help="0 = per-slot contexts (no fusion)")
-    ap.add_argument("--fuse-rows", type=int, default=3)
+    ap.add_argument("--fuse-rows", type=int, default=None, help="default: 3 on llama.cpp, all rows on torch")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="load.md")
     a = ap.parse_args(argv)

@@ -36,6 +36,10 @@ class CascadeDrafter(Drafter):
         for level in self.levels:
             level.begin(prompt, params, rng)
 
+    def prefill(self, prompt: Sequence[int]) -> None:
+        for level in self.levels:
+            level.prefill(prompt)
+
     def propose(self, context: Sequence[int], k: int) -> Draft:
         tokens: list[int] = []
         sources: list[str] = []

@@ -30,13 +30,16 @@ class ModelDrafter(Drafter):
         self.rng = np.random.default_rng()
 
     def begin(self, prompt, params: SamplingParams, rng: np.random.Generator) -> None:
-        """Prefill the prompt now, so the first proposal costs only draft steps."""
         self.params, self.rng = params, rng
+
+    def prefill(self, prompt: Sequence[int]) -> None:
+        """Prefill the prompt before the first proposal, so that proposal's measured time is draft steps only."""
         self.runner.check_fits(len(prompt) - _common_prefix(self._cached, prompt))
         self._sync(prompt)
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """Make the cache hold context[:-1]... plus the last token; return the logits after the context."""
+        del self._cached[self.runner.n_past :]  # cut under us: a server frees a slot's draft cells between requests
         common = _common_prefix(self._cached, context)
         if common == len(context):  # never re-feed nothing: we need the logits after the last token
             common -= 1

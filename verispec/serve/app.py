@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import threading
 import time
@@ -26,6 +27,7 @@ from .protocol import ApiError, ChatRequest, CompletionRequest, Shape, Speculati
 from .scheduler import Event, Job, QueueFull, Scheduler
 
 DISCONNECT_POLL_SECONDS = 0.25
+log = logging.getLogger("verispec.serve")
 
 
 @dataclass
@@ -37,8 +39,9 @@ class ServeConfig:
     api_key: str | None = None
     spec_off_at: int = 0  # active requests at which unpinned requests stop drafting; 0 = the goodput planner decides
     max_body_bytes: int = 1 << 20
-    kv_pool: int | None = None  # cells of the shared KV pool (llama.cpp); None = ctx x max_batch; 0 = per-slot contexts
-    fuse_rows: int = 3  # rows per fused decode; <= 3 keeps every request bit-identical to its solo run
+    kv_pool: int | None = None  # cells of the shared KV pool; None = ctx x max_batch; 0 = per-slot contexts
+    fuse_rows: int | None = None  # rows per fused decode; None = the most that stays bit-identical to solo runs
+    # (3 on llama.cpp, all of a tick's rows on torch: fuser.py)
     prefill_chunk: int | None = None  # prompt tokens per fused tick (chunked prefill); None = n_batch
 
 
@@ -118,14 +121,19 @@ class Server:
 
 
 def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
-    """The pooled, fused scheduler for llama.cpp targets unless --kv-pool 0; per-slot contexts otherwise."""
-    from ..runners.llamacpp import LlamaCppRunner
-
-    if config.kv_pool != 0 and isinstance(base.target, LlamaCppRunner):
+    """The pooled, fused scheduler unless --kv-pool 0; per-slot contexts otherwise, and for a target the
+    pool cannot hold (e.g. sliding-window attention on torch) unless --kv-pool was asked for explicitly."""
+    if config.kv_pool != 0:
+        from .paged import PoolUnsupported
         from .pooled import PooledScheduler
 
-        return PooledScheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics,
-                               config.kv_pool, config.fuse_rows, config.prefill_chunk)
+        try:
+            return PooledScheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics,
+                                   config.kv_pool, config.fuse_rows, config.prefill_chunk)
+        except PoolUnsupported as exc:
+            if config.kv_pool is not None:
+                raise
+            log.warning("%s. Falling back to one context per slot: passes are not fused.", exc)
     return Scheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics)
 
 

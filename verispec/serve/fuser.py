@@ -1,19 +1,24 @@
-"""Fused verification: the target passes of all active requests in as few llama_decode calls as exactness allows.
+"""Fused verification: the target passes of all active requests in as few pool decodes as exactness allows.
 
 Each request runs its engine in its own thread; its SeqRunner.forward() hands the rows to the
 fuser and blocks. Once every attached request is blocked here (a barrier: their drafting and
 verification in Python are done), `tick()` decodes everything pending:
 
 - scoring rows (verification passes, all logits) of all requests are packed into decodes of at
-  most `fuse_rows` rows. ggml's CPU matmul is row-independent only below 4 rows (4+ rows take
-  another kernel path whose logits differ by up to ~0.5), so with the default 3 a request's
-  logits are bit-identical to its solo run however its rows are packed with other requests' rows
-  (tests/test_scheduler_pool.py checks this). A larger `fuse_rows` is faster per row but not
-  batch-invariant: greedy output may then differ from a solo run at near-ties.
+  most `fuse_rows` rows; by default the pool's `default_fuse_rows`, the most that keeps a
+  request's logits bit-identical to its solo run however its rows are packed with other
+  requests' rows. On llama.cpp (KvPool) that is 3: ggml's CPU matmul is row-independent only
+  below 4 rows (4+ rows take another kernel path whose logits differ by up to ~0.5;
+  tests/test_scheduler_pool.py checks the 3). A larger `fuse_rows` there is faster per row but
+  not batch-invariant: greedy output may then differ from a solo run at near-ties. The torch
+  pool (paged.py) pads every decode to a multiple of 4 rows, where torch's matmul is
+  row-independent, so its default is n_batch: all of a tick's rows in one decode, each request's
+  logits bit-identical to its rows decoded alone on the pool (tests/test_paged_pool.py; a solo
+  TorchRunner, which does not pad, differs from both by float rounding).
 - a prefill (one logits row) runs alone, one `prefill_chunk` of one prompt (the least advanced) per tick:
   chunked prefill, so a long prompt delays the others' next step by one chunk, not by its whole
   prefill, and requests arriving together get their first tokens one after another. With the default
-  chunk (= the runner's n_batch, 512) the chunks are those of a solo run.
+  chunk (= the pool's n_batch, 512) the chunks are those of a solo llama.cpp run.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .pool import KvPool
+
+if TYPE_CHECKING:
+    from .paged import PagedPool
 
 
 @dataclass
@@ -48,7 +57,9 @@ def chunk_sizes(n_rows: int, fuse_rows: int) -> list[int]:
 
 
 class Fuser:
-    def __init__(self, pool: KvPool, fuse_rows: int = 3, prefill_chunk: int | None = None) -> None:
+    def __init__(self, pool: KvPool | PagedPool, fuse_rows: int | None = None,
+                 prefill_chunk: int | None = None) -> None:
+        fuse_rows = pool.default_fuse_rows if fuse_rows is None else fuse_rows
         if fuse_rows < 1:
             raise ValueError(f"fuse_rows must be >= 1, got {fuse_rows}")
         self.pool = pool

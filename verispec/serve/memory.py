@@ -3,13 +3,13 @@
 What a server allocates on top of the loaded weights, per llama.cpp context:
 - the target's KV cache: n_layer x n_head_kv x (key + value head size) x 2 bytes (f16) per token,
   computed from the model (`kv_bytes_per_token`; it equals llama.cpp's own "KV buffer size");
-- the draft model's KV cache, the same way: a draft model has one context per slot, and its memory
-  is easy to forget (vLLM #9995);
+- the draft model's KV cache, the same way: its memory is easy to forget (vLLM #9995);
 - compute and output buffers, which llama.cpp sizes from the batch size, not the context: measured
   by creating two small probe contexts and reading llama.cpp's "buffer size" log lines, then
   extrapolated linearly in n_ctx.
-Per-slot contexts (--kv-pool 0) pay all of it once per slot; the shared pool pays the target's
-KV for the pool's cells and one set of compute buffers.
+Per-slot contexts (--kv-pool 0) pay all of it once per slot, for the target and for the draft; the
+shared pool pays the target's KV for the pool's cells and one set of compute buffers, and the same
+again for the draft, whose pool has as many cells (pool.py).
 
 Available memory is MemAvailable (psutil if installed, else /proc/meminfo), or the
 VERISPEC_MEMORY_AVAILABLE environment variable (bytes, or with a K/M/G suffix) to test or cap it.
@@ -59,27 +59,25 @@ def measure(runner, n_seq_max: int = 1, n_batch: int | None = None) -> ContextCo
 @dataclass
 class MemoryPlan:
     target: ContextCost
-    draft: ContextCost | None  # one context per slot
+    draft: ContextCost | None  # laid out like the target: a pool of its own, or one context per slot
     slots: int
     ctx: int
-    pool: int = 0  # cells of the shared target KV pool; 0 = one target context per slot
+    pool: int = 0  # cells of the shared KV pools (target and draft); 0 = one context per slot
 
     def parts(self) -> dict[str, int]:
-        parts = {}
-        if self.pool:
-            parts[f"target KV pool ({self.pool} tokens x {self.target.kv_per_token / 1024:.1f} KiB)"] = self.target.kv_per_token * self.pool
-            parts["target compute buffers (1 context)"] = self.target.bytes(self.pool) - self.target.kv_per_token * self.pool
-        else:
-            parts[f"target KV ({self.slots} x {self.ctx} tokens x {self.target.kv_per_token / 1024:.1f} KiB)"] = \
-                self.slots * self.target.kv_per_token * self.ctx
-            parts[f"target compute buffers ({self.slots} contexts)"] = \
-                self.slots * (self.target.bytes(self.ctx) - self.target.kv_per_token * self.ctx)
+        parts = self._parts("target", self.target)
         if self.draft is not None:
-            parts[f"draft KV ({self.slots} x {self.ctx} tokens x {self.draft.kv_per_token / 1024:.1f} KiB)"] = \
-                self.slots * self.draft.kv_per_token * self.ctx
-            parts[f"draft compute buffers ({self.slots} contexts)"] = \
-                self.slots * (self.draft.bytes(self.ctx) - self.draft.kv_per_token * self.ctx)
+            parts.update(self._parts("draft", self.draft))
         return parts
+
+    def _parts(self, role: str, cost: ContextCost) -> dict[str, int]:
+        kib = f"{cost.kv_per_token / 1024:.1f} KiB"
+        if self.pool:
+            return {f"{role} KV pool ({self.pool} tokens x {kib})": cost.kv_per_token * self.pool,
+                    f"{role} compute buffers (1 context)": cost.bytes(self.pool) - cost.kv_per_token * self.pool}
+        return {f"{role} KV ({self.slots} x {self.ctx} tokens x {kib})": self.slots * cost.kv_per_token * self.ctx,
+                f"{role} compute buffers ({self.slots} contexts)":
+                    self.slots * (cost.bytes(self.ctx) - cost.kv_per_token * self.ctx)}
 
     def needed(self) -> int:
         return sum(self.parts().values())
@@ -165,7 +163,10 @@ def plan_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> Mem
     if target_cost is None:
         return None
     draft = model_drafter.runner if model_drafter is not None else None
-    draft_cost = measure(getattr(draft, "inner", draft), draft.max_tree_leaves + 1) if draft is not None else None
+    draft = getattr(draft, "inner", draft)
+    # With the pool, a llama.cpp draft gets a pool shaped like the target's (measure() skips other backends).
+    n_seq = slots + 1 if pool else getattr(draft, "max_tree_leaves", 0) + 1
+    draft_cost = measure(draft, n_seq) if draft is not None else None
     return MemoryPlan(target_cost, draft_cost, slots, ctx, pool)
 
 

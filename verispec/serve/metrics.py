@@ -57,6 +57,7 @@ class Metrics:
         self.pool_live = Gauge("verispec_kv_pool_live_tokens", "Tokens the active requests hold in the pool", registry=r)
         self.pool_reserved = Gauge("verispec_kv_pool_reserved_cells", "Cells reserved by admitted requests", registry=r)
         self.pool_compactions = Gauge("verispec_kv_pool_compactions", "Times the pool was compacted", registry=r)
+        self.draft_pool_live = Gauge("verispec_kv_draft_pool_live_tokens", "Tokens the draft model holds in its pool", registry=r)
         self._lock = threading.Lock()
         self._steps = 0
         self._gained = 0

@@ -1,8 +1,12 @@
 """One KV cache for every request: a llama.cpp context with a sequence id per slot, and a Runner view per sequence.
 
+(paged.py is the same for a transformers target: paged KV blocks; SeqRunner serves both.)
+
 Memory is one pool of `n_cells` KV cells shared by all requests, so it is sized for the tokens in
 flight, not for context x slots; a request reserves the cells it can use at most when it is admitted
-(`reserve`), and waits in the queue while they are not free.
+(`reserve`), and waits in the queue while they are not free. A server with a llama.cpp draft model
+keeps a second pool of the same size for the draft (one sequence per slot, `DirectSeqRunner`), so
+the draft's memory too is sized for the tokens in flight (vLLM #9995).
 
 Exactness. llama.cpp's attention (flash attention on the CPU) visits a sequence's cells in cell
 order and skips cells masked out for it; it is exact only when a sequence's later positions sit in
@@ -19,10 +23,13 @@ Single-row decodes. ggml's CPU flash attention splits the KV range across thread
 one query row once 512+ cells are in view (its "split-KV" path), and the split points depend on
 where the cells lie, so such a row is not reproducible across cache layouts; batches of 2+ rows
 visit the cells in order on one thread per row. So once the view reaches 512 cells, a one-row
-decode gets a dummy second row (on its own sequence, no logits, removed at once). A request's
-rows are then computed like the 2-3-row chunks of a solo speculative pass, which equal a solo
-plain pass while the solo context holds <= 256 tokens (beyond, plain llama.cpp decoding itself
-takes the split path and differs from its own multi-row passes; see the report in the README).
+decode gets a dummy second row (on its own sequence, no logits, removed at once) *unless its
+sequence is alone and packed* (no other request's cells, nothing parked): that layout is a solo
+run's, and the row is decoded exactly as plain llama.cpp decodes it, at full speed (a dummy row
+costs T(2)/T(1) ~ 1.5x per token). A request's rows are then equal to its rows alone on the server
+while its context holds <= 256 tokens; beyond, they can differ at near-ties, as plain llama.cpp's
+one-row passes differ from its own multi-row passes there (see the report in the README). A draft
+model's pool never pads (`pad_single_rows=False`): draft numerics do not change greedy output.
 """
 
 from __future__ import annotations
@@ -46,7 +53,10 @@ class PoolFull(RuntimeError):
 class KvPool:
     """The shared context. Not thread-safe: the fuser (or a caller holding `lock`) drives it."""
 
-    def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512) -> None:
+    default_fuse_rows = 3  # ggml's matmul is row-independent only below 4 rows (fuser.py)
+
+    def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512,
+                 lock: threading.Lock | None = None, pad_single_rows: bool = True) -> None:
         import llama_cpp as L
 
         self._L = L
@@ -70,13 +80,15 @@ class KvPool:
         self.n_batch = n_batch
         self.n_vocab = base.n_vocab
         self._batch = L.llama_batch_init(n_batch + 1, 0, 1)
-        self.lock = threading.Lock()  # every llama.cpp computation of the server runs under it
+        # Every llama.cpp computation of the server runs under it (a draft pool gets the target pool's).
+        self.lock = lock if lock is not None else threading.Lock()
         self.bump = 0  # cells handed out since the last compaction; every cell below it is occupied
         self.live = [0] * n_seqs  # committed tokens per sequence
         self.reserved = [0] * n_seqs
         self.compactions = 0
         self.decodes = 0
         self.padded = 0  # one-row decodes that got a dummy row
+        self.pad_single_rows = pad_single_rows
 
     # -- cells ------------------------------------------------------------------------------------
 
@@ -98,12 +110,20 @@ class KvPool:
             self.bump = 0
 
     def drop(self, seq: int, from_pos: int) -> None:
-        """Forget positions >= from_pos of `seq`, parking their cells."""
+        """Forget positions >= from_pos of `seq`, parking their cells.
+
+        A sequence alone and packed in the pool frees them instead: they are the top cells, so the
+        next tokens land in them again, in order, as after a solo runner's rollback.
+        """
         if from_pos >= self.live[seq]:
             return
-        self._L.llama_memory_seq_cp(self._mem, seq, self.park, from_pos, -1)
+        alone = self.bump == self.live[seq]
+        if not alone:
+            self._L.llama_memory_seq_cp(self._mem, seq, self.park, from_pos, -1)
         self._L.llama_memory_seq_rm(self._mem, seq, from_pos, -1)
         self.live[seq] = from_pos
+        if alone:
+            self.bump = from_pos
 
     def compact(self) -> None:
         """Copy the live sequences out, clear every cell (parked ones too), copy them back packed."""
@@ -129,10 +149,10 @@ class KvPool:
         n = len(tokens)
         if n > self.n_batch:
             raise ValueError(f"{n} rows exceed the pool's batch size {self.n_batch}")
-        pad = n == 1 and self._split_kv(self.bump + 2)
+        pad = self._needs_pad(seqs)
         if self.bump + n + pad > self.n_cells:
             self.compact()
-            pad = n == 1 and self._split_kv(self.bump + 2)
+            pad = self._needs_pad(seqs)
             if self.bump + n + pad > self.n_cells:
                 raise PoolFull(f"the KV pool of {self.n_cells} cells is full ({self.bump} live)")
         b = self._batch
@@ -158,6 +178,12 @@ class KvPool:
         b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, int(want)
         b.seq_id[i][0] = seq
 
+    def _needs_pad(self, seqs: Sequence[int]) -> bool:
+        """A one-row decode on the split-KV path, with other cells than its own packed sequence's in the pool?"""
+        if len(seqs) != 1 or not self.pad_single_rows or not self._split_kv(self.bump + 2):
+            return False
+        return self.bump != self.live[seqs[0]]  # bump counts every handed-out cell: others' and parked ones too
+
     def _split_kv(self, used: int) -> bool:
         """Would a one-row decode take ggml's split-KV attention path? (view = used cells padded to 256, >= 512)"""
         return min(self.n_cells, -(-used // 256) * 256) >= 512
@@ -170,13 +196,14 @@ class KvPool:
 
 
 class SeqRunner(Runner):
-    """A request's target runner on one sequence of the pool. forward() goes through `fuser`, which
-    may decode these rows in one llama_decode with other requests' rows."""
+    """A request's target runner on one sequence of the pool (a KvPool, or paged.py's PagedPool for a
+    torch target). forward() goes through `fuser`, which may decode these rows in one pool decode with
+    other requests' rows."""
 
     def __init__(self, pool: KvPool, seq: int, fuser, n_ctx: int) -> None:
         self.pool, self.seq, self.fuser = pool, seq, fuser
         self.name = pool.base.name
-        self.source = pool.base.source
+        self.source = getattr(pool.base, "source", None)  # a TorchRunner has none
         self.n_ctx = n_ctx
         self.n_vocab = pool.n_vocab
         self.tokenizer = pool.base.tokenizer
@@ -193,7 +220,10 @@ class SeqRunner(Runner):
         self.check_fits(len(tokens))
         if len(tokens) + self.n_past > self.pool.reserved[self.seq]:
             raise PromptError(f"request outgrew its {self.pool.reserved[self.seq]} reserved KV cells", "max_tokens")
-        return self.fuser.run(self.seq, list(tokens), all_logits)
+        return self._run(list(tokens), all_logits)
+
+    def _run(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        return self.fuser.run(self.seq, tokens, all_logits)
 
     def rollback(self, n_past: int) -> None:
         with self.pool.lock:
@@ -204,3 +234,22 @@ class SeqRunner(Runner):
 
     def reset(self) -> None:
         self.rollback(0)
+
+
+class DirectSeqRunner(SeqRunner):
+    """A slot's draft model on one sequence of the draft pool. Its passes are not fused (each request
+    drafts on its own schedule): they decode at once, under the pool's lock."""
+
+    def __init__(self, pool: KvPool, seq: int, n_ctx: int) -> None:
+        super().__init__(pool, seq, None, n_ctx)
+
+    def _run(self, tokens: list[int], all_logits: bool) -> np.ndarray:
+        """Batches of n_batch, as a solo runner's. The rows are copied while the lock is held: another
+        slot's next draft pass overwrites llama.cpp's logits buffer."""
+        rows = []
+        with self.pool.lock:
+            for start in range(0, len(tokens), self.pool.n_batch):
+                part = tokens[start : start + self.pool.n_batch]
+                want = [all_logits] * (len(part) - 1) + [all_logits or start + len(part) == len(tokens)]
+                rows.append(self.pool.decode([self.seq] * len(part), part, want).copy())
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)

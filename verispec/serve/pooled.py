@@ -1,14 +1,16 @@
-"""The scheduler on one shared KV pool with fused verification (llama.cpp targets).
+"""The scheduler on one shared KV pool with fused verification (llama.cpp and transformers targets).
 
-Each slot is a sequence of the pool (pool.py) and has its own thread that drives its request's
-engine generator step by step. The engine's target passes block in the fuser (fuser.py); the
-scheduler thread admits requests and, whenever every active request is blocked there, runs one
-fused tick and re-plans the draft caps (goodput.py). A draft model keeps one context per slot,
-serialised with the pool by the pool's lock: two llama.cpp computations at once on the same
-cores slow each other down many times over.
+Each slot is a sequence of the pool (pool.py for llama.cpp, paged.py for torch) and has its own
+thread that drives its request's engine generator step by step. The engine's target passes block
+in the fuser (fuser.py); the scheduler thread admits requests and, whenever every active request
+is blocked there, runs one fused tick and re-plans the draft caps (goodput.py). A llama.cpp draft model has one pool of its
+own, as large as the target's, with a sequence per slot (pool.py `DirectSeqRunner`); other draft
+runners keep a context per slot. Draft passes are not fused but run under the target pool's lock:
+two llama.cpp computations at once on the same cores slow each other down many times over.
 
-A request is admitted when the pool can reserve the cells it can use at most: prompt + max_tokens
-+ draft_max + 1, capped by --ctx. Until then it waits in the queue (first come, first served).
+A request is admitted when the pool (and the draft pool) can reserve the cells it can use at most:
+prompt + max_tokens + draft_max + 1, capped by --ctx. Until then it waits in the queue (first come,
+first served).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Sequence
 
 from ..api import Model, TextAssembler
 from ..drafters.draft_model import ModelDrafter
-from ..engine import Engine
 from ..errors import InvalidParameter
 from ..runners.base import Runner
 from ..runners.llamacpp import LlamaCppRunner
@@ -28,14 +29,15 @@ from .fuser import Fuser
 from .memory import check_server
 from .goodput import Candidate, GoodputPolicy
 from .metrics import Metrics
-from .pool import KvPool, SeqRunner
-from .scheduler import Event, Scheduler, Switchable, drop_cancelled
+from .paged import open_pool, position_limit
+from .pool import DirectSeqRunner, KvPool, SeqRunner
+from .scheduler import Event, Scheduler, Switchable, clone_runner, drop_cancelled
 
 log = logging.getLogger("verispec.serve")
 
 
 class Locked(Runner):
-    """A runner whose passes take `lock` (a draft model's per-slot context, next to the pool)."""
+    """A runner whose passes take `lock` (a per-slot draft context, when the draft is not on llama.cpp)."""
 
     def __init__(self, inner: Runner, lock: threading.Lock) -> None:
         self.inner, self.lock = inner, lock
@@ -66,16 +68,19 @@ class Locked(Runner):
 
 
 class PoolSlot:
-    """Sequence `seq` of the pool, its drafters, its thread and at most one request."""
+    """Sequence `seq` of the pool (and of the draft pool), its drafters, its thread and at most one request."""
 
     def __init__(self, base: Model, pool: KvPool, fuser: Fuser, seq: int, n_ctx: int,
-                 model_drafter: ModelDrafter | None) -> None:
+                 model_drafter: ModelDrafter | None, draft_pool: KvPool | None = None) -> None:
         self.seq = seq
         self.model = Model(target=SeqRunner(pool, seq, fuser, n_ctx), backend=base.backend, spec=base.spec,
                            runner_options=base.runner_options)
         self.model_drafter = None
         if model_drafter is not None:
-            runner = Locked(model_drafter.runner.sibling(n_ctx=n_ctx), pool.lock)
+            if draft_pool is not None:
+                runner = DirectSeqRunner(draft_pool, seq, n_ctx)
+            else:  # a draft runner not on llama.cpp: a context of its own
+                runner = Locked(clone_runner(model_drafter.runner, n_ctx), pool.lock)
             self.model_drafter = ModelDrafter(runner, model_drafter.min_prob, base.spec.draft_max)
         self.job = None
         self.cap: int | None = None
@@ -93,15 +98,14 @@ class PoolSlot:
 class PooledScheduler(Scheduler):
     def __init__(self, base: Model, max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None,
                  spec_off_at: int = 0, metrics: Metrics | None = None, pool_cells: int | None = None,
-                 fuse_rows: int = 3, prefill_chunk: int | None = None) -> None:
-        if not isinstance(base.target, LlamaCppRunner):
-            raise InvalidParameter("the shared KV pool needs a llama.cpp target (serve with --kv-pool 0)", "kv_pool")
+                 fuse_rows: int | None = None, prefill_chunk: int | None = None) -> None:
         if max_batch < 1:
             raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
-        self.n_ctx = n_ctx or base.target.n_ctx
+        self.n_ctx = position_limit(base.target, n_ctx or base.target.n_ctx)
         self.max_queue = max_queue
         self.spec_off_at = spec_off_at
         self.metrics = metrics or Metrics()
+        self.carried = {}  # the adaptive K's measurements per drafter key (Scheduler._engine)
         default = base.drafter(base.spec.draft)
         self.model_drafter = default if isinstance(default, ModelDrafter) else None
         cells = pool_cells or self.n_ctx * max_batch
@@ -109,7 +113,7 @@ class PooledScheduler(Scheduler):
             raise InvalidParameter(f"--kv-pool {cells} is smaller than --ctx {self.n_ctx}: one request could never fit",
                                    "kv_pool")
         self.memory = check_server(base, self.model_drafter, max_batch, self.n_ctx, cells)
-        self.pool = KvPool(base.target, cells, max_batch)
+        self.pool = open_pool(base.target, cells, max_batch)  # PoolUnsupported for a model it cannot hold
         self.fuser = Fuser(self.pool, fuse_rows, prefill_chunk)
         self.policy = GoodputPolicy(self.fuser.fuse_rows)
         self.policy.pass_seconds = self.fuser.pass_seconds
@@ -117,9 +121,12 @@ class PooledScheduler(Scheduler):
         self._waiting: deque = deque()
         self._cond = threading.Condition()
         self._stop = False
+        self.draft_pool: KvPool | None = None
         try:
+            self.draft_pool = self._draft_pool(max_batch)
             for seq in range(max_batch):
-                self.slots.append(PoolSlot(base, self.pool, self.fuser, seq, self.n_ctx, self.model_drafter))
+                self.slots.append(PoolSlot(base, self.pool, self.fuser, seq, self.n_ctx, self.model_drafter,
+                                           self.draft_pool))
         except BaseException:
             self.close()
             raise
@@ -130,6 +137,14 @@ class PooledScheduler(Scheduler):
             slot.thread.start()
         self._thread = threading.Thread(target=self._run, name="verispec-scheduler", daemon=True)
         self._thread.start()
+
+    def _draft_pool(self, slots: int) -> KvPool | None:
+        """One KV pool for every slot's draft model, with the target pool's cells and lock; None when
+        there is no draft model or it is not on llama.cpp (its slots then get contexts of their own)."""
+        runner = self.model_drafter.runner if self.model_drafter is not None else None
+        if not isinstance(runner, LlamaCppRunner):
+            return None
+        return KvPool(runner, self.pool.n_cells, slots, lock=self.pool.lock, pad_single_rows=False)
 
     # -- the scheduler thread ---------------------------------------------------------------------
 
@@ -146,7 +161,9 @@ class PooledScheduler(Scheduler):
                 self._publish()
 
     def _admit(self) -> None:
-        """Give free slots to waiting requests whose cells the pool can reserve (lock held)."""
+        """Give free slots to waiting requests whose cells the pools can reserve (lock held).
+
+        The draft sequence never holds more than the target's tokens + draft_max + 1, so `need` fits it too."""
         for slot in self.slots:
             if slot.job is not None:
                 continue
@@ -158,13 +175,16 @@ class PooledScheduler(Scheduler):
             with self.pool.lock:
                 if not self.pool.reserve(slot.seq, need):
                     break  # first come, first served: the head waits for cells
+                if self.draft_pool is not None and not self.draft_pool.reserve(slot.seq, need):
+                    self.pool.release(slot.seq)
+                    break
             self._waiting.popleft()
             slot.model.target.n_ctx = need
             drafter = slot.drafter(job.draft)
             if drafter is not None and not job.pinned:
                 job._gate = drafter = Switchable(drafter)
                 job._gate.cap = slot.cap = self._initial_cap()
-            job._gen = Engine(slot.model.target, drafter, job.spec).generate(job.tokens, job.params, job.stats)
+            job._gen = self._engine(slot.model.target, drafter, job).generate(job.tokens, job.params, job.stats)
             job._decoder = TextAssembler(slot.model.tokenizer, job.params.stop)
             self.fuser.attach(slot.seq)
             slot.job = job
@@ -208,6 +228,7 @@ class PooledScheduler(Scheduler):
         m.pool_live.set(sum(pool.live))
         m.pool_reserved.set(sum(pool.reserved))
         m.pool_compactions.set(pool.compactions)
+        m.draft_pool_live.set(sum(self.draft_pool.live) if self.draft_pool is not None else 0)
 
     # -- slot threads ----------------------------------------------------------------------------------
 
@@ -227,13 +248,13 @@ class PooledScheduler(Scheduler):
                         message = "the server is shutting down" if self._stop else "internal error while decoding"
                         self._finish(slot, "error", Event("error", error=RuntimeError(message)))
 
-    def _finish(self, slot: PoolSlot, outcome: str, event: Event | None = None) -> None:
-        super()._finish(slot, outcome, event)
+    def _release(self, slot: PoolSlot) -> None:
+        """Give back the slot's cells in both pools (before the slot is free: see Scheduler._finish)."""
         with self.pool.lock:
             self.pool.release(slot.seq)
+            if self.draft_pool is not None:
+                self.draft_pool.release(slot.seq)
         self.fuser.detach(slot.seq)
-        with self._cond:
-            self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
@@ -255,3 +276,5 @@ class PooledScheduler(Scheduler):
         self.slots = []
         if getattr(self, "pool", None) is not None:
             self.pool.close()
+        if getattr(self, "draft_pool", None) is not None:
+            self.draft_pool.close()

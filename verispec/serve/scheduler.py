@@ -2,22 +2,25 @@
 
 Two schedulers share this file's request plumbing (Job, Event, Switchable, submit/cancel/finish):
 
-- `PooledScheduler` (pooled.py), the default for llama.cpp targets: every request is a sequence of
-  one shared KV pool (pool.py), each slot's engine runs in its own thread, and the target passes
-  of all active requests are fused into llama_decode calls of <= 3 rows (fuser.py), which keeps
-  every request's logits bit-identical to a solo run. Draft caps come from the goodput planner
-  (goodput.py). Prompts are prefilled in chunks between the others' steps.
-- `Scheduler` below (`--kv-pool 0`, and the torch backend): `max_batch` slots, each a target
-  runner with its own KV cache (a llama.cpp sibling context, or a TorchRunner on the shared module)
-  plus its own drafters. One worker thread admits waiting requests into free slots and advances
-  every active request's engine generator by one step, round-robin. Passes are not fused, so
-  throughput is that of one stream shared fairly; a request's extra verify rows cost only its own
-  pass, so the engine's per-request adaptive K is already the goodput rule there and drafting is
-  only turned off by `spec_off_at` (active requests at which unpinned requests step with K = 0;
-  0 = never). Such steps are counted in `verispec_speculation_disabled_total`.
+- `PooledScheduler` (pooled.py), the default: every request is a sequence of one shared KV pool
+  (pool.py: a llama.cpp context; paged.py: paged blocks for a torch target), each slot's engine
+  runs in its own thread, and the target passes of all active requests are fused (fuser.py) into
+  decodes small enough to keep every request's logits bit-identical to a solo run (<= 3 rows on
+  llama.cpp; any number on torch, padded to a multiple of 4, where "solo" means alone on the
+  pool). Draft caps come from the goodput planner (goodput.py). Prompts are prefilled in chunks
+  between the others' steps.
+- `Scheduler` below (`--kv-pool 0`, and torch models the paged pool cannot hold, e.g. with
+  sliding-window attention): `max_batch` slots, each a target runner with its own KV cache (a
+  llama.cpp sibling context, or a TorchRunner on the shared module) plus its own drafters. One
+  worker thread admits waiting requests into free slots and advances every active request's
+  engine generator by one step, round-robin. Passes are not fused, so throughput is that of one
+  stream shared fairly; a request's extra verify rows cost only its own pass, so the engine's
+  per-request adaptive K is already the goodput rule there and drafting is only turned off by
+  `spec_off_at` (active requests at which unpinned requests step with K = 0; 0 = never). Such
+  steps are counted in `verispec_speculation_disabled_total`.
 
 Both check at start-up that --ctx x --max-batch (target KV, draft KV, compute buffers) fits in the
-available memory (memory.py).
+available memory (memory.py; the torch pool checks its own KV in paged.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from dataclasses import dataclass, field
 from ..api import Model, TextAssembler
 from ..drafters.base import Draft, Drafter
 from ..drafters.draft_model import ModelDrafter
+from ..draft_length import CarriedCosts
 from ..engine import Engine, SpeculativeConfig, Stats
 from ..errors import InvalidParameter, VerispecError
 from ..runners.base import Runner
@@ -101,6 +105,10 @@ class Switchable(Drafter):
     def begin(self, prompt, params, rng) -> None:
         self.inner.begin(prompt, params, rng)
 
+    def prefill(self, prompt: Sequence[int]) -> None:
+        if self.cap != 0:
+            self.inner.prefill(prompt)
+
     def propose(self, context: Sequence[int], k: int) -> Draft:
         if self.cap == 0:
             return Draft([], None, self.name)
@@ -166,6 +174,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.spec_off_at = spec_off_at
         self.metrics = metrics or Metrics()
+        self.carried: dict[str | None, CarriedCosts] = {}  # per drafter key, shared by the slots
         default = base.drafter(base.spec.draft)
         self.model_drafter = default if isinstance(default, ModelDrafter) else None
         self.memory = check_server(base, self.model_drafter, max_batch, self.n_ctx)
@@ -258,12 +267,17 @@ class Scheduler:
             drafter = slot.drafter(job.draft)
             if drafter is not None and not job.pinned:
                 job._gate = drafter = Switchable(drafter)
-            job._gen = Engine(slot.model.target, drafter, job.spec).generate(job.tokens, job.params, job.stats)
+            job._gen = self._engine(slot.model.target, drafter, job).generate(job.tokens, job.params, job.stats)
             job._decoder = TextAssembler(slot.model.tokenizer, job.params.stop)
             slot.job = job
             self.metrics.prompt_tokens.inc(len(job.tokens))
         self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.active.set(sum(s.job is not None for s in self.slots))
+
+    def _engine(self, target: Runner, drafter: Drafter | None, job: Job) -> Engine:
+        """An engine whose adaptive K starts from what earlier requests on the same drafter measured."""
+        carried = self.carried.setdefault(job.draft, CarriedCosts())
+        return Engine(target, drafter, job.spec, carried)
 
     def _step(self, slot: Slot, cap: int | None) -> None:
         """One engine step of the slot's request; `cap` limits an unpinned request's K (None = no limit)."""
@@ -303,13 +317,13 @@ class Scheduler:
             self._finish(slot, "stop")
 
     def _finish(self, slot: Slot, outcome: str, event: Event | None = None) -> None:
-        """Release the slot: close the generator and clear the slot's KV cache."""
+        """Close the generator, free the slot's KV cache, tell the client, and only then free the slot:
+        another thread may hand a free slot to the next request at once (the pooled scheduler does)."""
         job = slot.job
-        slot.job = None
         job.finished = True
         if job._gen is not None:
             job._gen.close()
-        slot.model.target.reset()
+        self._release(slot)
         if event is None and outcome != "cancelled":
             tail = "" if job._decoder.stopped else job._decoder.flush()
             if tail:
@@ -319,4 +333,9 @@ class Scheduler:
             job.emit(event)
         self.metrics.requests.labels(job.endpoint, outcome).inc()
         with self._cond:
+            slot.job = None
             self.metrics.active.set(sum(s.job is not None for s in self.slots))
+            self._cond.notify_all()
+
+    def _release(self, slot: Slot) -> None:
+        slot.model.target.reset()

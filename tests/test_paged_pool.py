@@ -1,0 +1,315 @@
+"""The paged KV pool of a torch target (serve/paged.py) on tiny random models: fused rows equal rows
+decoded alone bit for bit, rollback, block accounting, speculative decoding through a SeqRunner, the
+PooledScheduler on a torch target, and the models it refuses."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from tests.prompts import PROMPTS
+from tests.toy import ByteTokenizer, tiny_llama
+from verispec.drafters.ngram import NgramDrafter
+from verispec.engine import Engine, SpeculativeConfig, Stats
+from verispec.errors import InvalidParameter
+from verispec.runners.torch import TorchRunner
+from verispec.sampling import SamplingParams
+from verispec.serve.paged import BLOCK, PagedPool, PoolUnsupported
+from verispec.serve.pool import PoolFull
+
+
+def tiny_qwen2(seed: int = 0, **config):
+    """A random Qwen2ForCausalLM (attention biases; with use_sliding_window=True, sliding layers)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         attn_implementation="sdpa", **config)
+    return Qwen2ForCausalLM(config).float().eval()
+
+
+def tiny_gemma3():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                              max_position_embeddings=512, attn_implementation="sdpa")
+    return Gemma3ForCausalLM(config).float().eval()
+
+
+def _runner(model, name: str = "tiny") -> TorchRunner:
+    return TorchRunner(model, ByteTokenizer(), name, n_ctx=512)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return _runner(tiny_llama(0, scale=30))
+
+
+def _prefill(pool, seq: int, tokens: list[int]) -> None:
+    pool.decode([seq] * len(tokens), tokens, [False] * (len(tokens) - 1) + [True])
+
+
+def _orders(a: list[int], b: list[int]) -> dict[str, list[tuple[int, int]]]:
+    """Rows (seq, token) of sequences 0 and 1 in one decode: one after the other, and interleaved."""
+    rows_a, rows_b = [(0, t) for t in a], [(1, t) for t in b]
+    mixed = [row for pair in zip(rows_a, rows_b) for row in pair] + rows_a[len(b) :] + rows_b[len(a) :]
+    return {"a then b": rows_a + rows_b, "b then a": rows_b + rows_a, "interleaved": mixed}
+
+
+# -- exactness ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_a, n_b", [(1, 1), (1, 3), (2, 5), (4, 4), (5, 2), (7, 10)])
+def test_rows_fused_with_another_sequence_equal_rows_decoded_alone(runner, n_a, n_b):
+    """Whatever the other sequence's rows and the padding (totals 2..17 rows), each sequence's logits
+    are bit-identical to its rows decoded alone; wanting only some rows changes none of them."""
+    pool = PagedPool(runner, 256, 2)
+    prompts = [runner.tokenizer.encode(PROMPTS[0])[:21], runner.tokenizer.encode(PROMPTS[7])[:13]]
+    rows = [[5 + i for i in range(n_a)], [40 + i for i in range(n_b)]]
+    for seq, prompt in enumerate(prompts):
+        _prefill(pool, seq, prompt)
+    alone = []
+    for seq in (0, 1):
+        alone.append(pool.decode([seq] * len(rows[seq]), rows[seq], [True] * len(rows[seq])).copy())
+        pool.drop(seq, len(prompts[seq]))
+    for name, order in _orders(*rows).items():
+        seqs, tokens = [s for s, _ in order], [t for _, t in order]
+        for want in ([True] * len(order), [i % 2 == 0 for i in range(len(order))]):
+            out = pool.decode(seqs, tokens, want)
+            kept = [s for s, w in zip(seqs, want) if w]  # the sequence of each returned row
+            for seq in (0, 1):
+                mine = out[[i for i, s in enumerate(kept) if s == seq]]
+                expected = alone[seq][[w for s, w in zip(seqs, want) if s == seq]]
+                assert np.array_equal(mine, expected), f"{name}, seq {seq}: differs by {np.abs(mine - expected).max()}"
+                pool.drop(seq, len(prompts[seq]))
+    assert pool.padded > 0 and pool.compactions == 0
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(0, scale=30), lambda: tiny_qwen2(0)], ids=["llama", "qwen2"])
+def test_pool_logits_match_the_solo_runner(make):
+    """Scattered blocks (two sequences growing in turn), GQA, positions: the pool computes the model the
+    solo runner computes (to float rounding: the solo runner's row counts are not padded)."""
+    solo = _runner(make())
+    prompt = solo.tokenizer.encode(PROMPTS[3])[:40]
+    expected = np.concatenate([solo.forward(prompt[:23]), solo.forward(prompt[23:26]), solo.forward(prompt[26:])])
+    pool = PagedPool(solo, 256, 2)
+    _prefill(pool, 1, [7, 8, 9])
+    got = [pool.decode([0] * 23, prompt[:23], [True] * 23).copy()]
+    _prefill(pool, 1, list(range(10, 40)))  # sequence 1 takes the next blocks: sequence 0's are not contiguous
+    mixed = [(0, prompt[23]), (1, 5), (0, prompt[24]), (1, 6), (0, prompt[25])]
+    got.append(pool.decode([s for s, _ in mixed], [t for _, t in mixed], [s == 0 for s, _ in mixed]))
+    got.append(pool.decode([0] * 14, prompt[26:], [True] * 14))
+    got = np.concatenate(got)
+    assert pool._tables == [[1, 2, 5], [0, 3, 4]]  # lowest free block first
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+    solo.reset()
+    assert np.array_equal(solo.forward(prompt[:23]), expected[:23])  # the module's own attention is back
+
+
+def test_rollback_redecode_and_blocks_follow_live_tokens(runner):
+    pool = PagedPool(runner, 4 * BLOCK, 2)
+
+    def in_blocks() -> int:
+        return sum(-(-n // BLOCK) * BLOCK for n in pool.live)
+
+    prompt = runner.tokenizer.encode(PROMPTS[5])[:12]
+    _prefill(pool, 0, prompt)
+    verify = [40, 41, 42, 43, 44, 45]
+    first = pool.decode([0] * 6, verify, [True] * 6).copy()
+    assert pool.live[0] == 18 and pool.used_cells() == 2 * BLOCK == in_blocks()
+    pool.drop(0, 12)  # a rejected draft: a position change, and the second block goes back
+    assert pool.live[0] == 12 and pool.used_cells() == BLOCK == in_blocks()
+    pool.decode([0, 0], [50, 51], [True, True])  # other tokens in the cells, rolled back in turn
+    pool.drop(0, 12)
+    assert np.array_equal(pool.decode([0] * 6, verify, [True] * 6), first)
+    _prefill(pool, 1, list(range(3, 3 + 30)))
+    assert pool.used_cells() == 4 * BLOCK == in_blocks()
+    with pytest.raises(PoolFull):
+        pool.decode([0] * 15, list(range(60, 75)), [True] * 15)  # sequence 0 would need a third block
+    assert pool.live[0] == 18 and pool.used_cells() == 4 * BLOCK  # nothing changed
+    pool.release(1)
+    assert pool.used_cells() == 2 * BLOCK == in_blocks()
+    pool.release(0)
+    assert pool.used_cells() == 0 and sorted(pool._free) == list(range(4))
+
+
+def test_reservations_take_whole_blocks(runner):
+    pool = PagedPool(runner, 4 * BLOCK, 2)
+    assert pool.reserve(0, BLOCK + 1)  # two blocks
+    assert pool.free_cells() == 2 * BLOCK
+    assert not pool.reserve(1, 2 * BLOCK + 1)
+    assert pool.reserve(1, 2 * BLOCK)
+    assert pool.reserve(0, BLOCK)  # shrinking one's own reservation always fits
+    pool.release(0)
+    assert pool.free_cells() == 2 * BLOCK
+
+
+# -- through the fuser and the scheduler ----------------------------------------------------------------
+
+
+def _drive(fuser, jobs) -> None:
+    """Run each job (a function of nothing) in its own thread while this thread ticks the fuser."""
+    errors = []
+
+    def wrap(seq, job):
+        try:
+            job()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+        finally:
+            fuser.detach(seq)
+
+    threads = []
+    for seq, job in enumerate(jobs):
+        fuser.attach(seq)
+        threads.append(threading.Thread(target=wrap, args=(seq, job)))
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        fuser.tick(0.01)
+    if errors:
+        raise errors[0]
+
+
+def test_speculative_through_a_seq_runner_equals_plain_greedy(runner):
+    """Plain and n-gram speculative greedy requests on one pool, fused: the same tokens, and the same
+    as the solo runner's plain greedy."""
+    from verispec.serve.fuser import Fuser
+    from verispec.serve.pool import SeqRunner
+
+    pool = PagedPool(runner, 512, 3)
+    fuser = Fuser(pool)
+    assert fuser.fuse_rows == pool.n_batch  # the torch pool's default: all of a tick's rows in one decode
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    prompt = runner.tokenizer.encode("abc abc abc abc")
+    specs = [(None, SpeculativeConfig()), (NgramDrafter(), SpeculativeConfig(draft="ngram", draft_tokens=4)),
+             (NgramDrafter(), SpeculativeConfig(draft="ngram", draft_tokens=2))]
+    outs: dict[int, tuple[list[int], Stats]] = {}
+
+    def job(seq: int):
+        def run():
+            assert pool.reserve(seq, 128)
+            stats = Stats()
+            engine = Engine(SeqRunner(pool, seq, fuser, 512), *specs[seq])
+            outs[seq] = ([t for new in engine.generate(prompt, params, stats) for t in new], stats)
+        return run
+
+    _drive(fuser, [job(seq) for seq in range(3)])
+    runner.reset()
+    solo = [t for new in Engine(runner).generate(prompt, params) for t in new]
+    assert outs[0][0] == solo
+    assert outs[1][0] == solo and outs[2][0] == solo
+    assert outs[1][1].accepted > 0 and outs[2][1].accepted > 0
+    assert max(fuser.pass_seconds) > 5  # rows of several requests went into one decode
+
+
+def _collect(scheduler, jobs) -> list[str]:
+    """Submit the jobs at once; the text each one streamed, once all are done."""
+    done = [threading.Event() for _ in jobs]
+    texts = [[] for _ in jobs]
+    for i, job in enumerate(jobs):
+        def sink(event, i=i):
+            if event.kind == "text":
+                texts[i].append(event.text)
+            elif event.kind == "error":
+                texts[i].append(f"<error {event.error}>")
+            if event.kind in ("done", "error"):
+                done[i].set()
+        job.sink = sink
+    for job in jobs:
+        scheduler.submit(job)
+    for event in done:
+        assert event.wait(120)
+    return ["".join(t) for t in texts]
+
+
+def test_pooled_scheduler_on_a_torch_target_equals_alone(runner):
+    """Concurrent greedy requests (plain and pinned n-gram drafting) on the PooledScheduler of a torch
+    target: each streams the text it streams alone, which is the solo runner's text."""
+    from verispec.api import Model
+    from verispec.serve.paged import PagedPool as Pool
+    from verispec.serve.pooled import PooledScheduler
+    from verispec.serve.scheduler import Job
+
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    prompts = [runner.tokenizer.encode(p) for p in (PROMPTS[0], "abc abc abc abc", PROMPTS[7], PROMPTS[12])]
+    specs = [(None, SpeculativeConfig()), ("ngram", SpeculativeConfig(draft="ngram", draft_tokens=3)),
+             ("ngram", SpeculativeConfig(draft="ngram", draft_tokens=2)), (None, SpeculativeConfig())]
+
+    def jobs():
+        return [Job(tokens=p, params=params, spec=spec, draft=draft, pinned=True)
+                for p, (draft, spec) in zip(prompts, specs)]
+
+    scheduler = PooledScheduler(Model(target=runner, backend="torch"), max_batch=4, n_ctx=256)
+    try:
+        assert isinstance(scheduler.pool, Pool) and scheduler.fuser.fuse_rows == scheduler.pool.n_batch
+        alone = [_collect(scheduler, [job])[0] for job in jobs()]
+        together = _collect(scheduler, jobs())
+        assert max(scheduler.fuser.pass_seconds) > 4  # more rows in one decode than any request sends
+        assert sum(scheduler.pool.live) == 0 and scheduler.pool.used_cells() == 0  # all released
+    finally:
+        scheduler.close()
+    assert together == alone
+    for prompt, text in zip(prompts, alone):
+        runner.reset()
+        solo = [t for new in Engine(runner).generate(prompt, params) for t in new]
+        assert text == runner.tokenizer.decode(solo)
+
+
+@pytest.mark.real
+def test_smollm2_fused_rows_equal_alone_and_match_the_solo_runner(smol_torch):
+    """The same on a real model (SmolLM2-135M, 30 layers, GQA 9/3): bit-identical fused rows, solo-close logits."""
+    prompts = [smol_torch.tokenizer.encode(PROMPTS[i]) for i in (0, 9)]
+    smol_torch.reset()
+    expected = smol_torch.forward(prompts[0])
+    pool = PagedPool(smol_torch, 512, 2)
+    try:
+        got = pool.decode([0] * len(prompts[0]), prompts[0], [True] * len(prompts[0])).copy()
+        _prefill(pool, 1, prompts[1])
+        alone = pool.decode([0, 0, 0], [11, 22, 33], [True] * 3).copy()
+        pool.drop(0, len(prompts[0]))
+        fused = pool.decode([1, 0, 0, 0, 1], [44, 11, 22, 33, 55], [True] * 5)
+    finally:
+        pool.close()
+    np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
+    assert (got.argmax(1) == expected.argmax(1)).mean() > 0.95  # near-ties may flip
+    assert np.array_equal(fused[1:4], alone)
+
+
+# -- refusals and memory ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_qwen2(0, use_sliding_window=True, sliding_window=8, max_window_layers=0),
+                                  tiny_gemma3], ids=["qwen2-sliding", "gemma3"])
+def test_sliding_window_models_are_refused(make):
+    from verispec.api import Model
+    from verispec.serve import ServeConfig
+    from verispec.serve.app import _scheduler
+    from verispec.serve.metrics import Metrics
+    from verispec.serve.pooled import PooledScheduler
+
+    runner = _runner(make(), "sliding")
+    with pytest.raises(InvalidParameter, match="sliding"):
+        PagedPool(runner, 256, 2)
+    base = Model(target=runner, backend="torch")
+    with pytest.raises(PoolUnsupported, match="--kv-pool 0"):
+        _scheduler(base, ServeConfig(model="sliding", max_batch=1, ctx=256, kv_pool=256), Metrics())
+    fallback = _scheduler(base, ServeConfig(model="sliding", max_batch=1, ctx=256), Metrics())
+    try:
+        assert not isinstance(fallback, PooledScheduler)  # per-slot contexts, as with --kv-pool 0
+    finally:
+        fallback.close()
+
+
+def test_pool_memory_is_checked_before_it_is_allocated(runner, monkeypatch):
+    from verispec.serve.memory import InsufficientMemory
+
+    per_token = 2 * 2 * 16 * 2 * 4  # tiny_llama: 2 layers x 2 KV heads x 16 dims x K+V x fp32
+    monkeypatch.setenv("VERISPEC_MEMORY_AVAILABLE", str(1000 * per_token))
+    with pytest.raises(InsufficientMemory, match=r"--kv-pool 4096 needs .* What would fit: --kv-pool 768"):
+        PagedPool(runner, 4096, 2)
+    PagedPool(runner, 768, 2).close()
