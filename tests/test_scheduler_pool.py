@@ -314,6 +314,10 @@ def test_goodput_planner_drafts_alone_and_stops_when_the_batch_is_full():
     plain = Candidate(Stats(), k_max=0, fixed=False)
     pinned = Candidate(_stats(4, 4), k_max=4, fixed=True)
     assert policy.plan([plain, pinned]) == [0, 4]  # a pinned K is planned as it is
+    fresh = lambda **priors: Candidate(Stats(), k_max=8, fixed=False, **priors)  # noqa: E731 - has not drafted yet
+    assert policy.plan([fresh(), fresh()]) != [0, 0]  # at the constant prior, drafting looks worth it
+    # earlier requests on this drafter measured little acceptance at a real draft cost: not planned at all
+    assert policy.plan([fresh(prior_acceptance=0.05, prior_draft_seconds=0.004)] * 2) == [0, 0]
 
 
 # -- memory check --------------------------------------------------------------------------------------

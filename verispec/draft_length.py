@@ -131,6 +131,14 @@ class CarriedCosts:
         self._acceptance: float | None = None
         self._lock = threading.Lock()
 
+    @property
+    def acceptance(self) -> float | None:
+        return self._acceptance
+
+    @property
+    def draft_seconds_per_token(self) -> float | None:
+        return self._draft_seconds_per_token
+
     def seed(self, chooser: DraftLengthChooser) -> None:
         with self._lock:
             self.requests += 1

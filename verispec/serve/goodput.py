@@ -12,7 +12,9 @@ full of plain rows) drafting rarely pays; with one or two requests it is what th
 
 T(n) is measured by the fuser (seconds per decode of n rows, EMA); unmeasured sizes come from the
 prior curve of draft_length.py scaled to what was measured. Draft-model time per drafted token and
-the acceptance come from each request's own stats. With one active request, or without fusion
+the acceptance come from each request's own stats; until a request has drafted, from what earlier
+requests on its drafter measured (draft_length.CarriedCosts), so that a new request is not planned
+as if drafting were free and accepted at the prior. With one active request, or without fusion
 (per-slot contexts), a request's rows cost only its own pass: the per-request chooser is already
 the goodput rule and the scheduler sets no cap (which also keeps a lone seeded sampled request
 reproducible: its K does not depend on costs measured for earlier requests).
@@ -33,6 +35,8 @@ class Candidate:
     stats: Stats
     k_max: int  # 0: this request has no drafter
     fixed: bool  # the client pinned K or the drafter: planned as it is, never capped
+    prior_acceptance: float = 0.6  # before the request's own drafting steps: earlier requests' measure
+    prior_draft_seconds: float = 0.0  # per drafted token, likewise
 
 
 def acceptance(stats: Stats, prior: float = 0.6, window: int = 32) -> float:
@@ -70,8 +74,9 @@ class GoodputPolicy:
         """A cap on K per request (fixed requests are counted with their last K and get None)."""
         fixed_k = [c.stats.draft_lengths[-1] if c.fixed and c.stats.draft_lengths else 0 for c in requests]
         caps = list(fixed_k)
-        rates = [acceptance(c.stats) for c in requests]
-        draft_cost = [c.stats.draft_seconds / c.stats.drafted if c.stats.drafted else 0.0 for c in requests]
+        rates = [acceptance(c.stats, c.prior_acceptance) for c in requests]
+        draft_cost = [c.stats.draft_seconds / c.stats.drafted if c.stats.drafted else c.prior_draft_seconds
+                      for c in requests]
         tokens = sum(sum(rates[i] ** j for j in range(caps[i] + 1)) for i in range(len(requests)))
         rows = len(requests) + sum(caps)
         seconds = self.cost(rows) + sum(d * k for d, k in zip(draft_cost, caps))

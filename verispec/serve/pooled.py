@@ -209,14 +209,22 @@ class PooledScheduler(Scheduler):
         elif len(active) == 1:  # nothing shares the pass: the engine's own chooser is the goodput rule
             caps = [None]
         else:
-            candidates = [Candidate(job.stats, job.spec.draft_max if job.draft else 0, job._gate is None)
-                          for _, job in active]
+            candidates = [self._candidate(job) for _, job in active]
             caps = self.policy.plan(candidates)
         gated = [(s, cap) for (s, job), cap in zip(active, caps) if job._gate is not None]
         for slot, cap in gated:
             slot.cap = cap
         self.metrics.spec_disabled.set(1 if gated and all(cap == 0 for _, cap in gated) else 0)
         self.metrics.draft_budget.set(sum(cap or 0 for _, cap in gated))
+
+    def _candidate(self, job) -> Candidate:
+        """The request as the planner sees it, with its drafter's carried measurements as priors."""
+        candidate = Candidate(job.stats, job.spec.draft_max if job.draft else 0, job._gate is None)
+        carried = self.carried.get(job.draft)
+        if carried is not None and carried.acceptance is not None:
+            candidate.prior_acceptance = carried.acceptance
+            candidate.prior_draft_seconds = carried.draft_seconds_per_token or 0.0
+        return candidate
 
     def _publish(self) -> None:
         m, pool = self.metrics, self.pool
