@@ -273,6 +273,19 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
         assert job.stats.drafted > 0 and job.stats.acceptance_rate > 0.9  # a model drafting for itself
 
 
+def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting):
+    from verispec.serve.pooled import PooledScheduler
+
+    scheduler = PooledScheduler(drafting, max_batch=2, n_ctx=512)
+    try:
+        assert scheduler._initial_cap() is None  # alone: its own chooser decides
+        scheduler.slots[0].job = object()  # another request is running
+        assert scheduler._initial_cap() == 0
+        scheduler.slots[0].job = None
+    finally:
+        scheduler.close()
+
+
 def test_cancelled_request_releases_its_draft_cells(drafting):
     from verispec.serve.pooled import PooledScheduler
 

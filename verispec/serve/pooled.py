@@ -194,9 +194,16 @@ class PooledScheduler(Scheduler):
         self.metrics.active.set(sum(s.job is not None for s in self.slots))
 
     def _initial_cap(self) -> int | None:
-        if self.spec_off_at > 0 and 1 + sum(s.job is not None for s in self.slots) >= self.spec_off_at:
+        """No drafting for a request that joins a running batch until the planner has planned for it.
+
+        Its engine would otherwise decide alone, from pass times that include waiting at the fusion
+        barrier (so drafting looks cheap), and a draft model's prefill would stall every request
+        on the shared lock. Alone, the request's own chooser decides (None: no cap).
+        """
+        active = sum(s.job is not None for s in self.slots)
+        if self.spec_off_at > 0 and 1 + active >= self.spec_off_at:
             return 0
-        return None
+        return 0 if active else None
 
     def _plan(self) -> None:
         """Re-plan every unpinned request's draft cap from the measured pass costs (goodput.py)."""
