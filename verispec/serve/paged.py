@@ -17,9 +17,9 @@ down to the attention function. The model's attention implementation is switched
 the forward, under the pool's lock, by setting `config._attn_implementation` (~40 us per decode for
 the switch and back; `set_attn_implementation` costs ~180 us, walks the modules and logs), so the
 module stays usable by a solo TorchRunner between decodes; nothing else runs the target module
-while the server's pool decodes. Every decode checks that each layer ran our attention with the plan, and a probe decode at
-construction turns a model that does not (no kwargs forwarding, no AttentionInterface) into
-`PoolUnsupported` instead of wrong logits.
+while the server's pool decodes. Every decode checks that each layer ran our attention with the
+plan, and a probe decode at construction turns a model that does not (no kwargs forwarding, no
+AttentionInterface) into `PoolUnsupported` instead of wrong logits.
 
 Exactness. torch's CPU linear (fp32) computes each row bit-identically whatever the other rows only
 when the number of rows is a multiple of 4. So every decode is padded to a multiple of 4 rows with

@@ -3,9 +3,9 @@
 Each slot is a sequence of the pool (pool.py for llama.cpp, paged.py for torch) and has its own
 thread that drives its request's engine generator step by step. The engine's target passes block
 in the fuser (fuser.py); the scheduler thread admits requests and, whenever every active request
-is blocked there, runs one fused tick and re-plans the draft caps (goodput.py). A llama.cpp draft model has one pool of its
-own, as large as the target's, with a sequence per slot (pool.py `DirectSeqRunner`); other draft
-runners keep a context per slot. Draft passes are not fused but run under the target pool's lock:
+is blocked there, runs one fused tick and re-plans the draft caps (goodput.py). A llama.cpp draft
+model has one pool of its own, as large as the target's, with a sequence per slot (pool.py
+`DirectSeqRunner`); other draft runners keep a context per slot. Draft passes are not fused but run under the target pool's lock:
 two llama.cpp computations at once on the same cores slow each other down many times over.
 
 A request is admitted when the pool (and the draft pool) can reserve the cells it can use at most:
