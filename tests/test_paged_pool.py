@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from tests.fused import drive
 from tests.prompts import PROMPTS
 from tests.toy import ByteTokenizer, tiny_llama
 from verispec.drafters.ngram import NgramDrafter
@@ -151,30 +152,6 @@ def test_reservations_take_whole_blocks(runner):
 # -- through the fuser and the scheduler ----------------------------------------------------------------
 
 
-def _drive(fuser, jobs) -> None:
-    """Run each job (a function of nothing) in its own thread while this thread ticks the fuser."""
-    errors = []
-
-    def wrap(seq, job):
-        try:
-            job()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-        finally:
-            fuser.detach(seq)
-
-    threads = []
-    for seq, job in enumerate(jobs):
-        fuser.attach(seq)
-        threads.append(threading.Thread(target=wrap, args=(seq, job)))
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        fuser.tick(0.01)
-    if errors:
-        raise errors[0]
-
-
 def test_speculative_through_a_seq_runner_equals_plain_greedy(runner):
     """Plain and n-gram speculative greedy requests on one pool, fused: the same tokens, and the same
     as the solo runner's plain greedy."""
@@ -198,7 +175,7 @@ def test_speculative_through_a_seq_runner_equals_plain_greedy(runner):
             outs[seq] = ([t for new in engine.generate(prompt, params, stats) for t in new], stats)
         return run
 
-    _drive(fuser, [job(seq) for seq in range(3)])
+    drive(fuser, [job(seq) for seq in range(3)])
     runner.reset()
     solo = [t for new in Engine(runner).generate(prompt, params) for t in new]
     assert outs[0][0] == solo

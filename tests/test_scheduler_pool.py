@@ -1,12 +1,12 @@
 """The shared KV pool, fused verification, the goodput planner and the start-up memory check,
 on SmolLM2-135M (llama.cpp). Exactness is checked bit for bit against solo runs."""
 
-import threading
 import time
 
 import numpy as np
 import pytest
 
+from tests.fused import drive
 from tests.prompts import PROMPTS
 from verispec.engine import Engine, SpeculativeConfig, Stats
 from verispec.sampling import SamplingParams
@@ -31,30 +31,6 @@ def _pool(smol, cells: int, seqs: int, fuse_rows: int = 3, prefill_chunk: int | 
 
     pool = KvPool(smol.target, cells, seqs)
     return pool, Fuser(pool, fuse_rows, prefill_chunk)
-
-
-def _drive(fuser, jobs) -> None:
-    """Run each job (a function of nothing) in its own thread while this thread ticks the fuser."""
-    errors = []
-
-    def wrap(seq, job):
-        try:
-            job()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-        finally:
-            fuser.detach(seq)
-
-    threads = []
-    for seq, job in enumerate(jobs):
-        fuser.attach(seq)
-        threads.append(threading.Thread(target=wrap, args=(seq, job)))
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        fuser.tick(0.01)
-    if errors:
-        raise errors[0]
 
 
 # -- exactness ---------------------------------------------------------------------------------------
@@ -144,7 +120,7 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
         return run
 
     try:
-        _drive(fuser, [job(i) for i in range(4)])
+        drive(fuser, [job(i) for i in range(4)])
         assert pool.compactions > 0 and pool.padded > 0  # both exactness mechanisms were exercised
         assert max(fuser.pass_seconds) <= 3  # never more than 3 rows per decode
     finally:
@@ -172,7 +148,7 @@ def test_chunked_prefill_lets_others_decode(smol):
             events.append("short step")
 
     try:
-        _drive(fuser, [long_job, short_job])
+        drive(fuser, [long_job, short_job])
     finally:
         pool.close()
     assert events.index("long prefilled") >= 3, events
