@@ -8,6 +8,9 @@ with the exact joint distribution over the 216 outcomes.
 Bounds. Chi-square must not reject at p = 0.001. The total-variation distance TV = 1/2 sum|p_hat - p|
 has E[TV] <= 1/2 sum sqrt(p(1-p)/N) (Jensen), and changing one sample moves TV by at most 1/N, so by
 McDiarmid P(TV > E[TV] + t) <= exp(-2 N t^2); t = sqrt(ln(1000) / 2N) gives a false alarm rate of 0.001.
+
+Unseeded draws go through the rejection sampler; seeded ones (seeds 0..N-1) through the per-position
+noise of sampling.PositionNoise, whose draws are checked the same way.
 """
 
 import itertools
@@ -40,11 +43,14 @@ def exact_joint(target: TableRunner, params: SamplingParams) -> np.ndarray:
     return joint.ravel()
 
 
-def draw(engine: Engine, params: SamplingParams, n: int) -> np.ndarray:
+def draw(engine: Engine, params: SamplingParams, n: int, seeded: bool = False) -> np.ndarray:
+    """n continuations: unseeded through the rejection sampler (from one fixed stream of draws), or
+    seeded 0..n-1 through the per-position noise (sampling.PositionNoise)."""
     counts = np.zeros(VOCAB**LENGTH)
+    rng = np.random.default_rng(2026)
     for seed in range(n):
-        params.seed = seed
-        out = [t for step in engine.generate(PROMPT, params) for t in step]
+        params.seed = seed if seeded else None
+        out = [t for step in engine.generate(PROMPT, params, rng=None if seeded else rng) for t in step]
         counts[np.ravel_multi_index(out, (VOCAB,) * LENGTH)] += 1
     return counts
 
@@ -78,12 +84,13 @@ def make_engine(drafter_kind: str) -> Engine:
     return Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=2))
 
 
-@pytest.mark.parametrize("name,drafter_kind", [(name, "model") for name in PARAMS] + [("temperature", "ngram")])
-def test_speculative_sampling_preserves_target_distribution(name, drafter_kind):
+@pytest.mark.parametrize("name,drafter_kind,seeded", [(name, "model", False) for name in PARAMS]
+                         + [("temperature", "ngram", False), ("top_k", "model", True), ("top_p", "ngram", True)])
+def test_speculative_sampling_preserves_target_distribution(name, drafter_kind, seeded):
     engine = make_engine(drafter_kind)
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS[name])
     p = exact_joint(engine.target, params)
-    counts = draw(engine, params, N)
+    counts = draw(engine, params, N // 2 if seeded else N, seeded)
     pvalue, tv, bound = check(counts, p)
     assert pvalue > 0.001, f"chi-square rejects the target distribution (p={pvalue:.2e}, tv={tv:.4f})"
     assert tv < bound, f"total variation {tv:.4f} exceeds the bound {bound:.4f}"
@@ -122,12 +129,12 @@ def make_tree_engine() -> Engine:
     return Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=2, tree_width=3))
 
 
-@pytest.mark.parametrize("name", ["top_p"])
-def test_tree_sampling_preserves_target_distribution(name):
+@pytest.mark.parametrize("seeded", [False, True])
+def test_tree_sampling_preserves_target_distribution(seeded):
     engine = make_tree_engine()
-    params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS[name])
+    params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS["top_p"])
     p = exact_joint(engine.target, params)
-    pvalue, tv, bound = check(draw(engine, params, N), p)
+    pvalue, tv, bound = check(draw(engine, params, N // 2 if seeded else N, seeded), p)
     assert pvalue > 0.001, f"chi-square rejects the target distribution (p={pvalue:.2e}, tv={tv:.4f})"
     assert tv < bound
 
@@ -145,4 +152,16 @@ def test_tree_sampling_without_residual_correction_is_caught(monkeypatch):
     engine = make_tree_engine()
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
     pvalue, tv, bound = check(draw(engine, params, N // 4), exact_joint(engine.target, params))
+    assert pvalue < 0.001 and tv > bound
+
+
+def test_seeded_noise_shared_across_positions_is_caught(monkeypatch):
+    """Noise keyed by the seed alone: every position draws with the same E, so tokens are correlated."""
+    from verispec.sampling import PositionNoise
+
+    at = PositionNoise.at
+    monkeypatch.setattr(PositionNoise, "at", lambda self, position: at(self, 0))
+    engine = make_engine("model")
+    params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
+    pvalue, tv, bound = check(draw(engine, params, N // 4, seeded=True), exact_joint(engine.target, params))
     assert pvalue < 0.001 and tv > bound

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.prompts import PROMPTS
-from tests.toy import tiny_llama, tiny_runner, ByteTokenizer
+from tests.toy import TableRunner, tiny_llama, tiny_runner, ByteTokenizer
 from verispec.drafters.base import Draft, Drafter
 from verispec.drafters.draft_model import ModelDrafter
 from verispec.drafters.ngram import NgramDrafter
@@ -141,6 +141,31 @@ def test_seeded_sampling_is_reproducible():
     params = SamplingParams(max_tokens=25, temperature=0.9, top_p=0.95, seed=123, ignore_eos=True)
     engine = Engine(target, NgramDrafter(1, 3), SpeculativeConfig(draft="ngram", draft_tokens=3))
     assert run(engine, prompt, params)[0] == run(engine, prompt, params)[0]
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0.9), dict(temperature=1.3, top_k=12), dict(temperature=0.8, top_p=0.9)])
+def test_seeded_sampling_does_not_depend_on_drafting(params):
+    """A seeded request writes what plain decoding with that seed writes, whatever is drafted and how much.
+
+    The draft length follows measured timings, so without this the same seed gave different text
+    from one request to the next (it did, on the server).
+    """
+    target = TableRunner(40, seed=5, sharpness=2.0)
+    prompt = [1, 2, 3, 4]
+    params = SamplingParams(max_tokens=60, seed=11, ignore_eos=True, **params)
+    plain, _ = run(Engine(target), prompt, params)
+    draft = lambda: ModelDrafter(TableRunner(40, seed=5, sharpness=1.5, name="draft"), max_tokens=8)  # noqa: E731
+    configs = [(NgramDrafter(1, 2), SpeculativeConfig(draft="ngram", draft_tokens=k)) for k in (1, 3, 6)]
+    configs += [(draft(), SpeculativeConfig(draft="d", draft_tokens=k)) for k in (1, 2, 5)]
+    configs += [(draft(), SpeculativeConfig(draft="d")), (draft(), SpeculativeConfig(draft="d", draft_tokens=3, tree_width=3)),
+                (draft(), SpeculativeConfig(draft="d", tree="dynamic", tree_budget=6))]
+    accepted = 0
+    for drafter, config in configs:
+        out, stats = run(Engine(target, drafter, config), prompt, params)
+        assert out == plain, f"{config} diverges at {divergence(plain, out)}"
+        accepted += stats.accepted
+    assert accepted > 0
+    assert run(Engine(target), prompt, SamplingParams(**{**params.__dict__, "seed": 12}))[0] != plain
 
 
 def test_eos_inside_the_last_step_still_respects_max_tokens():

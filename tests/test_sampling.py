@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from verispec.errors import InvalidParameter
-from verispec.sampling import SamplingParams, logits_to_probs, sample
+from verispec.sampling import PositionNoise, SamplingParams, logits_to_probs, sample
 from verispec.verify.rejection import ChainVerifier, residual
 
 distributions = arrays(np.float64, st.integers(2, 40), elements=st.floats(0, 1)).filter(lambda a: a.sum() > 1e-6).map(lambda a: a / a.sum())
@@ -109,3 +109,26 @@ def test_bad_sampling_parameters_are_rejected(kwargs):
     with pytest.raises(InvalidParameter) as err:
         SamplingParams(**kwargs)
     assert err.value.param in kwargs
+
+
+@given(distributions, st.integers(0, 2**32 - 1), st.integers(0, 10**6))
+def test_seeded_choice_has_target_probability_and_repeats(p, seed, position):
+    noise = PositionNoise(seed, p.shape[0], slots=2)
+    token = noise.choose(p, position)
+    assert p[token] > 0
+    noise.at(position + 2)  # evicts `position` from its slot: the noise is drawn again, the same
+    assert PositionNoise(seed, p.shape[0] + 5).choose(np.append(p, np.zeros(5)), position) == token
+    assert noise.choose(p, position) == token
+    assert int(np.argmax(noise.perturb(p.copy(), position))) == token
+
+
+def test_seeded_choices_over_positions_follow_p():
+    """argmax(p / E) with fresh exponential noise per position is a sample from p (chi-square, p = 0.001)."""
+    from scipy import stats as scipy_stats
+
+    p = np.array([0.5, 0.2, 0.15, 0.1, 0.05, 0.0])
+    noise = PositionNoise(3, p.shape[0], slots=1)
+    n = 20_000
+    counts = np.bincount([noise.choose(p, position) for position in range(n)], minlength=p.shape[0])
+    assert counts[-1] == 0
+    assert scipy_stats.chisquare(counts[:-1], p[:-1] * n).pvalue > 0.001

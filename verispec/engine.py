@@ -18,7 +18,7 @@ from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
 from .runners.base import Runner, tree_depths
-from .sampling import SamplingParams, pick
+from .sampling import PositionNoise, SamplingParams, pick
 from .verify.rejection import ChainVerifier
 from .verify.tree import TokenTree, TreeVerifier, build_tree
 
@@ -196,15 +196,23 @@ class Engine:
             self.budget_chooser = TreeBudgetChooser(fixed=self.config.tree_budget, explore_every=None if costly else 32)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, stats: Stats | None = None,
-                 record_margins: bool = False) -> Iterator[list[int]]:
-        """Yield the new tokens of each step; fill `stats` as it goes. EOS ends the request and is not yielded."""
+                 record_margins: bool = False, rng: np.random.Generator | None = None) -> Iterator[list[int]]:
+        """Yield the new tokens of each step; fill `stats` as it goes. EOS ends the request and is not yielded.
+
+        A seeded request samples with noise keyed by token position (sampling.PositionNoise), so it
+        writes the same tokens however it is drafted; an unseeded one goes through the rejection
+        sampler, drawing from `rng` (tests pass one to repeat a run) or from fresh entropy.
+        """
         stats = stats if stats is not None else Stats()
         prompt = list(prompt)
         self._check_prompt(prompt, params)
-        rng = np.random.default_rng(params.seed)
-        verifier = ChainVerifier(self.target.n_vocab, params, rng, max_rows=self.config.draft_max + 1)
+        rng = rng if rng is not None else np.random.default_rng(params.seed)
+        noise = None
+        if params.seed is not None and not params.greedy:
+            noise = PositionNoise(params.seed, self.target.n_vocab, slots=self.config.draft_max + 2)
+        verifier = ChainVerifier(self.target.n_vocab, params, rng, self.config.draft_max + 1, noise)
         uses_trees = self.config.tree_width > 1 or self.tree_shape is not None or self.config.acceptance != "exact"
-        tree_verifier = TreeVerifier(self.target.n_vocab, params, rng, self.relaxed) if uses_trees else None
+        tree_verifier = TreeVerifier(self.target.n_vocab, params, rng, self.relaxed, noise) if uses_trees else None
         chooser = self._chooser()
         adaptive = self.drafter is not None and chooser.fixed is None
         if adaptive:
@@ -214,14 +222,14 @@ class Engine:
 
         t0 = time.perf_counter()
         if self.drafter:
-            self.drafter.begin(prompt, params, rng)
+            self.drafter.begin(prompt, params, rng, noise)
             if chooser.would_draft() or self.budget_chooser is not None:
                 self.drafter.prefill(prompt)
         rows = self.target.forward(prompt, all_logits=False)
         row = rows[-1]
         if self.drafter:
             self.drafter.accepted(len(rows) - 1)
-        last = pick(row, params, rng)
+        last = pick(row, params, rng, noise, len(prompt))
         if record_margins:
             stats.margins.append(_top2_margin(row))
         stats.prefill_seconds = time.perf_counter() - t0
@@ -260,7 +268,8 @@ class Engine:
         k = min(chooser.choose(), room) if self.drafter else 0
         if k > 0 and tree_verifier is not None:
             width = max(self.config.tree_width, PREFIX_WIDTH if self.config.acceptance != "exact" else 1)
-            return self._tree_step(lambda: self._branch_tree(context, last, k, width), k, chooser, tree_verifier, stats)
+            return self._tree_step(lambda: self._branch_tree(context, last, k, width), k, chooser, tree_verifier, stats,
+                                   len(context))
         return self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
 
     def _budgeted_step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
@@ -272,7 +281,8 @@ class Engine:
         if budget > 0:
             expansions = max(1, budget // 2) if self.drafter.costly else budget
             new = self._tree_step(lambda: grow_tree(self.drafter, context, self.tree_shape, budget, expansions,
-                                                    self.config.draft_max), expansions, None, tree_verifier, stats)
+                                                    self.config.draft_max), expansions, None, tree_verifier, stats,
+                                   len(context))
         else:
             room = self.target.n_ctx - self.target.n_past - 1
             k = min(chooser.choose(), room)
@@ -292,7 +302,7 @@ class Engine:
         t1 = time.perf_counter()
         base = self.target.n_past
         rows = self.target.forward([last] + drafted)
-        verdict = verifier.verify(rows, drafted, draft.probs if draft else None)
+        verdict = verifier.verify(rows, drafted, draft.probs if draft else None, len(context))
         if record_margins:
             stats.margins.extend(_top2_margin(r) for r in rows[: verdict.n_accepted + 1])
         self.target.rollback(base + 1 + verdict.n_accepted)
@@ -318,7 +328,7 @@ class Engine:
         return build_tree(last, branches, sources)
 
     def _tree_step(self, make_tree: Callable[[], TokenTree], k: int, chooser: DraftLengthChooser | None,
-                   verifier: TreeVerifier, stats: Stats) -> list[int]:
+                   verifier: TreeVerifier, stats: Stats, position: int) -> list[int]:
         """Verify a token tree (root = last token) in one pass; keep the accepted path in the cache.
 
         `chooser` (the chain's draft-length chooser) learns from branch trees, whose first branch is
@@ -332,7 +342,7 @@ class Engine:
         if len(tree) > room:
             tree = build_tree(last, [])
         rows = self.target.forward(tree.tokens, tree.parents)
-        verdict = verifier.verify(tree, rows)
+        verdict = verifier.verify(tree, rows, position)
         self.target.keep_path(verdict.path)
         self.drafter.accepted(verdict.path[-1])
         t2 = time.perf_counter()

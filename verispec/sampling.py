@@ -114,8 +114,57 @@ def sample(probs: np.ndarray, rng: np.random.Generator, cdf_buffer: np.ndarray |
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), probs.shape[0] - 1))
 
 
-def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One next token from one logit row: argmax when greedy, else a sample."""
+class PositionNoise:
+    """The randomness of a seeded request, keyed by token position so that drafting cannot change it.
+
+    Token j is drawn as argmax(p_j / E_j), where E_j holds one standard exponential per vocabulary
+    entry drawn from (seed, j) alone. That is an exact sample from p_j (the exponential race, the
+    same as Gumbel-max), and a function of the prefix and the seed only. So a seeded request writes,
+    token for token, what plain decoding with the same seed writes, whatever the draft lengths (which
+    follow measured timings), the drafter, or the batch; the rejection sampler's draws would depend
+    on all of these. Verification is then the greedy rule applied to p / E, and a draft model that
+    proposes argmax(q_j / E_j) with the same noise is accepted whenever the two argmaxes agree.
+
+    The noise of the last `slots` positions is kept: the draft and the target ask for the same
+    positions within a step, and rejected positions come back in the next one.
+    """
+
+    def __init__(self, seed: int, n_vocab: int, slots: int = 16) -> None:
+        self.seed = seed
+        self.n_vocab = n_vocab
+        self._noise = np.empty((slots, n_vocab), dtype=np.float32)
+        self._position = np.full(slots, -1, dtype=np.int64)
+        self._scores = np.empty(n_vocab, dtype=np.float64)
+
+    def at(self, position: int) -> np.ndarray:
+        """E for token position `position` (its index in prompt + output)."""
+        slot = position % self._position.shape[0]
+        if self._position[slot] != position:
+            noise = self._noise[slot]
+            np.random.default_rng([self.seed, position]).standard_exponential(out=noise, dtype=np.float32)
+            np.maximum(noise, np.finfo(np.float32).tiny, out=noise)  # an exact 0 would divide by zero
+            self._position[slot] = position
+        return self._noise[slot]
+
+    def perturb(self, probs: np.ndarray, position: int) -> np.ndarray:
+        """p / E in place: its argmax is the seeded sample at `position`."""
+        n = min(probs.shape[0], self.n_vocab)
+        probs[n:] = 0.0  # a draft's extra padding rows: never the target's token
+        np.divide(probs[:n], self.at(position)[:n], out=probs[:n])
+        return probs
+
+    def choose(self, probs: np.ndarray, position: int) -> int:
+        """The seeded sample from `probs` at `position` (probs is left untouched)."""
+        n = min(probs.shape[0], self.n_vocab)
+        scores = self._scores[:n]
+        np.divide(probs[:n], self.at(position)[:n], out=scores)
+        return int(np.argmax(scores))
+
+
+def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
+         noise: PositionNoise | None = None, position: int = 0) -> int:
+    """One next token from one logit row: argmax when greedy, else a sample (seeded: at `position`)."""
     if params.greedy:
         return int(np.argmax(logits))
-    return sample(logits_to_probs(logits, params), rng)
+    probs = logits_to_probs(logits, params)
+    return noise.choose(probs, position) if noise is not None else sample(probs, rng)

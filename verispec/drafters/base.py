@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sampling import SamplingParams
+from ..sampling import PositionNoise, SamplingParams
 
 
 @dataclass
@@ -36,8 +36,13 @@ class Drafter(ABC):
     # True when drafting costs time comparable to a target pass, so the draft length must pay for it.
     costly: bool = False
 
-    def begin(self, prompt: Sequence[int], params: SamplingParams, rng: np.random.Generator) -> None:
-        """A new request starts; `prompt` is its full token context so far."""
+    def begin(self, prompt: Sequence[int], params: SamplingParams, rng: np.random.Generator,
+              noise: PositionNoise | None = None) -> None:
+        """A new request starts; `prompt` is its full token context so far.
+
+        `noise` is a seeded request's per-position randomness: a drafter that samples should draw
+        with it (PositionNoise.choose) to be accepted as often as it can.
+        """
 
     def prefill(self, prompt: Sequence[int]) -> None:
         """Get ready to propose after `prompt` (a draft model runs it through its cache).

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import TokenizerMismatch
 from ..runners.base import Runner
-from ..sampling import SamplingParams, logits_to_probs, sample
+from ..sampling import PositionNoise, SamplingParams, logits_to_probs, sample
 from .base import Candidates, Draft, Drafter
 
 
@@ -28,9 +28,11 @@ class ModelDrafter(Drafter):
         self._scratch = np.empty(runner.n_vocab, dtype=np.float32)
         self.params = SamplingParams()
         self.rng = np.random.default_rng()
+        self.noise: PositionNoise | None = None
 
-    def begin(self, prompt, params: SamplingParams, rng: np.random.Generator) -> None:
-        self.params, self.rng = params, rng
+    def begin(self, prompt, params: SamplingParams, rng: np.random.Generator,
+              noise: PositionNoise | None = None) -> None:
+        self.params, self.rng, self.noise = params, rng, noise
 
     def prefill(self, prompt: Sequence[int]) -> None:
         """Prefill the prompt before the first proposal, so that proposal's measured time is draft steps only."""
@@ -59,7 +61,7 @@ class ModelDrafter(Drafter):
         logits = self._sync(context)
         tokens: list[int] = []
         for i in range(k):
-            token, confident = self._choose(logits, i)
+            token, confident = self._choose(logits, i, len(context) + i)
             if not confident and tokens:
                 break
             tokens.append(token)
@@ -68,7 +70,8 @@ class ModelDrafter(Drafter):
             if i + 1 < k:
                 logits = self.runner.forward([token], all_logits=False)[-1]
                 self._cached.append(token)
-        probs = None if self.params.greedy else self._q[: len(tokens)]
+        # A seeded draft is verified by comparing argmaxes (sampling.PositionNoise): no q needed.
+        probs = None if self.params.greedy or self.noise is not None else self._q[: len(tokens)]
         return Draft(tokens, probs, self.name)
 
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
@@ -104,7 +107,7 @@ class ModelDrafter(Drafter):
         log_norm = peak + float(np.log(np.exp(self._scratch, out=self._scratch).sum()))
         return Candidates([int(t) for t in top], np.exp(logits[top].astype(np.float64) - log_norm), self.name)
 
-    def _choose(self, logits: np.ndarray, row: int) -> tuple[int, bool]:
+    def _choose(self, logits: np.ndarray, row: int, position: int) -> tuple[int, bool]:
         if self.params.greedy:
             token = int(np.argmax(logits))
             if self.min_prob <= 0.0:
@@ -112,7 +115,7 @@ class ModelDrafter(Drafter):
             top_prob = 1.0 / float(np.exp(logits - logits[token]).sum())
             return token, top_prob >= self.min_prob
         q = logits_to_probs(logits, self.params, out=self._q[row : row + 1])
-        token = sample(q, self.rng)
+        token = self.noise.choose(q, position) if self.noise is not None else sample(q, self.rng)
         return token, q[token] >= self.min_prob
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ Greedy: accept the longest prefix equal to the target's argmax, then the target'
 Sampling (Leviathan et al. 2023, Chen et al. 2023): accept x with probability min(1, p(x)/q(x));
 on rejection draw from the normalised residual max(0, p - q); after full acceptance, a bonus
 token from p. A drafter without probabilities is a one-hot q, which keeps the result exact.
+Seeded sampling (sampling.PositionNoise): the greedy rule on p / E, whose argmax is the sample.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..sampling import SamplingParams, logits_to_probs, sample
+from ..sampling import PositionNoise, SamplingParams, logits_to_probs, sample
 
 
 @dataclass
@@ -41,14 +42,18 @@ def residual(p: np.ndarray, q: np.ndarray | None, drafted: int, out: np.ndarray)
 class ChainVerifier:
     """Verifies a chain draft against the target's K+1 logit rows. Buffers are reused across steps."""
 
-    def __init__(self, n_vocab: int, params: SamplingParams, rng: np.random.Generator, max_rows: int = 64) -> None:
+    def __init__(self, n_vocab: int, params: SamplingParams, rng: np.random.Generator, max_rows: int = 64,
+                 noise: PositionNoise | None = None) -> None:
         self.params = params
         self.rng = rng
+        self.noise = noise
         self._p = np.empty((max_rows, n_vocab), dtype=np.float64)
         self._scratch = np.empty((max_rows, n_vocab), dtype=np.float64)  # top-k work space, then the CDF
         self._residual = np.empty(n_vocab, dtype=np.float64)
 
-    def verify(self, target_logits: np.ndarray, drafted: Sequence[int], draft_probs: np.ndarray | None) -> Verdict:
+    def verify(self, target_logits: np.ndarray, drafted: Sequence[int], draft_probs: np.ndarray | None,
+               position: int = 0) -> Verdict:
+        """`position`: the token position row 0 predicts (used by seeded requests only)."""
         if self.params.greedy:
             return greedy_verdict(target_logits, drafted)
         k = len(drafted)
@@ -56,6 +61,10 @@ class ChainVerifier:
             self._p = np.empty((k + 1, self._p.shape[1]), dtype=np.float64)
             self._scratch = np.empty_like(self._p)
         p = logits_to_probs(target_logits[: k + 1], self.params, out=self._p, scratch=self._scratch)
+        if self.noise is not None:
+            for i, row in enumerate(p):
+                self.noise.perturb(row, position + i)
+            return greedy_verdict(p, drafted)
         return self.verify_probs(p, drafted, draft_probs)
 
     def verify_probs(self, p: np.ndarray, drafted: Sequence[int], q: np.ndarray | None) -> Verdict:

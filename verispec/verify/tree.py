@@ -11,6 +11,9 @@ and is renormalised. If every child is rejected, draw from the final p'. This is
 by sequential elimination, so the accepted token is distributed exactly as p (SpecInfer's
 multi-candidate rejection sampling with one-hot drafts).
 
+Seeded sampling (sampling.PositionNoise): follow the child equal to the argmax of p / E, with the
+noise of the node's token position.
+
 Relaxed acceptance (opt-in, LOSSY): a child is also accepted when the target gives it at least
 `relaxed` times the probability of the target's own top token. Output then departs from the
 target's; the bench measures by how much.
@@ -23,7 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..sampling import SamplingParams, logits_to_probs, sample
+from ..runners.base import tree_depths
+from ..sampling import PositionNoise, SamplingParams, logits_to_probs, sample
 
 
 @dataclass
@@ -72,15 +76,18 @@ def build_tree(root: int, branches: Sequence[Sequence[int]], sources: Sequence[s
 
 class TreeVerifier:
     def __init__(self, n_vocab: int, params: SamplingParams, rng: np.random.Generator,
-                 relaxed: float | None = None) -> None:
+                 relaxed: float | None = None, noise: PositionNoise | None = None) -> None:
         self.params = params
         self.rng = rng
+        self.noise = noise
         self.relaxed = relaxed
         self._p = np.empty(n_vocab, dtype=np.float64)
         self._scratch = np.empty(n_vocab, dtype=np.float64)  # top-k work space, then the CDF
 
-    def verify(self, tree: TokenTree, target_logits: np.ndarray) -> TreeVerdict:
+    def verify(self, tree: TokenTree, target_logits: np.ndarray, position: int = 0) -> TreeVerdict:
+        """`position`: the token position the root's row predicts (used by seeded requests only)."""
         kids = tree.children()
+        depths = tree_depths(tree.parents) if self.noise is not None else None
         path = [0]
         while True:
             node = path[-1]
@@ -98,6 +105,11 @@ class TreeVerifier:
             accepted = None
             if self.relaxed:
                 accepted = self._relaxed_child(p, kids[node], tree.tokens, float(p.max()) * self.relaxed)
+            if accepted is None and self.noise is not None:
+                choice = self.noise.choose(p, position + int(depths[node]))
+                accepted = next((c for c in kids[node] if tree.tokens[c] == choice), None)
+                if accepted is None:
+                    return TreeVerdict(path, choice)
             if accepted is None:
                 accepted = self._accept_child(p, kids[node], tree.tokens)
             if accepted is None:
