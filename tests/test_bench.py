@@ -120,6 +120,17 @@ def test_verify_cost_curve(smol_llama):
     assert smol_llama.n_past == 0
 
 
+def test_load_cells_sum_the_draft_work_of_their_requests():
+    from verispec.bench.load import Cell, RequestResult, markdown
+
+    cell = Cell(4, "on", 10.0, [RequestResult(1.0, 0.2, 40, 1.5, 30, 1.25, 0.5),
+                                RequestResult(2.0, 0.3, 60, 1.0, 7, 0.85, 0.0)])
+    row = cell.row()
+    assert (row["drafted"], row["draft_seconds"], row["draft_prefill_seconds"]) == (37, 2.1, 0.5)
+    assert row["mean_accepted_length"] == 1.25  # the existing keys stay
+    assert markdown([cell], "").splitlines()[-1].endswith("| 1.25 | 37 (2.1 + 0.5 s) |")
+
+
 # -- end to end ---------------------------------------------------------------------------------
 
 LOSSY = "ngram-k4"  # the planted lossy method: its outputs are altered after decoding

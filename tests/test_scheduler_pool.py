@@ -262,6 +262,40 @@ def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting
         scheduler.close()
 
 
+def test_a_draft_model_skipped_at_the_start_stays_off_when_the_request_is_left_alone(drafting):
+    """A request that joins a running batch skips its draft model's prefill. Left alone, its chooser
+    would draft at once (nothing measured yet says it does not pay), first catching up on prompt +
+    generated tokens: it must not. The first request, admitted alone, is prefilled and drafts."""
+    from dataclasses import replace
+
+    from verispec.serve.pooled import PooledScheduler
+    from verispec.serve.scheduler import Job
+
+    def submit(text: str, max_tokens: int):
+        events = []
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        job = Job(drafting.prompt_tokens(text), params, replace(drafting.spec, draft=MODEL), "model", False,
+                  events.append)
+        scheduler.submit(job)
+        return job, events
+
+    scheduler = PooledScheduler(drafting, max_batch=2, n_ctx=512)
+    try:
+        first, first_events = submit(PROMPTS[0], 12)
+        assert _until(lambda: first_events)  # decoding
+        joiner, joiner_events = submit(PROMPTS[4], 48)
+        assert _until(lambda: first.finished)
+        left_alone_at = joiner.stats.generated
+        assert _until(lambda: joiner_events and joiner_events[-1].kind != "text")
+    finally:
+        scheduler.close()
+    assert joiner_events[-1].kind == "done", joiner_events[-1]
+    assert first.stats.drafted > 0 and first._gate.prefill_seconds > 0
+    assert left_alone_at < 40 and joiner.stats.generated == 48  # it ran alone for a while
+    assert joiner._gate.stays_off and joiner._gate.prefill_seconds == 0
+    assert joiner.stats.drafted == 0 and joiner.disabled_steps >= joiner.stats.target_passes
+
+
 def test_cancelled_request_releases_its_draft_cells(drafting):
     from verispec.serve.pooled import PooledScheduler
 

@@ -107,8 +107,9 @@ def test_completion_matches_library(running):
     assert out.usage.total_tokens == out.usage.prompt_tokens + 24
     spec = out.model_extra["speculative"]
     assert spec["draft"] == "ngram"
-    assert set(spec) >= {"drafted", "accepted", "mean_accepted_length", "acceptance_rate"}
+    assert set(spec) >= {"drafted", "accepted", "mean_accepted_length", "acceptance_rate", "draft_seconds"}
     assert spec["mean_accepted_length"] >= 1.0
+    assert spec["draft_seconds"] >= 0.0 and spec["draft_prefill_seconds"] < 0.01  # n-grams: no model to prefill
 
 
 def test_completion_stream_equals_whole(running):
@@ -159,9 +160,11 @@ def test_stop_string_and_seeded_sampling(running):
     cut = client.completions.create(model=MODEL, prompt=COUNTING, max_tokens=16, temperature=0, stop=[" 15,"])
     assert cut.choices[0].finish_reason == "stop"
     assert cut.choices[0].text == full[: full.index(" 15,")]
+    # The same seed writes the same text however the request is drafted (sampling.PositionNoise).
     sampled = [client.completions.create(model=MODEL, prompt=PROMPTS[6], max_tokens=16, temperature=0.9, top_p=0.95,
-                                         seed=7, extra_body={"top_k": 40}).choices[0].text for _ in range(2)]
-    assert sampled[0] == sampled[1]
+                                         seed=7, extra_body={"top_k": 40, **extra}).choices[0].text
+               for extra in ({}, {}, {"speculative": {"draft": "none"}}, {"speculative": {"draft": "ngram", "draft_tokens": 4}})]
+    assert sampled[0] == sampled[1] == sampled[2] == sampled[3]
 
 
 def test_speculative_per_request_is_lossless(running):
@@ -176,6 +179,7 @@ def test_speculative_per_request_is_lossless(running):
     assert s["draft"] == "ngram" and s["drafted"] > 0 and s["accepted"] > 0
     assert s["mean_accepted_length"] > 1.0 and s["target_passes"] < p["target_passes"]
     assert p["draft"] == "none" and p["drafted"] == 0 and p["mean_accepted_length"] == 1.0
+    assert s["draft_prefill_seconds"] is None and p["draft_prefill_seconds"] == 0.0  # pinned: not timed
 
 
 # -- concurrency ------------------------------------------------------------------------------------

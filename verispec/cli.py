@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import sys
+
+# llama.cpp's OpenMP threads otherwise spin-wait between passes; with the server's slot threads, or
+# anything else on the cores, a pass then took seconds instead of milliseconds. Read once, when the
+# OpenMP runtime loads (with the first model), so it is set before any backend is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Optional
 

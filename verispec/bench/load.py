@@ -8,7 +8,9 @@ after one warm-up request, so slow drift of the machine hits both.
 
 Reported per cell: output tokens/s over the cell's wall time (all requests), time to first token
 (arrival to first streamed text) p50/p95, and inter-token latency p50/p95, where a request's ITL is
-(last text - first text) / (completion tokens - 1) (vLLM's TPOT).
+(last text - first text) / (completion tokens - 1) (vLLM's TPOT); and the draft model's work: tokens
+drafted, seconds in proposals (a draft model's catch-up on tokens it skipped included) plus seconds
+of draft prompt prefill, summed over the cell's requests (per request in the JSON).
 
     python -m verispec.bench.load --model smollm2-135m --requests 8 --out load.md
     verispec bench-load --model qwen2.5-coder-1.5b --draft auto --concurrency 1,4,16
@@ -36,6 +38,9 @@ class RequestResult:
     itl: float | None
     tokens: int
     mean_accepted_length: float
+    drafted: int = 0
+    draft_seconds: float = 0.0  # in proposals, catch-up included
+    draft_prefill_seconds: float = 0.0  # the draft's prompt prefill (0 when the server did not time it)
 
 
 @dataclass
@@ -58,7 +63,10 @@ class Cell:
         return {"concurrency": self.concurrency, "speculation": self.mode, "requests": len(self.results),
                 "errors": self.errors, "tokens": self.tokens, "tokens_per_second": self.tokens / self.seconds,
                 "ttft_p50_ms": pct(ttft, 50), "ttft_p95_ms": pct(ttft, 95), "itl_p50_ms": pct(itl, 50),
-                "itl_p95_ms": pct(itl, 95), "mean_accepted_length": float(np.mean(acc)) if acc else float("nan")}
+                "itl_p95_ms": pct(itl, 95), "mean_accepted_length": float(np.mean(acc)) if acc else float("nan"),
+                "drafted": sum(r.drafted for r in self.results),
+                "draft_seconds": sum(r.draft_seconds for r in self.results),
+                "draft_prefill_seconds": sum(r.draft_prefill_seconds for r in self.results)}
 
 
 async def _one(client, url: str, model: str, prompt: str, max_tokens: int, spec: dict | None) -> RequestResult:
@@ -68,7 +76,7 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int, spec:
         body["speculative"] = spec
     start = time.perf_counter()
     first = last = None
-    tokens, accepted_length = 0, 0.0
+    tokens, spec_stats = 0, {}
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
@@ -83,10 +91,12 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int, spec:
                 first = first or last
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-                accepted_length = (chunk.get("speculative") or {}).get("mean_accepted_length", 0.0)
+                spec_stats = chunk.get("speculative") or {}
     first = first or time.perf_counter()
     itl = (last - first) / (tokens - 1) if last is not None and tokens > 1 else None
-    return RequestResult(first - start, itl, tokens, accepted_length)
+    return RequestResult(first - start, itl, tokens, spec_stats.get("mean_accepted_length", 0.0),
+                         spec_stats.get("drafted", 0), spec_stats.get("draft_seconds", 0.0),
+                         spec_stats.get("draft_prefill_seconds") or 0.0)
 
 
 async def _cell(url: str, model: str, prompts: list[str], concurrency: int, n_requests: int, max_tokens: int,
@@ -114,14 +124,15 @@ async def _cell(url: str, model: str, prompts: list[str], concurrency: int, n_re
 def markdown(cells: list[Cell], header: str) -> str:
     lines = [header, "",
              "| concurrency | speculation | requests | output tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) "
-             "| ITL p95 (ms) | mean accepted length |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p95 (ms) | mean accepted length | drafted (draft + draft prefill s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         r = cell.row()
         errors = f" ({r['errors']} failed)" if r["errors"] else ""
         lines.append(f"| {r['concurrency']} | {r['speculation']} | {r['requests']}{errors} | {r['tokens_per_second']:.1f} "
                      f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p95_ms']:.1f} "
-                     f"| {r['mean_accepted_length']:.2f} |")
+                     f"| {r['mean_accepted_length']:.2f} "
+                     f"| {r['drafted']} ({r['draft_seconds']:.1f} + {r['draft_prefill_seconds']:.1f} s) |")
     return "\n".join(lines) + "\n"
 
 
@@ -178,7 +189,8 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
     load_after = os.getloadavg()
     header = (f"Load benchmark: {model}, draft {draft or 'server default'}, {max(requests, 1)}+ requests per cell "
               f"({max_tokens} tokens at most, greedy, bench prompts as chat), {os.cpu_count()} CPUs, load average "
-              f"{load_before[0]:.2f} before / {load_after[0]:.2f} after"
+              f"{load_before[0]:.2f} before / {load_after[0]:.2f} after, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
               + (f", server options {serve_options}" if serve_options else "") + ".")
     table = markdown(cells, header)
     if out:

@@ -238,7 +238,9 @@ async def _parse(server: Server, request: Request, chat: bool) -> tuple[Completi
 
 
 def _spec_stats(job: Job) -> dict:
-    return protocol.speculative(job.stats, job.spec.draft or "none", job.disabled_steps)
+    # The gate times the draft prefill: unseen (None) for a pinned drafter, 0 without a drafter.
+    prefill = job._gate.prefill_seconds if job._gate is not None else None if job.draft else 0.0
+    return protocol.speculative(job.stats, job.spec.draft or "none", job.disabled_steps, prefill)
 
 
 async def _stream(server: Server, job: Job, events: asyncio.Queue, first: Event, shape: Shape,

@@ -36,6 +36,10 @@ from .scheduler import Event, Scheduler, Switchable, clone_runner, drop_cancelle
 log = logging.getLogger("verispec.serve")
 
 
+def _stays_off(job) -> bool:
+    return job._gate is not None and job._gate.stays_off
+
+
 class Locked(Runner):
     """A runner whose passes take `lock` (a per-slot draft context, when the draft is not on llama.cpp)."""
 
@@ -199,6 +203,16 @@ class PooledScheduler(Scheduler):
         Its engine would otherwise decide alone, from pass times that include waiting at the fusion
         barrier (so drafting looks cheap), and a draft model's prefill would stall every request
         on the shared lock. Alone, the request's own chooser decides (None: no cap).
+
+        A draft model whose prefill was skipped (so, or because the request's chooser did not mean
+        to draft) never drafts for the request (Switchable.stays_off; `_plan` and Scheduler._step
+        keep its cap at 0). Its first draft would catch up on prompt + generated tokens under the
+        shared lock while every other request waits at the barrier: a one-time cost that only the
+        tokens still to come could repay. Pricing it in the plan instead would need what the server
+        does not know: how many tokens are to come (max_tokens is a bound, often the whole context;
+        EOS comes when it comes) and the draft's prefill rate; and once the request is alone, its
+        engine's own chooser decides, blind to catch-up. This loses drafting only for requests that
+        join a busy server and outlive it, and only where a draft model pays at all.
         """
         active = sum(s.job is not None for s in self.slots)
         if self.spec_off_at > 0 and 1 + active >= self.spec_off_at:
@@ -206,7 +220,9 @@ class PooledScheduler(Scheduler):
         return 0 if active else None
 
     def _plan(self) -> None:
-        """Re-plan every unpinned request's draft cap from the measured pass costs (goodput.py)."""
+        """Re-plan every unpinned request's draft cap from the measured pass costs (goodput.py).
+
+        A request whose draft model was never prefilled stays at 0 (`_initial_cap`)."""
         active = [(s, s.job) for s in self.slots]
         active = [(s, job) for s, job in active if job is not None]  # slot threads may finish jobs meanwhile
         if not active:
@@ -218,6 +234,7 @@ class PooledScheduler(Scheduler):
         else:
             candidates = [self._candidate(job) for _, job in active]
             caps = self.policy.plan(candidates)
+        caps = [0 if _stays_off(job) else cap for (_, job), cap in zip(active, caps)]
         gated = [(s, cap) for (s, job), cap in zip(active, caps) if job._gate is not None]
         for slot, cap in gated:
             slot.cap = cap
@@ -226,7 +243,8 @@ class PooledScheduler(Scheduler):
 
     def _candidate(self, job) -> Candidate:
         """The request as the planner sees it, with its drafter's carried measurements as priors."""
-        candidate = Candidate(job.stats, job.spec.draft_max if job.draft else 0, job._gate is None)
+        k_max = job.spec.draft_max if job.draft and not _stays_off(job) else 0
+        candidate = Candidate(job.stats, k_max, job._gate is None)
         carried = self.carried.get(job.draft)
         if carried is not None and carried.acceptance is not None:
             candidate.prior_acceptance = carried.acceptance

@@ -134,7 +134,10 @@ def usage(stats: Stats) -> dict:
             "total_tokens": stats.prompt_tokens + stats.generated}
 
 
-def speculative(stats: Stats, draft: str, disabled_steps: int) -> dict:
+def speculative(stats: Stats, draft: str, disabled_steps: int, draft_prefill_seconds: float | None = None) -> dict:
+    """The response's `speculative` block. `draft_seconds`: time in the drafter's proposals, a draft
+    model's catch-up on skipped tokens included; `draft_prefill_seconds`: its prompt prefill (None
+    when the scheduler did not see it: the client pinned the drafter)."""
     return {
         "draft": draft,
         "drafted": stats.drafted,
@@ -143,6 +146,8 @@ def speculative(stats: Stats, draft: str, disabled_steps: int) -> dict:
         "mean_accepted_length": round(stats.mean_accepted_length, 4),
         "target_passes": stats.target_passes,
         "speculation_disabled_steps": disabled_steps,
+        "draft_seconds": round(stats.draft_seconds, 4),
+        "draft_prefill_seconds": None if draft_prefill_seconds is None else round(draft_prefill_seconds, 4),
     }
 
 

@@ -17,7 +17,9 @@ Two schedulers share this file's request plumbing (Job, Event, Switchable, submi
   stream shared fairly; a request's extra verify rows cost only its own pass, so the engine's
   per-request adaptive K is already the goodput rule there and drafting is only turned off by
   `spec_off_at` (active requests at which unpinned requests step with K = 0; 0 = never). Such
-  steps are counted in `verispec_speculation_disabled_total`.
+  steps are counted in `verispec_speculation_disabled_total`. In both, a draft model whose prompt
+  prefill a request skipped stays off for that request (`Switchable.stays_off`): catching up
+  later would stall every other request.
 
 Both check at start-up that --ctx x --max-batch (target KV, draft KV, compute buffers) fits in the
 available memory (memory.py; the torch pool checks its own KV in paged.py).
@@ -90,24 +92,37 @@ class Job:
 
 
 class Switchable(Drafter):
-    """A drafter the scheduler can cap between steps: `cap` limits K (0 = off: it proposes nothing)."""
+    """A drafter the scheduler can cap between steps: `cap` limits K (0 = off: it proposes nothing).
+
+    `stays_off`: a costly drafter (a draft model) whose prompt prefill was skipped, because the
+    request started with cap 0 or its chooser did not mean to draft. Its first proposal would have
+    to catch up on the whole context (prompt + generated) first, stalling every other request
+    (Scheduler._step keeps its cap at 0). `prefill_seconds`: the draft prefill it let through,
+    which the engine counts in Stats.prefill_seconds with the target's.
+    """
 
     def __init__(self, inner: Drafter) -> None:
         self.inner = inner
         self.name = inner.name
         self.costly = inner.costly
         self.cap: int | None = None
+        self.stays_off = False
+        self.prefill_seconds = 0.0
 
     @property
     def enabled(self) -> bool:
         return self.cap != 0
 
-    def begin(self, prompt, params, rng) -> None:
-        self.inner.begin(prompt, params, rng)
+    def begin(self, prompt, params, rng, noise=None) -> None:
+        self.inner.begin(prompt, params, rng, noise)
+        self.stays_off = self.costly  # until prefill() lets the prompt through
 
     def prefill(self, prompt: Sequence[int]) -> None:
         if self.cap != 0:
+            t0 = time.perf_counter()
             self.inner.prefill(prompt)
+            self.prefill_seconds += time.perf_counter() - t0
+            self.stays_off = False
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
         if self.cap == 0:
@@ -280,12 +295,14 @@ class Scheduler:
         return Engine(target, drafter, job.spec, carried)
 
     def _step(self, slot: Slot, cap: int | None) -> None:
-        """One engine step of the slot's request; `cap` limits an unpinned request's K (None = no limit)."""
+        """One engine step of the slot's request; `cap` limits an unpinned request's K (None = no limit;
+        0 while its draft model stays off)."""
         job = slot.job
         if job.cancelled:
             self._finish(slot, "cancelled")
             return
         if job._gate is not None:
+            cap = 0 if job._gate.stays_off else cap
             job._gate.cap = cap
             if cap == 0 and job._last_token_at is not None:  # a decode step, not the prefill
                 job.disabled_steps += 1
