@@ -92,6 +92,35 @@ def test_rows_of_different_requests_in_one_decode_equal_solo_rows(smol):
         assert np.array_equal(fused[i], solo[i][0]), f"row {i} differs by {np.abs(fused[i] - solo[i][0]).max()}"
 
 
+def test_a_prompt_prefilled_above_other_cells_equals_it_prefilled_alone(smol):
+    """64+ prompt rows in one llama.cpp decode take ggml's tiled attention, whose sums depend on where
+    the prompt's cells lie (10 cells of another request below shifted logits by ~0.6); the fuser
+    prefills in passes of at most 63 rows, which do not."""
+    prompt = smol.prompt_tokens(PROMPTS[2] * 2)[:72]
+    below = smol.prompt_tokens(PROMPTS[7])[:10]
+    assert len(prompt) == 72 and len(below) == 10
+
+    def prefill(other: list[int]) -> np.ndarray:
+        pool, fuser = _pool(smol, 1024, 2)
+        out = []
+
+        def job():
+            pool.reserve(0, 128)
+            out.append(fuser.run(0, prompt, all_logits=False).copy())
+
+        try:
+            if other:
+                pool.reserve(1, 64)
+                pool.decode([1] * len(other), other, [False] * len(other))
+            drive(fuser, [job])
+        finally:
+            pool.close()
+        return out[0]
+
+    alone, above = prefill([]), prefill(below)
+    assert np.array_equal(alone, above), f"differs by {np.abs(alone - above).max()}"
+
+
 def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     """Plain and n-gram speculative requests (several K) fused on a pool too small to hold all their
     cells without compaction (sequence 3 serves three requests in a row, the others hold theirs): each

@@ -17,8 +17,9 @@ verification in Python are done), `tick()` decodes everything pending:
   TorchRunner, which does not pad, differs from both by float rounding).
 - a prefill (one logits row) runs alone, one `prefill_chunk` of one prompt (the least advanced) per tick:
   chunked prefill, so a long prompt delays the others' next step by one chunk, not by its whole
-  prefill, and requests arriving together get their first tokens one after another. With the default
-  chunk (= the pool's n_batch, 512) the chunks are those of a solo llama.cpp run.
+  prefill, and requests arriving together get their first tokens one after another. A chunk (by
+  default the pool's n_batch, 512) is decoded in passes of at most the pool's `prefill_rows`: 63 on
+  llama.cpp, where 64+ rows take an attention kernel whose sums depend on the cell layout (pool.py).
 """
 
 from __future__ import annotations
@@ -151,7 +152,12 @@ class Fuser:
         (w,) = works
         part = w.tokens[w.done : w.done + self.prefill_chunk]
         last = w.done + len(part) == len(w.tokens)
-        logits = self.pool.decode([w.seq] * len(part), part, [False] * (len(part) - 1) + [last])
+        start = 0
+        for size in chunk_sizes(len(part), self.pool.prefill_rows):  # split where the request alone would split
+            rows = part[start : start + size]
+            start += size
+            want_last = last and start == len(part)
+            logits = self.pool.decode([w.seq] * size, rows, [False] * (size - 1) + [want_last])
         w.done += len(part)
         if last:
             w.out = logits.copy()

@@ -139,6 +139,7 @@ class PagedPool:
         self.n_seqs = n_seqs
         self.n_batch = n_batch
         self.default_fuse_rows = n_batch  # rows are batch-invariant at any count (see Exactness)
+        self.prefill_rows = n_batch  # and so are prompt rows, whatever the cell layout
         self.n_vocab = base.n_vocab
         self.lock = threading.Lock()  # every pass over the target module runs under it
         self.live = [0] * n_seqs  # committed tokens per sequence

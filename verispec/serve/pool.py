@@ -30,6 +30,14 @@ costs T(2)/T(1) ~ 1.5x per token). A request's rows are then equal to its rows a
 while its context holds <= 256 tokens; beyond, they can differ at near-ties, as plain llama.cpp's
 one-row passes differ from its own multi-row passes there (see the report in the README). A draft
 model's pool never pads (`pad_single_rows=False`): draft numerics do not change greedy output.
+
+Prompts. A decode of 64+ rows takes ggml's tiled flash attention, whose sums depend on the cell
+layout: a prompt prefilled above another request's cells got logits up to ~1 apart from the same
+prompt prefilled alone (a chat prompt of 72 tokens flipped a greedy token in the server test). So
+the fuser prefills in decodes of at most `prefill_rows` = 63 rows, which are layout-independent.
+The price: a server request's prompt is not computed as a solo llama.cpp runner computes it (512-row
+batches), so for prompts of 64+ tokens its output equals itself alone on the server bit for bit, and
+a solo runner's only up to near-ties; and prefill is slower (1.2-1.5x for 500 tokens of the 1.5B target, one measurement).
 """
 
 from __future__ import annotations
@@ -54,6 +62,10 @@ class KvPool:
     """The shared context. Not thread-safe: the fuser (or a caller holding `lock`) drives it."""
 
     default_fuse_rows = 3  # ggml's matmul is row-independent only below 4 rows (fuser.py)
+    # ggml's CPU flash attention takes its tiled kernel for 64+ query rows: 64-cell KV tiles at fixed
+    # cell offsets, so a prompt's rows depend on where its cells lie and which other cells share its
+    # tiles. Below 64 rows the per-row kernel visits the sequence's own cells in order, wherever they lie.
+    prefill_rows = 63
 
     def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512,
                  lock: threading.Lock | None = None, pad_single_rows: bool = True) -> None:
