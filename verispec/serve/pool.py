@@ -37,7 +37,8 @@ prompt prefilled alone (a chat prompt of 72 tokens flipped a greedy token in the
 the fuser prefills in decodes of at most `prefill_rows` = 63 rows, which are layout-independent.
 The price: a server request's prompt is not computed as a solo llama.cpp runner computes it (512-row
 batches), so for prompts of 64+ tokens its output equals itself alone on the server bit for bit, and
-a solo runner's only up to near-ties; and prefill is slower (1.2-1.5x for 500 tokens of the 1.5B target, one measurement).
+a solo runner's only up to near-ties; and prefill is slower (not yet measured by the bench; see the
+README's "Status and limits").
 """
 
 from __future__ import annotations
