@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.real, pytest.mark.timeout(300)]
 
 MODEL = "smollm2-135m"
 COUNTING = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"  # SmolLM2 keeps counting: a request that runs long
+LONG = 600  # tokens of COUNTING: seconds of work for a replica on one thread
 
 
 def free_port() -> int:
@@ -201,7 +202,7 @@ def test_every_ray_socket_is_on_loopback(cluster):
 
 
 def stream(url: str, max_tokens: int, headers_seen: threading.Event, record: dict) -> None:
-    """Streams a long completion, noting its replica as soon as the first chunk is in."""
+    """Streams a long completion, noting its replica as soon as the first chunk is in and when it ended."""
     body = {"model": MODEL, "prompt": COUNTING, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
         record["replica"] = r.headers.get("x-verispec-replica")
@@ -211,19 +212,22 @@ def stream(url: str, max_tokens: int, headers_seen: threading.Event, record: dic
                 events.append(line[6:])
                 headers_seen.set()
         record["events"] = events
+        record["ended_at"] = time.time()
 
 
 def test_killed_replica_fails_its_requests_clearly_and_is_restarted(cluster):
     from ray import serve
 
+    pids = {replica: int(info["pid"]) for replica, info in cluster.replicas().items()}
     seen = [threading.Event() for _ in range(4)]
     records = [{} for _ in range(4)]
     with ThreadPoolExecutor(6) as pool:
-        streams = [pool.submit(stream, cluster.url, 120, seen[i], records[i]) for i in range(4)]
-        wholes = [pool.submit(cluster.complete, COUNTING, 120) for _ in range(2)]
+        # Long enough that none can finish between its first chunk and the kill (120 tokens once did).
+        streams = [pool.submit(stream, cluster.url, LONG, seen[i], records[i]) for i in range(4)]
+        wholes = [pool.submit(cluster.complete, COUNTING, LONG) for _ in range(2)]
         assert all(e.wait(60) for e in seen)
         victim = records[0]["replica"]
-        psutil.Process(int(cluster.replicas()[victim]["pid"])).kill()
+        psutil.Process(pids[victim]).kill()
         killed_at = time.time()
         # New requests go to the survivor at once.
         after = [cluster.complete(p, 4) for p in PROMPTS[:3]]
@@ -238,9 +242,12 @@ def test_killed_replica_fails_its_requests_clearly_and_is_restarted(cluster):
                 assert exc.status_code == 502 and exc.body["code"] == "replica_failed"
                 outcomes.append("502")
     for record in records:
+        record["cut"] = record["replica"] == victim and record["ended_at"] > killed_at
+    assert any(r["cut"] for r in records), "every stream on the killed replica ended before the kill"
+    for record in records:
         assert record["events"][-1] == "[DONE]"  # every stream ends properly, none is cut
         last = json.loads(record["events"][-2])
-        if record["replica"] == victim:
+        if record["cut"]:
             assert last["error"]["code"] == "replica_failed" and last["error"]["type"] == "server_error"
         else:
             assert last["choices"][0]["finish_reason"] == "length"
