@@ -224,6 +224,20 @@ def test_measured_costs_carry_to_the_next_request_and_every_eighth_request_re_ex
     assert seeded[7].acceptance == DraftLengthChooser().acceptance and seeded[7].verify_seconds[1] == 1.0
 
 
+def test_one_odd_request_moves_the_carried_prior_only_partway():
+    carried = CarriedCosts(carry_weight=0.5)
+    _learned_not_to_draft(carried)
+    learned = carried.acceptance
+    lucky = DraftLengthChooser(k_max=8, probe_every=None)
+    lucky.acceptance = 0.99  # a request whose drafter guessed everything
+    lucky.record_verify(1, 3.0)
+    carried.absorb(lucky)
+    assert carried.acceptance == pytest.approx((learned + 0.99) / 2)
+    seeded = DraftLengthChooser(k_max=8, probe_every=None)
+    carried.seed(seeded)
+    assert seeded.verify_seconds[1] == pytest.approx(2.0) and seeded.verify_seconds[3] == 3.0
+
+
 def test_a_costly_drafter_that_does_not_pay_is_not_even_prefilled():
     from tests.toy import TableRunner
 

@@ -121,10 +121,15 @@ class CarriedCosts:
     model that does not pay here still prefills each prompt and drafts a first probe. Every
     `explore_every`-th request starts from the constant acceptance prior instead, so a drafter
     that was judged not to pay gets measured again. Thread-safe: a server's slots share one.
+
+    Each request's figures are blended in (weight `carry_weight`) rather than copied, so that one
+    odd request, a short one or one whose prompt suited its drafter unusually well or badly, does
+    not set the prior of every request after it.
     """
 
-    def __init__(self, explore_every: int = 8) -> None:
+    def __init__(self, explore_every: int = 8, carry_weight: float = 0.5) -> None:
         self.explore_every = explore_every
+        self.carry_weight = carry_weight
         self.requests = 0
         self._verify_seconds: dict[int, float] = {}
         self._draft_seconds_per_token: float | None = None
@@ -148,11 +153,13 @@ class CarriedCosts:
                 chooser.acceptance = self._acceptance
 
     def absorb(self, chooser: DraftLengthChooser) -> None:
+        w = self.carry_weight
         with self._lock:
-            self._verify_seconds.update(chooser.verify_seconds)
+            for n_tokens, seconds in chooser.verify_seconds.items():
+                self._verify_seconds[n_tokens] = _ema(self._verify_seconds.get(n_tokens), seconds, w)
             if chooser.draft_seconds_per_token is not None:
-                self._draft_seconds_per_token = chooser.draft_seconds_per_token
-            self._acceptance = chooser.acceptance
+                self._draft_seconds_per_token = _ema(self._draft_seconds_per_token, chooser.draft_seconds_per_token, w)
+            self._acceptance = _ema(self._acceptance, chooser.acceptance, w)
 
 
 TREE_BUDGETS = (0, 4, 8, 16, 32)  # 0 = no tree: a chain with its own adaptive K
