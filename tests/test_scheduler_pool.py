@@ -291,6 +291,26 @@ def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting
         scheduler.close()
 
 
+def test_a_costly_drafter_whose_prefill_was_skipped_takes_no_cap_but_zero():
+    from verispec.drafters.base import Draft, Drafter
+    from verispec.serve.scheduler import Switchable
+
+    class Costly(Drafter):
+        name, costly = "model", True
+
+        def propose(self, context, k):
+            return Draft([1] * k, None, self.name)
+
+    rng = np.random.default_rng(0)
+    skipped, prefilled = Switchable(Costly()), Switchable(Costly())
+    for gate, cap in ((skipped, 0), (prefilled, None)):
+        gate.cap = cap
+        gate.begin([1, 2], SamplingParams(), rng)
+        gate.prefill([1, 2])
+    assert skipped.allowed(None) == 0 and skipped.allowed(4) == 0
+    assert prefilled.allowed(None) is None and prefilled.allowed(4) == 4
+
+
 def test_a_draft_model_skipped_at_the_start_stays_off_when_the_request_is_left_alone(drafting):
     """A request that joins a running batch skips its draft model's prefill. Left alone, its chooser
     would draft at once (nothing measured yet says it does not pay), first catching up on prompt +

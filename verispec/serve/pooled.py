@@ -36,8 +36,9 @@ from .scheduler import Event, Scheduler, Switchable, clone_runner, drop_cancelle
 log = logging.getLogger("verispec.serve")
 
 
-def _stays_off(job) -> bool:
-    return job._gate is not None and job._gate.stays_off
+def _allowed(job, cap: int | None) -> int | None:
+    """The cap a request can take (Switchable.allowed); a pinned request has no gate."""
+    return cap if job._gate is None else job._gate.allowed(cap)
 
 
 class Locked(Runner):
@@ -205,8 +206,8 @@ class PooledScheduler(Scheduler):
         on the shared lock. Alone, the request's own chooser decides (None: no cap).
 
         A draft model whose prefill was skipped (so, or because the request's chooser did not mean
-        to draft) never drafts for the request (Switchable.stays_off; `_plan` and Scheduler._step
-        keep its cap at 0). Its first draft would catch up on prompt + generated tokens under the
+        to draft) never drafts for the request (Switchable.stays_off; Switchable.allowed
+        keeps its cap at 0). Its first draft would catch up on prompt + generated tokens under the
         shared lock while every other request waits at the barrier: a one-time cost that only the
         tokens still to come could repay. Pricing it in the plan instead would need what the server
         does not know: how many tokens are to come (max_tokens is a bound, often the whole context;
@@ -234,7 +235,7 @@ class PooledScheduler(Scheduler):
         else:
             candidates = [self._candidate(job) for _, job in active]
             caps = self.policy.plan(candidates)
-        caps = [0 if _stays_off(job) else cap for (_, job), cap in zip(active, caps)]
+        caps = [_allowed(job, cap) for (_, job), cap in zip(active, caps)]
         gated = [(s, cap) for (s, job), cap in zip(active, caps) if job._gate is not None]
         for slot, cap in gated:
             slot.cap = cap
@@ -243,7 +244,7 @@ class PooledScheduler(Scheduler):
 
     def _candidate(self, job) -> Candidate:
         """The request as the planner sees it, with its drafter's carried measurements as priors."""
-        k_max = job.spec.draft_max if job.draft and not _stays_off(job) else 0
+        k_max = _allowed(job, job.spec.draft_max) if job.draft else 0
         candidate = Candidate(job.stats, k_max, job._gate is None)
         carried = self.carried.get(job.draft)
         if carried is not None and carried.acceptance is not None:

@@ -113,6 +113,12 @@ class Switchable(Drafter):
     def enabled(self) -> bool:
         return self.cap != 0
 
+    def allowed(self, cap: int | None) -> int | None:
+        """The cap in force when the scheduler asks for `cap`: 0 for good once the draft stays off.
+
+        The one place that rule lives; both schedulers and the planner ask here."""
+        return 0 if self.stays_off else cap
+
     def begin(self, prompt, params, rng, noise=None) -> None:
         self.inner.begin(prompt, params, rng, noise)
         self.stays_off = self.costly  # until prefill() lets the prompt through
@@ -302,8 +308,7 @@ class Scheduler:
             self._finish(slot, "cancelled")
             return
         if job._gate is not None:
-            cap = 0 if job._gate.stays_off else cap
-            job._gate.cap = cap
+            job._gate.cap = cap = job._gate.allowed(cap)
             if cap == 0 and job._last_token_at is not None:  # a decode step, not the prefill
                 job.disabled_steps += 1
                 self.metrics.spec_disabled_steps.inc()
