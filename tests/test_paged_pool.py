@@ -290,3 +290,28 @@ def test_pool_memory_is_checked_before_it_is_allocated(runner, monkeypatch):
     with pytest.raises(InsufficientMemory, match=r"--kv-pool 4096 needs .* What would fit: --kv-pool 768"):
         PagedPool(runner, 4096, 2)
     PagedPool(runner, 768, 2).close()
+
+
+@pytest.mark.parametrize("kv_pool", [True, False], ids=["pool", "per-slot"])
+def test_a_torch_draft_models_cache_is_counted_before_the_server_starts(runner, monkeypatch, kv_pool):
+    """A torch draft keeps a cache per slot beside the target's pool (or beside each slot's context):
+    the start-up check counts it, so a server that fits the target alone but not the draft is refused."""
+    from verispec.api import Model
+    from verispec.drafters.draft_model import ModelDrafter
+    from verispec.serve.memory import InsufficientMemory
+    from verispec.serve.pooled import PooledScheduler
+    from verispec.serve.scheduler import Scheduler
+
+    per_token = 2 * 2 * 16 * 2 * 4  # tiny_llama: 2 layers x 2 KV heads x 16 dims x K+V x fp32
+    draft = _runner(tiny_llama(1), "tiny-draft")
+    base = Model(target=runner, backend="torch", spec=SpeculativeConfig(draft="tiny-draft"),
+                 _drafters={"tiny-draft": ModelDrafter(draft)})
+    make = (lambda: PooledScheduler(base, max_batch=2, n_ctx=256)) if kv_pool else (
+        lambda: Scheduler(base, max_batch=2, n_ctx=256))
+    target_alone = 2 * 256 * per_token  # a 512-cell pool, or 2 contexts of 256
+    monkeypatch.setenv("VERISPEC_MEMORY_AVAILABLE", str(target_alone + per_token * 256))
+    with pytest.raises(InsufficientMemory, match=r"draft KV \(2 x 256 tokens x 0\.5 KiB\) 0 MiB") as err:
+        make()
+    assert "What would fit: --max-batch 1" in str(err.value)
+    monkeypatch.setenv("VERISPEC_MEMORY_AVAILABLE", str(2 * target_alone))
+    make().close()

@@ -9,7 +9,12 @@ What a server allocates on top of the loaded weights, per llama.cpp context:
   extrapolated linearly in n_ctx.
 Per-slot contexts (--kv-pool 0) pay all of it once per slot, for the target and for the draft; the
 shared pool pays the target's KV for the pool's cells and one set of compute buffers, and the same
-again for the draft, whose pool has as many cells (pool.py).
+again for a llama.cpp draft, whose pool has as many cells (pool.py). Any other draft keeps a cache
+per slot beside the pool (pooled.py), so it is counted per slot.
+
+A transformers (torch) model counts its KV cache only (layers x KV heads x head dim x K and V x
+the weights' element size per token): torch allocates its activations per pass, with no buffers
+sized up front to read off.
 
 Available memory is MemAvailable (psutil if installed, else /proc/meminfo), or the
 VERISPEC_MEMORY_AVAILABLE environment variable (bytes, or with a K/M/G suffix) to test or cap it.
@@ -45,9 +50,12 @@ class ContextCost:
 
 
 def measure(runner, n_seq_max: int = 1, n_batch: int | None = None) -> ContextCost | None:
-    """The context cost of a llama.cpp runner; None for other backends (not checked)."""
+    """The context cost of a llama.cpp or torch runner; None for other backends (not checked)."""
     from ..runners.llamacpp import LlamaCppRunner, context_buffers, kv_bytes_per_token
+    from ..runners.torch import TorchRunner
 
+    if isinstance(runner, TorchRunner):
+        return ContextCost(runner.name, torch_kv_bytes_per_token(runner), 0.0, 0.0)
     if not isinstance(runner, LlamaCppRunner):
         return None
     small, large = (context_buffers(runner, n, n_seq_max, n_batch) for n in _PROBES)
@@ -56,25 +64,33 @@ def measure(runner, n_seq_max: int = 1, n_batch: int | None = None) -> ContextCo
     return ContextCost(runner.name, kv_bytes_per_token(runner), max(0.0, other[0] - slope * _PROBES[0]), slope)
 
 
+def torch_kv_bytes_per_token(runner) -> int:
+    from .paged import kv_shape
+
+    layers, kv_heads, head_dim = kv_shape(runner.model.config)
+    return layers * kv_heads * head_dim * 2 * runner.dtype.itemsize
+
+
 @dataclass
 class MemoryPlan:
     target: ContextCost
-    draft: ContextCost | None  # laid out like the target: a pool of its own, or one context per slot
+    draft: ContextCost | None
     slots: int
     ctx: int
-    pool: int = 0  # cells of the shared KV pools (target and draft); 0 = one context per slot
+    pool: int = 0  # cells of the shared KV pool(s); 0 = one context per slot
+    draft_pooled: bool = True  # with a pool, the draft has a pool of its own (llama.cpp) or a cache per slot
 
     def parts(self) -> dict[str, int]:
-        parts = self._parts("target", self.target)
+        parts = self._parts("target", self.target, self.pool)
         if self.draft is not None:
-            parts.update(self._parts("draft", self.draft))
-        return parts
+            parts.update(self._parts("draft", self.draft, self.pool if self.draft_pooled else 0))
+        return {name: size for name, size in parts.items() if size}  # torch models have no buffers to count
 
-    def _parts(self, role: str, cost: ContextCost) -> dict[str, int]:
+    def _parts(self, role: str, cost: ContextCost, pool: int) -> dict[str, int]:
         kib = f"{cost.kv_per_token / 1024:.1f} KiB"
-        if self.pool:
-            return {f"{role} KV pool ({self.pool} tokens x {kib})": cost.kv_per_token * self.pool,
-                    f"{role} compute buffers (1 context)": cost.bytes(self.pool) - cost.kv_per_token * self.pool}
+        if pool:
+            return {f"{role} KV pool ({pool} tokens x {kib})": cost.kv_per_token * pool,
+                    f"{role} compute buffers (1 context)": cost.bytes(pool) - cost.kv_per_token * pool}
         return {f"{role} KV ({self.slots} x {self.ctx} tokens x {kib})": self.slots * cost.kv_per_token * self.ctx,
                 f"{role} compute buffers ({self.slots} contexts)":
                     self.slots * (cost.bytes(self.ctx) - cost.kv_per_token * self.ctx)}
@@ -157,17 +173,19 @@ def _what_fits(plan: MemoryPlan, available: int) -> str:
 
 
 def plan_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
-    """The memory plan of a server on `base` (None when the target is not on llama.cpp: not checked)."""
+    """The memory plan of a server on `base` (None when the target's backend is not known here: not checked)."""
+    from ..runners.llamacpp import LlamaCppRunner
+
     target = base.target
     target_cost = measure(target, slots + 1 if pool else getattr(target, "max_tree_leaves", 0) + 1)
     if target_cost is None:
         return None
     draft = model_drafter.runner if model_drafter is not None else None
     draft = getattr(draft, "inner", draft)
-    # With the pool, a llama.cpp draft gets a pool shaped like the target's (measure() skips other backends).
-    n_seq = slots + 1 if pool else getattr(draft, "max_tree_leaves", 0) + 1
+    draft_pooled = isinstance(draft, LlamaCppRunner)  # with the pool, a llama.cpp draft gets one like the target's
+    n_seq = slots + 1 if pool and draft_pooled else getattr(draft, "max_tree_leaves", 0) + 1
     draft_cost = measure(draft, n_seq) if draft is not None else None
-    return MemoryPlan(target_cost, draft_cost, slots, ctx, pool)
+    return MemoryPlan(target_cost, draft_cost, slots, ctx, pool, draft_pooled)
 
 
 def check_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
