@@ -65,6 +65,7 @@ def measure(runner, n_seq_max: int = 1, n_batch: int | None = None) -> ContextCo
 
 
 def torch_kv_bytes_per_token(runner) -> int:
+    """Bytes of keys and values one token takes in a TorchRunner's cache (the weights' dtype)."""
     from .paged import kv_shape
 
     layers, kv_heads, head_dim = kv_shape(runner.model.config)

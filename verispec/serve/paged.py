@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidParameter
-from .memory import GiB, MiB, InsufficientMemory, available_bytes
+from .memory import GiB, MiB, InsufficientMemory, available_bytes, torch_kv_bytes_per_token
 from .pool import KvPool, PoolFull
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ class PagedPool:
         self.n_layers, n_kv, head_dim = kv_shape(config)
         n_blocks = -(-n_cells // BLOCK)
         self.n_cells = n_blocks * BLOCK
-        check_memory(self.n_cells, self.n_layers * n_kv * head_dim * 2 * base.dtype.itemsize, base.name)
+        check_memory(self.n_cells, torch_kv_bytes_per_token(base), base.name)
         shape = (n_blocks, BLOCK, n_kv, head_dim)
         self._keys = [torch.empty(shape, dtype=base.dtype, device=base.device) for _ in range(self.n_layers)]
         self._values = [torch.empty(shape, dtype=base.dtype, device=base.device) for _ in range(self.n_layers)]
