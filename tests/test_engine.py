@@ -238,6 +238,64 @@ def test_one_odd_request_moves_the_carried_prior_only_partway():
     assert seeded.verify_seconds[1] == pytest.approx(2.0) and seeded.verify_seconds[3] == 3.0
 
 
+class _CatchingUpDrafter(Drafter):
+    """A costly drafter that sits out calls 3-17 (as a scheduler's cap of 0 makes it) and then, like a
+    draft model, pays 50 ms for each context token it has fallen behind beyond a normal step's two."""
+
+    costly = True
+    name = "catching-up"
+
+    def __init__(self) -> None:
+        self.calls = self.seen = 0
+
+    def prefill(self, prompt) -> None:
+        self.seen = len(prompt)
+
+    def propose(self, context, k: int) -> Draft:
+        import time
+
+        self.calls += 1
+        if 3 <= self.calls <= 17:
+            return Draft([], None, self.name)
+        time.sleep(0.05 * max(0, len(context) - self.seen - 2))
+        self.seen = len(context) + k
+        return Draft([5] * k, None, self.name)
+
+
+def test_a_draft_models_catch_up_after_steps_without_drafting_is_not_its_per_token_cost():
+    from tests.toy import TableRunner
+
+    class Watched(Engine):
+        """Keeps every per-token draft cost its chooser held (an EMA forgets an outlier a few steps on)."""
+
+        def _chooser(self):
+            chooser = super()._chooser()
+            learn, self.learned = chooser.record_draft, []
+
+            def record_draft(n_drafted: int, seconds: float) -> None:
+                learn(n_drafted, seconds)
+                self.learned.append(chooser.draft_seconds_per_token or 0.0)
+
+            chooser.record_draft = record_draft
+            return chooser
+
+    drafter = _CatchingUpDrafter()
+    engine = Watched(TableRunner(vocab=12), drafter, SpeculativeConfig(draft="catching-up", draft_tokens=2))
+    out, stats = run(engine, [1, 2, 3], SamplingParams(max_tokens=40, ignore_eos=True))
+    assert drafter.calls > 20 and stats.draft_seconds > 0.5  # it caught up on ~15 tokens, and that is counted
+    assert 0 < max(engine.learned) < 0.02  # but never taken for the cost of a drafted token
+
+
+def test_a_step_after_one_without_drafting_does_not_teach_the_draft_cost():
+    chooser = DraftLengthChooser()
+    chooser.record_draft(2, 0.2)
+    chooser.record_draft(0, 0.0)  # the draft model sat this step out
+    chooser.record_draft(1, 5.0)  # so this one caught up first
+    assert chooser.draft_seconds_per_token == pytest.approx(0.1)
+    chooser.record_draft(2, 0.3)
+    assert chooser.draft_seconds_per_token == pytest.approx(0.7 * 0.1 + 0.3 * 0.15)
+
+
 def test_a_costly_drafter_that_does_not_pay_is_not_even_prefilled():
     from tests.toy import TableRunner
 

@@ -61,6 +61,7 @@ class DraftLengthChooser:
     ema_weight: float = 0.15
     verify_seconds: dict[int, float] = field(default_factory=dict)
     draft_seconds_per_token: float | None = None
+    drafted_last_step: bool = True  # False after a step without drafting, or a skipped draft prefill
     _steps_at_zero: int = 0
 
     def choose(self) -> int:
@@ -100,7 +101,14 @@ class DraftLengthChooser:
         self.verify_seconds[n_tokens] = _ema(self.verify_seconds.get(n_tokens), seconds, 0.3)
 
     def record_draft(self, n_drafted: int, seconds: float) -> None:
-        if n_drafted:
+        """Learn a costly drafter's seconds per drafted token. Called every step, drafted or not.
+
+        A draft model that sat a step out first catches up on every token since, a one-time cost
+        that would inflate the per-token figure (and, carried, later requests' priors), so a step
+        that follows one without drafting is not learned from.
+        """
+        in_step, self.drafted_last_step = self.drafted_last_step, n_drafted > 0
+        if n_drafted and in_step:
             self.draft_seconds_per_token = _ema(self.draft_seconds_per_token, seconds / n_drafted, 0.3)
 
     def record_acceptance(self, n_drafted: int, n_accepted: int) -> None:

@@ -223,7 +223,8 @@ class Engine:
         t0 = time.perf_counter()
         if self.drafter:
             self.drafter.begin(prompt, params, rng, noise)
-            if chooser.would_draft() or self.budget_chooser is not None:
+            chooser.drafted_last_step = chooser.would_draft() or self.budget_chooser is not None
+            if chooser.drafted_last_step:
                 self.drafter.prefill(prompt)
         rows = self.target.forward(prompt, all_logits=False)
         row = rows[-1]
@@ -313,9 +314,9 @@ class Engine:
         chooser.record_verify(len(drafted) + 1, t2 - t1)
         if shadow:
             chooser.record_acceptance(1, int(shadow[0] == verdict.next_token))
+        if self.drafter is not None and self.drafter.costly:
+            chooser.record_draft(len(drafted), t1 - t0)
         if drafted:
-            if self.drafter.costly:
-                chooser.record_draft(len(drafted), t1 - t0)
             chooser.record_acceptance(len(drafted), verdict.n_accepted)
             stats.record_positions(len(drafted), verdict.n_accepted)
             stats.record_sources([draft.source_of(i) for i in range(len(drafted))],
@@ -349,9 +350,9 @@ class Engine:
         n_drafted, n_accepted = len(tree) - 1, len(verdict.path) - 1
         if chooser is not None:
             chooser.record_verify(len(tree), t2 - t1)
+        if chooser is not None and self.drafter.costly:
+            chooser.record_draft(k if n_drafted else 0, t1 - t0)
         if n_drafted:
-            if chooser is not None and self.drafter.costly:
-                chooser.record_draft(k, t1 - t0)
             if chooser is not None:
                 chooser.record_acceptance(min(k, n_drafted), n_accepted)
             stats.record_sources(tree.sources[1:], [tree.sources[i] for i in verdict.path[1:]])
