@@ -6,7 +6,7 @@ from tests.toy import ByteTokenizer
 from verispec import SamplingParams, SpeculativeConfig, load
 from verispec.api import TextAssembler
 from verispec.errors import PromptError
-from verispec.models.chat import render_chat
+from verispec.models.chat import gguf_chat_template, render_chat
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +29,24 @@ def test_stream_concatenates_to_generate(smol):
     assert len(chunks) > 1
 
 
-def test_chat_uses_the_models_template(smol):
+def test_chat_uses_the_models_template(smol, smol_source):
     tokens = smol.prompt_tokens("Hello!", chat=True)
     text = smol.tokenizer.decode(tokens)
     assert "Hello!" in text
     assert len(tokens) > len(smol.prompt_tokens("Hello!"))
-    out = smol.generate(messages=[{"role": "user", "content": "Say hi."}], params=SamplingParams(max_tokens=8))
-    assert out.stats.prompt_tokens == len(smol.prompt_tokens(messages=[{"role": "user", "content": "Say hi."}]))
+    messages = [{"role": "user", "content": "Say hi."}]
+    out = smol.generate(messages=messages, params=SamplingParams(max_tokens=8))
+    # The prompt counted independently of render_chat: the template as stored in the GGUF file (llama.cpp
+    # hands the runner its own copy), rendered by plain Jinja with Hugging Face's settings.
+    from jinja2 import Environment
+
+    template = gguf_chat_template(smol_source.path)
+    rendered = Environment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+        messages=messages, add_generation_prompt=True)
+    assert "<|im_start|>user\nSay hi.<|im_end|>" in rendered and rendered.endswith("<|im_start|>assistant\n")
+    expected = smol.tokenizer.encode(rendered)
+    assert smol.prompt_tokens(messages=messages) == expected
+    assert out.stats.prompt_tokens == len(expected)
 
 
 def test_stop_strings_cut_the_text(smol):

@@ -112,12 +112,19 @@ def test_tree_cascade_and_lossy_method_names():
 
 
 def test_verify_cost_curve(smol_llama):
-    from verispec.bench.verify_cost import ratios, verify_cost_curve
+    from verispec.bench.verify_cost import verify_cost_curve
 
     times = verify_cost_curve(smol_llama, ks=(1, 4), reps=1)
     assert set(times) == {1, 4} and all(t > 0 for t in times.values())
-    assert ratios(times)[1] == 1.0
     assert smol_llama.n_past == 0
+
+
+def test_verify_cost_ratios_are_relative_to_the_smallest_k_measured():
+    from verispec.bench.verify_cost import ratios
+
+    # K=1 not measured: the base is K=2, and the dict order of the input does not matter
+    assert ratios({8: 0.5, 2: 0.1, 4: 0.25}) == pytest.approx({2: 1.0, 4: 2.5, 8: 5.0})
+    assert ratios({1: 0.04, 3: 0.05, 16: 0.2}) == pytest.approx({1: 1.0, 3: 1.25, 16: 5.0})
 
 
 def test_load_cells_sum_the_draft_work_of_their_requests():

@@ -165,3 +165,49 @@ def test_seeded_noise_shared_across_positions_is_caught(monkeypatch):
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
     pvalue, tv, bound = check(draw(engine, params, N // 4, seeded=True), exact_joint(engine.target, params))
     assert pvalue < 0.001 and tv > bound
+
+
+# The bonus token after a fully accepted chain: drawn from the target's row K, the one after the last
+# draft. Each draft x passes for certain (q(x) = 0.2 < p(x), so min(1, p/q) = 1), so all BONUS_N
+# steps end in a bonus; its counts are checked with check() at the same false-failure rate (0.001).
+BONUS_ROWS = np.array([
+    [0.6, 0.1, 0.1, 0.1, 0.1],  # row 0 checks draft 0
+    [0.1, 0.6, 0.1, 0.1, 0.1],  # row 1 checks draft 1
+    [0.05, 0.05, 0.1, 0.3, 0.5],  # row 2 = K: the bonus
+])
+BONUS_N = 5_000
+
+
+def draw_bonus(verifier_class: type[rejection.ChainVerifier]) -> np.ndarray:
+    params = SamplingParams(temperature=1.0)
+    verifier = verifier_class(BONUS_ROWS.shape[1], params, np.random.default_rng(2026), max_rows=3)
+    logits, drafted, q = np.log(BONUS_ROWS), [0, 1], np.full((2, BONUS_ROWS.shape[1]), 0.2)
+    counts = np.zeros(BONUS_ROWS.shape[1])
+    for _ in range(BONUS_N):
+        verdict = verifier.verify(logits, drafted, q)
+        assert verdict.n_accepted == len(drafted)
+        counts[verdict.next_token] += 1
+    return counts
+
+
+def bonus_from_row(row: int) -> type[rejection.ChainVerifier]:
+    class BonusFromWrongRow(rejection.ChainVerifier):
+        def verify_probs(self, p, drafted, q):
+            verdict = super().verify_probs(p, drafted, q)
+            if verdict.n_accepted == len(drafted):
+                return rejection.Verdict(verdict.n_accepted, sample(p[row], self.rng))
+            return verdict
+
+    return BonusFromWrongRow
+
+
+def test_the_bonus_token_is_drawn_from_the_row_after_the_last_draft():
+    pvalue, tv, bound = check(draw_bonus(rejection.ChainVerifier), BONUS_ROWS[2])
+    assert pvalue > 0.001, f"chi-square rejects row K as the bonus distribution (p={pvalue:.2e}, tv={tv:.4f})"
+    assert tv < bound
+
+
+@pytest.mark.parametrize("wrong_row", [1, 0])  # K-1 (the last draft's own row), and the first row
+def test_a_bonus_from_the_wrong_row_is_caught(wrong_row):
+    pvalue, tv, bound = check(draw_bonus(bonus_from_row(wrong_row)), BONUS_ROWS[2])
+    assert pvalue < 0.001 and tv > bound

@@ -1,9 +1,6 @@
 """Drafters and the adaptive draft length."""
 
-import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from verispec.draft_length import DraftLengthChooser, best_k, expected_rate, expected_tokens, prior_ratio
 from verispec.drafters.ngram import NgramDrafter
@@ -26,17 +23,30 @@ def test_ngram_index_grows_incrementally_and_resets_on_a_new_context():
     assert d.propose([5, 6, 5], 3).tokens == [6, 5]  # a different context: index rebuilt
 
 
-@settings(max_examples=60)
-@given(st.floats(0.0, 0.99), st.integers(1, 16), st.floats(0.001, 0.2), st.lists(st.floats(1.0, 3.0), min_size=17, max_size=17))
-def test_chosen_k_is_the_argmax_of_expected_throughput(acceptance, k_max, draft_cost, growth):
-    t1 = 0.05
-    verify = {1: t1}
-    for n in range(2, 18):
-        verify[n] = verify[n - 1] + t1 * (growth[n - 1] - 1.0) / 2 + 1e-4  # increasing costs
-    chooser = DraftLengthChooser(k_max=k_max, acceptance=acceptance, min_gain=1.0, verify_seconds=dict(verify),
-                                 draft_seconds_per_token=draft_cost)
-    rates = [expected_rate(acceptance, k, verify[k + 1], draft_cost) for k in range(k_max + 1)]
-    assert chooser.choose() == int(np.argmax(rates))
+# A small case worked by hand: T(n) = seconds of a verify pass over n tokens, 0.1 s per drafted token.
+# Expected tokens per pass at acceptance a with K drafts: 1 + a + ... + a^K.
+#   a = 0.5: K=0 1/1.0 = 1;  K=1 1.5/(1.2+0.1) = 15/13;  K=2 1.75/(1.5+0.2) = 35/34;  K=3 1.875/(2.2+0.3) = 3/4
+#   a = 0.8: K=0 1/1.0 = 1;  K=1 1.8/1.3 = 18/13;  K=2 2.44/1.7 = 122/85;  K=3 2.952/2.5 = 1.1808
+HAND_VERIFY = {1: 1.0, 2: 1.2, 3: 1.5, 4: 2.2}
+HAND_RATES = {0.5: [1.0, 15 / 13, 35 / 34, 0.75], 0.8: [1.0, 18 / 13, 122 / 85, 1.1808]}
+
+
+@pytest.mark.parametrize("acceptance", sorted(HAND_RATES))
+def test_expected_rate_matches_the_hand_computed_tokens_per_second(acceptance):
+    for k, rate in enumerate(HAND_RATES[acceptance]):
+        assert expected_rate(acceptance, k, HAND_VERIFY[k + 1], 0.1) == pytest.approx(rate)
+
+
+def test_chosen_k_is_the_hand_computed_argmax_of_expected_throughput():
+    assert best_k(0.5, HAND_VERIFY, 0.1, 3) == 1
+    assert best_k(0.8, HAND_VERIFY, 0.1, 3) == 2
+    assert best_k(0.8, HAND_VERIFY, 0.1, 1) == 1  # capped at k_max
+    assert best_k(0.5, HAND_VERIFY, 0.1, 3, min_gain=1.15) == 1  # 15/13 = 1.154 beats K=0 by 15%
+    assert best_k(0.5, HAND_VERIFY, 0.1, 3, min_gain=1.16) == 0  # ... but not by 16%
+    for acceptance, want in ((0.5, 1), (0.8, 2)):  # the chooser on the same measurements
+        chooser = DraftLengthChooser(k_max=3, acceptance=acceptance, min_gain=1.0, probe_every=None,
+                                     verify_seconds=dict(HAND_VERIFY), draft_seconds_per_token=0.1)
+        assert chooser.choose() == want
 
 
 def test_expected_tokens_formula():

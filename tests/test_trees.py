@@ -147,7 +147,24 @@ def test_greedy_equality_for_trees_cascades_and_prefixes(seed):
     for label, (drafter, spec) in cases.items():
         out, stats = run(Engine(target, drafter, spec), prompt, params)
         assert out == plain, f"{label} diverges"
-        assert stats.generated == 40 and sum(stats.accepted_lengths) >= 39 and stats.target_passes <= 40
+        steps = stats.accepted_lengths  # tokens per target pass; the first of the 40 came from the prefill
+        assert sum(steps[:-1]) < 39 <= sum(steps), f"{label}: passes went on after max_tokens was reached"
+        assert all(1 <= n <= d + 1 for n, d in zip(steps, stats.draft_lengths)), f"{label} accepted undrafted tokens"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_perfect_draft_is_accepted_whole_at_every_step(seed):
+    """A drafter that is the target itself: every greedy step keeps its whole chain, or the tree's deepest path."""
+    target = TableRunner(VOCAB, seed)
+    prompt = [int(t) for t in np.random.default_rng(seed).integers(0, VOCAB, 12)]
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    plain, _ = run(Engine(target), prompt, params)
+    for spec, per_step in ((SpeculativeConfig(draft="x", draft_tokens=4), 5),  # 4 drafts + the bonus
+                           (SpeculativeConfig(draft="x", tree="static:3,2,1", tree_budget=12), 4)):  # depth 3 + bonus
+        out, stats = run(Engine(target, ModelDrafter(TableRunner(VOCAB, seed, name="oracle")), spec), prompt, params)
+        assert out == plain
+        passes = -(-39 // per_step)  # the fewest passes that reach 40 tokens after the prefill's one
+        assert stats.accepted_lengths == [per_step] * passes, spec
 
 
 def test_trees_accept_more_per_pass_than_chance():

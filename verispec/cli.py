@@ -53,14 +53,38 @@ def fail(exc: Exception) -> None:
 
 
 @models_app.command("list")
-def models_list() -> None:
-    """Show registered models: whether each is present, its size and its sha256."""
-    table = Table(title=f"models in {registry.home() / 'models'}")
-    for col in ("name", "status", "size", "sha256", "description"):
-        table.add_column(col)
-    for spec in registry.REGISTRY.values():
-        table.add_row(spec.name, registry.status(spec), f"{spec.size / 1e6:,.0f} MB", spec.sha256[:16] + "…", spec.description)
-    Console().print(table)
+def models_list(as_json: bool = typer.Option(False, "--json", help="print a JSON list of "
+                                             "{name, status, size, sha256, description, path}")) -> None:
+    """Show registered models: whether each is present, its size and its sha256.
+
+    A terminal wide enough for the table gets one; a pipe or a narrow terminal gets plain aligned
+    lines, so that no name is ever cut.
+    """
+    models = [{"name": spec.name, "status": registry.status(spec), "size": spec.size, "sha256": spec.sha256,
+               "description": spec.description, "path": str(registry.model_path(spec))}
+              for spec in registry.REGISTRY.values()]
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(models, indent=2))
+        return
+    header = ("name", "status", "size", "sha256", "description")
+    rows = [(m["name"], m["status"], f"{m['size'] / 1e6:,.0f} MB", m["sha256"][:16] + "…", m["description"]) for m in models]
+    out = Console()
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    # every column but the description whole, the description at least 12 wide, 3 per column of borders
+    if out.is_terminal and out.width >= sum(widths[:-1]) + 12 + 3 * len(header) + 1:
+        table = Table(title=f"models in {registry.home() / 'models'}")
+        for col in header[:-1]:
+            table.add_column(col, no_wrap=True)
+        table.add_column(header[-1], overflow="fold")  # wrapped at spaces, long words folded, never cut
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        return
+    typer.echo(f"models in {registry.home() / 'models'}")
+    for row in [header, *rows]:
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths)) + "  " + row[-1])
 
 
 @models_app.command("pull")
