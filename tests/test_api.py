@@ -29,23 +29,26 @@ def test_stream_concatenates_to_generate(smol):
     assert len(chunks) > 1
 
 
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "render_chat strips the template's leading bos_text as if the tokenizer added BOS back; SmolLM2's BOS is "
+    "<|im_start|> and its tokenizer adds none, so the prompt starts 'system\\n...' (32 tokens, not 33)"))
 def test_chat_uses_the_models_template(smol, smol_source):
     tokens = smol.prompt_tokens("Hello!", chat=True)
     text = smol.tokenizer.decode(tokens)
     assert "Hello!" in text
     assert len(tokens) > len(smol.prompt_tokens("Hello!"))
-    messages = [{"role": "user", "content": "Say hi."}]
-    out = smol.generate(messages=messages, params=SamplingParams(max_tokens=8))
-    # The prompt counted independently of render_chat: the template as stored in the GGUF file (llama.cpp
+    # The prompt built independently of render_chat: the template as stored in the GGUF file (llama.cpp
     # hands the runner its own copy), rendered by plain Jinja with Hugging Face's settings.
     from jinja2 import Environment
 
-    template = gguf_chat_template(smol_source.path)
-    rendered = Environment(trim_blocks=True, lstrip_blocks=True).from_string(template).render(
+    messages = [{"role": "user", "content": "Say hi."}]
+    rendered = Environment(trim_blocks=True, lstrip_blocks=True).from_string(gguf_chat_template(smol_source.path)).render(
         messages=messages, add_generation_prompt=True)
-    assert "<|im_start|>user\nSay hi.<|im_end|>" in rendered and rendered.endswith("<|im_start|>assistant\n")
+    assert rendered.startswith("<|im_start|>system\n") and rendered.endswith("<|im_start|>user\nSay hi.<|im_end|>\n"
+                                                                             "<|im_start|>assistant\n")
     expected = smol.tokenizer.encode(rendered)
     assert smol.prompt_tokens(messages=messages) == expected
+    out = smol.generate(messages=messages, params=SamplingParams(max_tokens=8))
     assert out.stats.prompt_tokens == len(expected)
 
 
