@@ -73,9 +73,7 @@ def test_plain_decoding_writes_exactly_the_context():
 @pytest.mark.parametrize("n_ctx", [20, 23])
 @pytest.mark.parametrize("case", [
     "ngram K=4",
-    pytest.param("oracle K=4", marks=pytest.mark.xfail(strict=True, reason=(
-        "engine._step lets a chain draft k <= n_ctx - n_past - 1 tokens, so a fully accepted last step "
-        "emits its bonus as token n_ctx + 1; plain stops at n_ctx (k <= n_ctx - n_past - 2 would match)"))),
+    "oracle K=4",
     "oracle static tree",
 ])
 def test_speculation_at_the_context_limit_writes_what_plain_decoding_writes(case, n_ctx):

@@ -9,7 +9,7 @@ from .drafters.base import Drafter
 from .engine import Engine, SpeculativeConfig, Stats
 from .errors import InvalidParameter, PromptError, TokenizerMismatch, VerispecError
 from .models import files, registry
-from .models.chat import render_chat
+from .models.chat import chat_tokens
 from .runners import Runner, open_runner
 from .sampling import SamplingParams
 
@@ -47,15 +47,12 @@ class Model:
 
     def prompt_tokens(self, prompt: str | None = None, messages: list[dict] | None = None, chat: bool = False) -> list[int]:
         if messages is not None:
-            text = render_chat(self.tokenizer.chat_template, messages, self.tokenizer.bos_text, self.tokenizer.eos_text)
-        elif prompt is None or not str(prompt).strip():
+            return chat_tokens(self.tokenizer, messages)
+        if prompt is None or not str(prompt).strip():
             raise PromptError("the prompt is empty", "prompt")
-        elif chat:
-            text = render_chat(self.tokenizer.chat_template, [{"role": "user", "content": prompt}],
-                               self.tokenizer.bos_text, self.tokenizer.eos_text)
-        else:
-            text = prompt
-        return self.tokenizer.encode(text, add_special=True)
+        if chat:
+            return chat_tokens(self.tokenizer, [{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt, add_special=True)
 
     def drafter(self, name: str | None) -> Drafter | None:
         """The drafter for a --draft value: None/'none', 'ngram', 'auto', 'medusa:PATH', 'eagle:PATH',

@@ -265,13 +265,18 @@ class Engine:
               tree_verifier: TreeVerifier | None, stats: Stats, record_margins: bool) -> list[int]:
         if self.budget_chooser is not None and self.drafter is not None:
             return self._budgeted_step(context, last, chooser, verifier, tree_verifier, stats, record_margins)
-        room = self.target.n_ctx - self.target.n_past - 1
-        k = min(chooser.choose(), room) if self.drafter else 0
+        k = min(chooser.choose(), self._draft_room()) if self.drafter else 0
         if k > 0 and tree_verifier is not None:
             width = max(self.config.tree_width, PREFIX_WIDTH if self.config.acceptance != "exact" else 1)
             return self._tree_step(lambda: self._branch_tree(context, last, k, width), k, chooser, tree_verifier, stats,
                                    len(context))
         return self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
+
+    def _draft_room(self) -> int:
+        """Tokens a chain step may draft. Its pass holds the last token and the draft, and a fully accepted
+        draft adds the target's own token after it: plain decoding writes that token only if its cache
+        could still take it, so the draft stops one short of the context."""
+        return max(0, self.target.n_ctx - self.target.n_past - 2)
 
     def _budgeted_step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
                        tree_verifier: TreeVerifier, stats: Stats, record_margins: bool) -> list[int]:
@@ -285,8 +290,7 @@ class Engine:
                                                     self.config.draft_max), expansions, None, tree_verifier, stats,
                                    len(context))
         else:
-            room = self.target.n_ctx - self.target.n_past - 1
-            k = min(chooser.choose(), room)
+            k = min(chooser.choose(), self._draft_room())
             new = self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
         self.budget_chooser.record(budget, len(new), time.perf_counter() - t0)
         return new

@@ -9,6 +9,8 @@ import statistics
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from ..runners.base import Runner
 
 _FILLER = (
@@ -67,3 +69,44 @@ def measure(runner: Runner, ks: Sequence[int], context: Sequence[int] | None = N
         result["single_pass_seconds"] = single
         result["single_pass_ratio"] = ratios(single)
     return result
+
+
+def pass_shape_noise(runner: Runner, ks: Sequence[int], contexts: Sequence[Sequence[int]]) -> dict[str, dict]:
+    """The largest logit difference between a token scored inside a K-row pass and the same token scored
+    alone, per verify mode, context length and K: the numerical noise that pass shapes add.
+
+    A greedy divergence from plain decoding is a tie only where its margin is below this noise. In the
+    llama.cpp runner's exact mode the noise is 0 by design; one unchunked pass, and the torch runner,
+    have their own. Each context is scored to its end, then K = max(ks) tokens of it are rescored.
+    """
+    if hasattr(runner, "exact_chunk"):  # llama.cpp: both verify modes, whichever the runner was opened with
+        from ..runners.llamacpp import EXACT_CHUNK
+
+        modes: dict[str, int | None] = {"exact": EXACT_CHUNK, "one-pass": 0}
+    else:
+        modes = {"as-run": None}
+    result: dict[str, dict] = {mode: {} for mode in modes}
+    k_max = max(ks)
+    saved = getattr(runner, "exact_chunk", None)
+    try:
+        for context in contexts:
+            prefix, probe = list(context[:-k_max]), list(context[-k_max:])
+            runner.reset()
+            runner.forward(prefix, all_logits=False)
+            base = runner.n_past
+            alone = np.stack([runner.forward([t])[0].copy() for t in probe])
+            for mode, chunk in modes.items():
+                if chunk is not None:
+                    runner.exact_chunk = chunk
+                per_k = {}
+                for k in ks:
+                    runner.rollback(base)
+                    rows = runner.forward(probe[:k])
+                    per_k[k] = float(np.abs(rows - alone[:k]).max())
+                result[mode][len(prefix)] = per_k
+    finally:
+        if saved is not None:
+            runner.exact_chunk = saved
+        runner.reset()
+    return {mode: {"by_context": by_ctx, "max": max((d for per_k in by_ctx.values() for d in per_k.values()), default=0.0)}
+            for mode, by_ctx in result.items()}

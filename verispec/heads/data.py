@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bench.prompts import BUILTIN, BUILTIN_PATH, load_prompts
-from ..models.chat import render_chat
+from ..models.chat import chat_tokens
 
 TRAIN_PROMPTS = Path(__file__).parent / "train_prompts.jsonl"
 META_KEY = "verispec.distill"
@@ -94,9 +94,7 @@ def training_prompts(source: str = BUILTIN) -> list[str]:
 
 
 def prompt_tokens(runner, text: str) -> list[int]:
-    tok = runner.tokenizer
-    rendered = render_chat(tok.chat_template, [{"role": "user", "content": text}], tok.bos_text, tok.eos_text)
-    return tok.encode(rendered, add_special=True)
+    return chat_tokens(runner.tokenizer, [{"role": "user", "content": text}])
 
 
 def greedy_sequence(runner, prompt: list[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:

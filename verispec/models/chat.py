@@ -32,7 +32,7 @@ def _compile(template: str):
 
 def render_chat(template: str | None, messages: list[dict], bos_text: str = "", eos_text: str = "",
                 add_generation_prompt: bool = True) -> str:
-    """Render messages with the model's own template. The BOS token is left to the tokenizer."""
+    """Render messages with the model's own template, BOS text included when the template writes it."""
     if not template:
         raise PromptError("this model has no chat template in its file; send a plain prompt instead", "messages")
     for m in messages:
@@ -41,7 +41,16 @@ def render_chat(template: str | None, messages: list[dict], bos_text: str = "", 
     text = _compile(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_text, eos_token=eos_text
     )
-    # Tokenizers add BOS themselves; a template that writes it too would double it.
-    if bos_text and text.startswith(bos_text):
-        text = text[len(bos_text):]
     return text
+
+
+def chat_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of a chat, BOS exactly once.
+
+    A template that writes the BOS text has it parsed as the BOS token, and the tokenizer adds none; one
+    that does not leaves BOS to the tokenizer. (SmolLM2's BOS is `<|im_start|>`, which its template
+    writes and its tokenizer never adds: stripping it from the text lost the chat's first token.)
+    """
+    text = render_chat(tokenizer.chat_template, messages, tokenizer.bos_text, tokenizer.eos_text, add_generation_prompt)
+    writes_bos = bool(tokenizer.bos_text) and text.startswith(tokenizer.bos_text)
+    return tokenizer.encode(text, add_special=not writes_bos)

@@ -9,6 +9,10 @@ def open_runner(source, backend: str = "auto", **kwargs) -> Runner:
     """Open a ModelSource on a backend: 'llamacpp' for GGUF (the CPU fast path), 'torch' for HF dirs or GGUF."""
     if backend == "auto":
         backend = "llamacpp" if source.kind == "gguf" else "torch"
+    if backend == "torch":
+        # The torch runner scores every verify pass in one pass; its noise against one-row passes is measured
+        # by the bench (verify_cost.pass_shape_noise), so it takes --verify without acting on it.
+        _check_verify(kwargs.pop("verify", "exact"))
     if backend == "llamacpp":
         if source.kind != "gguf":
             from ..errors import ModelFileError
@@ -24,3 +28,12 @@ def open_runner(source, backend: str = "auto", **kwargs) -> Runner:
     from ..errors import InvalidParameter
 
     raise InvalidParameter(f"unknown backend {backend!r}: use llamacpp, torch or auto", "backend")
+
+
+def _check_verify(mode: str) -> None:
+    from .llamacpp import VERIFY_MODES
+
+    if mode not in VERIFY_MODES:
+        from ..errors import InvalidParameter
+
+        raise InvalidParameter(f"verify must be one of {', '.join(VERIFY_MODES)}, got {mode!r}", "verify")

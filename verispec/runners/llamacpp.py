@@ -8,9 +8,13 @@ attends to the cells that share one of its sequence ids), which needs a unified 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
+import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -19,6 +23,18 @@ from .base import Runner, Tokenizer, tree_depths
 
 _backend_ready = False
 _KEEP_LOG_CALLBACK = None
+
+VERIFY_MODES = ("exact", "one-pass")
+# Rows per scoring pass in the "exact" verify mode. ggml's CPU matmul takes another kernel for 4+ rows
+# (repacked gemm; tiled from 8), whose sums differ from a one-row pass by up to ~0.5 in the logits
+# (Qwen2.5 Q4_K_M); passes of <= 3 rows are bit-identical to one-row passes (tests/test_long_context.py).
+EXACT_CHUNK = 3
+
+# One llama.cpp pass at a time in this process. ggml's worker threads spin at each of a pass's ~600
+# barriers; two passes at once on 2 cores would each wait on a thread the other has descheduled
+# (10-30x slower). With GGML_OPENMP=OFF (build-support/llama-cpp.sh) the workers exist only during a
+# pass, so between passes nothing spins and other work in the process (HTTP, torch) has the cores.
+_COMPUTE_LOCK = threading.Lock()
 
 
 def _init_backend(verbose: bool) -> None:
@@ -33,6 +49,76 @@ def _init_backend(verbose: bool) -> None:
         L.llama_log_set(_KEEP_LOG_CALLBACK, ctypes.c_void_p())
     L.llama_backend_init()
     _backend_ready = True
+
+
+@functools.cache
+def build_info() -> dict:
+    """What the loaded llama.cpp build does, read from its library (llama.h does not say).
+
+    reference_switch: the build has build-support/ggml-cpu-use-ref-env.patch, so a context can be
+    created on ggml's reference kernels (see _reference_kernels). openmp: ggml was built with OpenMP,
+    whose thread pools sleep or spin between passes by OMP_WAIT_POLICY (see docs/threading.md).
+    """
+    import llama_cpp as L
+
+    _init_backend(False)
+    lib = Path(L.__file__).parent / "lib"
+    cpu = sorted(lib.glob("libggml-cpu.so*")) or sorted(lib.glob("libggml*.so*")) or sorted(lib.glob("libllama.so*"))
+    data = b"".join(f.read_bytes() for f in cpu[:1])
+    return {
+        "reference_switch": b"GGML_CPU_USE_REF" in data,
+        "openmp": b"GOMP_parallel" in data or b"omp_get_thread_num" in data,
+        "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+
+
+@contextmanager
+def _reference_kernels(on: bool):
+    """Create contexts on ggml's reference kernels (GGML_CPU_USE_REF, read when a context is created).
+
+    Without them a one-row pass over a KV view of >= 512 cells takes flash attention's split-KV path,
+    which sums across threads in another order than a 2-3-row pass: greedy speculative output then
+    drifts from plain decoding on long prompts. The reference kernels also skip the tiled attention of
+    64+ row passes and op fusion, so every pass shape sums attention the same way.
+    """
+    old = os.environ.get("GGML_CPU_USE_REF")
+    os.environ["GGML_CPU_USE_REF"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("GGML_CPU_USE_REF", None)
+        else:
+            os.environ["GGML_CPU_USE_REF"] = old
+
+
+def open_context(model, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, reference_kernels: bool):
+    """A llama.cpp context as every part of verispec opens one (runner, KV pool, memory probe); NULL on failure.
+
+    The KV cache is unified, since a tree node belongs to several sequences at once, and every pass
+    is one micro-batch (n_ubatch = n_batch), so a pass's rows are never split behind our back.
+    """
+    import llama_cpp as L
+
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = n_ctx
+    cparams.n_batch = cparams.n_ubatch = n_batch
+    cparams.n_seq_max = n_seq_max
+    cparams.kv_unified = True
+    cparams.n_threads = cparams.n_threads_batch = n_threads
+    cparams.no_perf = True
+    cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))
+    cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # per-token embeddings (hidden states) when switched on
+    with _reference_kernels(reference_kernels):
+        return L.llama_init_from_model(model, cparams)
+
+
+def decode(ctx, batch) -> int:
+    """llama_decode, one pass at a time in the process (see _COMPUTE_LOCK); returns llama.cpp's status."""
+    import llama_cpp as L
+
+    with _COMPUTE_LOCK:
+        return L.llama_decode(ctx, batch)
 
 
 def default_threads() -> int:
@@ -100,7 +186,7 @@ class LlamaCppRunner(Runner):
 
     def __init__(self, source, n_ctx: int = 4096, n_threads: int | None = None, max_tree_leaves: int = 32,
                  n_batch: int = 512, verbose: bool = False, exact_chunk: int | None = None, device: str = "cpu",
-                 _shared_model=None) -> None:
+                 verify: str = "exact", _shared_model=None) -> None:
         import llama_cpp as L
 
         if device not in ("cpu", "auto"):
@@ -108,14 +194,24 @@ class LlamaCppRunner(Runner):
 
             raise InvalidParameter(f"the llama.cpp runner runs on the CPU here; use --backend torch for --device {device}", "device")
 
+        if verify not in VERIFY_MODES:
+            from ..errors import InvalidParameter
+
+            raise InvalidParameter(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}", "verify")
         _init_backend(verbose)
         self._L = L
         self.name = source.label
         self.source = source
         self._options = dict(n_ctx=n_ctx, n_threads=n_threads, max_tree_leaves=max_tree_leaves, n_batch=n_batch,
-                             verbose=verbose, exact_chunk=exact_chunk)
-        # Scoring passes are split into chunks this long (0 = one pass): see _score().
-        self.exact_chunk = int(os.environ.get("VERISPEC_EXACT_CHUNK", 3)) if exact_chunk is None else exact_chunk
+                             verbose=verbose, exact_chunk=exact_chunk, verify=verify)
+        # "exact": scoring passes in chunks of EXACT_CHUNK rows, bit-identical to plain decoding (see _score).
+        # "one-pass": all rows in one pass, cheaper where a pass's cost grows slowly with its rows, and
+        # lossless in distribution but not bit-identical (its rows differ from one-row passes by ggml's noise).
+        self.verify_mode = verify
+        default_chunk = EXACT_CHUNK if verify == "exact" else 0
+        self.exact_chunk = int(os.environ.get("VERISPEC_EXACT_CHUNK", default_chunk)) if exact_chunk is None else exact_chunk
+        # VERISPEC_REFERENCE_KERNELS=0 is for measuring what the reference kernels cost (the bench's noise probe).
+        self.reference_kernels = build_info()["reference_switch"] and os.environ.get("VERISPEC_REFERENCE_KERNELS") != "0"
         self._owns_model = _shared_model is None
         if _shared_model is not None:
             self._model = _shared_model
@@ -126,18 +222,8 @@ class LlamaCppRunner(Runner):
         if not self._model:
             raise ModelFileError(f"llama.cpp could not load {source.path} (unsupported architecture or damaged file)")
         threads = n_threads or default_threads()
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = n_batch
-        cparams.n_ubatch = n_batch
-        cparams.n_seq_max = max_tree_leaves + 1
-        cparams.kv_unified = True  # a tree node belongs to several sequences at once
-        cparams.n_threads = threads
-        cparams.n_threads_batch = threads
-        cparams.no_perf = True
-        cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))
-        cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # per-token embeddings (hidden states) when switched on
-        self._ctx = L.llama_init_from_model(self._model, cparams)
+        self._ctx = open_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=max_tree_leaves + 1,
+                                 n_threads=threads, reference_kernels=self.reference_kernels)
         if not self._ctx:
             if self._owns_model:
                 L.llama_model_free(self._model)
@@ -249,7 +335,7 @@ class LlamaCppRunner(Runner):
             for j, s in enumerate(seq_ids):
                 b.seq_id[i][j] = s
             b.logits[i] = flag
-        status = self._L.llama_decode(self._ctx, b)
+        status = decode(self._ctx, b)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status} (KV cache full or invalid batch)")
 
@@ -421,14 +507,8 @@ def context_buffers(runner: LlamaCppRunner, n_ctx: int, n_seq_max: int = 1, n_ba
     capture = L.llama_log_callback(lambda level, text, user: lines.append(text.decode("utf-8", "replace")))
     L.llama_log_set(capture, ctypes.c_void_p())
     try:
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        cparams.n_batch = cparams.n_ubatch = n_batch or runner.n_batch
-        cparams.n_seq_max = n_seq_max
-        cparams.kv_unified = True
-        cparams.n_threads = cparams.n_threads_batch = runner.n_threads
-        cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))
-        ctx = L.llama_init_from_model(runner._model, cparams)
+        ctx = open_context(runner._model, n_ctx=n_ctx, n_batch=n_batch or runner.n_batch, n_seq_max=n_seq_max,
+                           n_threads=runner.n_threads, reference_kernels=runner.reference_kernels)
         if ctx:
             L.llama_free(ctx)
     finally:

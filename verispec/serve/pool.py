@@ -19,7 +19,9 @@ the cells run out, `compact()` copies each live sequence out (`llama_state_seq_g
 the cache and writes them back, packed and in order. The bytes are copied verbatim, so compaction
 changes no logit.
 
-Single-row decodes. ggml's CPU flash attention splits the KV range across threads for a batch of
+Single-row decodes. On the default build the runners create contexts on ggml's reference kernels
+(runners/llamacpp.py, `_reference_kernels`), which never split the KV range, and nothing below
+applies: no row is padded. Without them (a llama-cpp-python built without verispec's patch), ggml's CPU flash attention splits the KV range across threads for a batch of
 one query row once 512+ cells are in view (its "split-KV" path), and the split points depend on
 where the cells lie, so such a row is not reproducible across cache layouts; batches of 2+ rows
 visit the cells in order on one thread per row. So once the view reaches 512 cells, a one-row
@@ -52,7 +54,7 @@ import numpy as np
 
 from ..errors import InvalidParameter, PromptError
 from ..runners.base import Runner
-from ..runners.llamacpp import LlamaCppRunner
+from ..runners.llamacpp import LlamaCppRunner, decode, open_context
 
 
 class PoolFull(RuntimeError):
@@ -69,7 +71,7 @@ class KvPool:
     prefill_rows = 63
 
     def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512,
-                 lock: threading.Lock | None = None, pad_single_rows: bool = True) -> None:
+                 lock: threading.Lock | None = None, pad_single_rows: bool | None = None) -> None:
         import llama_cpp as L
 
         self._L = L
@@ -77,15 +79,8 @@ class KvPool:
         self.n_seqs = n_seqs
         self.park = n_seqs  # the sequence holding cells nobody attends to any more
         self.pad = n_seqs + 1  # the dummy second row of a one-row decode
-        cparams = L.llama_context_default_params()
-        cparams.n_ctx = n_cells
-        cparams.n_batch = cparams.n_ubatch = n_batch
-        cparams.n_seq_max = n_seqs + 2
-        cparams.kv_unified = True
-        cparams.n_threads = cparams.n_threads_batch = base.n_threads
-        cparams.no_perf = True
-        cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))  # as LlamaCppRunner
-        self._ctx = L.llama_init_from_model(base._model, cparams)
+        self._ctx = open_context(base._model, n_ctx=n_cells, n_batch=n_batch, n_seq_max=n_seqs + 2,
+                                 n_threads=base.n_threads, reference_kernels=base.reference_kernels)
         if not self._ctx:
             raise InvalidParameter(f"llama.cpp could not create a KV pool of {n_cells} cells", "kv_pool")
         self._mem = L.llama_get_memory(self._ctx)
@@ -101,7 +96,8 @@ class KvPool:
         self.compactions = 0
         self.decodes = 0
         self.padded = 0  # one-row decodes that got a dummy row
-        self.pad_single_rows = pad_single_rows
+        # On ggml's reference kernels (the default build) a one-row decode never takes the split-KV path.
+        self.pad_single_rows = (not base.reference_kernels) if pad_single_rows is None else pad_single_rows
 
     # -- cells ------------------------------------------------------------------------------------
 
@@ -175,7 +171,7 @@ class KvPool:
             self.live[seq] += 1
         if pad:  # last, so that its cell is the highest one and freeing it keeps the cells ordered
             self._put(n, tokens[0], 0, self.pad, False)
-        status = self._L.llama_decode(self._ctx, b)
+        status = decode(self._ctx, b)
         if pad:
             self._L.llama_memory_seq_rm(self._mem, self.pad, -1, -1)
             self.padded += 1
