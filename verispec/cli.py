@@ -109,10 +109,16 @@ def models_verify(name: str) -> None:
     raise typer.Exit(0 if ok else 1)
 
 
-def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Optional[int], spec, device: str = "auto"):
+VERIFY_HELP = ("exact (default): drafts scored in passes of <= 3 rows, greedy output bit-identical to plain decoding | "
+               "one-pass: all rows in one pass, cheaper where a pass's cost grows slowly with its rows; lossless in "
+               "distribution but NOT bit-identical (rows differ from plain decoding's by ggml's measured noise)")
+
+
+def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Optional[int], spec, device: str = "auto",
+          verify: str = "exact"):
     from .api import load
 
-    kwargs = {"n_ctx": ctx}
+    kwargs = {"n_ctx": ctx, "verify": verify}
     if device != "auto":
         kwargs["device"] = device
     if threads:
@@ -148,6 +154,7 @@ def generate(
     ctx: int = typer.Option(4096, help="context length in tokens"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
     device: str = typer.Option("auto", help="torch backend: auto (CUDA if present), cpu or cuda"),
+    verify: str = typer.Option("exact", help=VERIFY_HELP),
 ) -> None:
     """Stream text from a model, plainly or speculatively, and print decoding stats."""
     from .engine import SpeculativeConfig, Stats
@@ -159,7 +166,9 @@ def generate(
                                  tree_width=tree_width, tree=tree, tree_budget=tree_budget, acceptance=acceptance)
         if spec.acceptance.startswith("relaxed"):
             console.print(f"[yellow]acceptance {spec.acceptance} is LOSSY: output may differ from the target's own[/]")
-        loaded = _load(model, draft, backend, ctx, threads, spec, device)
+        if verify == "one-pass" and draft:
+            console.print("[yellow]--verify one-pass: lossless in distribution, not bit-identical to plain decoding[/]")
+        loaded = _load(model, draft, backend, ctx, threads, spec, device, verify)
         if loaded.draft_choice_note:
             console.print(loaded.draft_choice_note)
         stats = Stats()
@@ -223,7 +232,8 @@ def bench(
     temperature: float = typer.Option(0.0, help="0 = greedy (outputs are then checked against ar)"),
     seed: int = typer.Option(0),
     peers: str = typer.Option("", help="comma-separated: llamacpp-pld, hf, llama-speculative"),
-    llama_cpp_bin: Optional[str] = typer.Option(None, help="directory holding llama.cpp's llama-speculative binary"),
+    llama_cpp_bin: Optional[str] = typer.Option(None, help="directory holding llama.cpp's programs (default: where "
+                                                "`make llama-tools` builds them, then PATH)"),
     limit: Optional[int] = typer.Option(None, help="run only the first N prompts"),
     categories: Optional[str] = typer.Option(None, help="comma-separated categories to keep, e.g. code,chat"),
     out: str = typer.Option("bench-out", help="directory for report.md, results.json and plots"),
@@ -231,6 +241,9 @@ def bench(
     ctx: int = typer.Option(4096, help="context length in tokens"),
     formats: str = typer.Option("q4_0,q8_0", help="comma-separated derived formats of the target (q4_0, q8_0) whose "
                                 "verify cost and top-1 agreement are measured; '' = none"),
+    verify: str = typer.Option("exact", help=VERIFY_HELP + "; the losslessness check's tolerance is the mode's measured noise"),
+    reference: bool = typer.Option(True, help="run llama.cpp's own plain decoding (llama-server, `make llama-tools`) on "
+                                   "every prompt and report each method against it"),
 ) -> None:
     """Plain and speculative decoding side by side on the same prompts, with peers; writes a report and plots."""
     from .bench import BenchConfig, run_bench
@@ -245,7 +258,7 @@ def bench(
             target=target, draft=draft, methods=methods, prompts=prompts, max_new_tokens=max_new_tokens,
             temperature=temperature, seed=seed, peers=[p.strip() for p in peers.split(",") if p.strip()],
             llama_cpp_bin=llama_cpp_bin, limit=limit, categories=categories.split(",") if categories else None,
-            out=out, threads=threads, ctx=ctx, formats=formats,
+            out=out, threads=threads, ctx=ctx, formats=formats, verify=verify, reference=reference,
         ), console)
     except VerispecError as exc:
         fail(exc)
@@ -276,6 +289,7 @@ def serve(
     autoscale: Optional[str] = typer.Option(None, help="with --ray: MIN,MAX replicas, scaled on ongoing requests"),
     ray_address: Optional[str] = typer.Option(None, help="with --ray: join this cluster ('auto' or host:port); "
                                               "default: start a local one on loopback"),
+    verify: str = typer.Option("exact", help=VERIFY_HELP + "; one-pass also fuses all of a step's rows into one decode"),
 ) -> None:
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from .engine import SpeculativeConfig
@@ -289,13 +303,15 @@ def serve(
         return
     try:
         # The loaded runner only tokenizes and owns the weights; each slot gets its own --ctx context.
-        loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, SpeculativeConfig())
+        loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, SpeculativeConfig(),
+                       verify=verify)
     except VerispecError as exc:
         fail(exc)
     if loaded.draft_choice_note:
         console.print(loaded.draft_choice_note)
     config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
-                         spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk)
+                         spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
+                         verify=verify)
     try:
         run_server(loaded, config, host, port)
     except VerispecError as exc:

@@ -11,21 +11,28 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-# T(n)/T(1) for one llama.cpp pass over n tokens, measured with llama-bench on this project's
-# 2-core machine for the Qwen2.5-Coder-1.5B Q4_K_M target (see the core issue); interpolated.
-PRIOR_VERIFY_RATIO = {1: 1.0, 2: 1.55, 3: 1.85, 4: 2.12, 6: 3.4, 8: 4.67, 12: 5.45, 16: 6.21, 24: 8.8, 32: 11.4}
+# T(n)/T(1) for one llama.cpp pass over n rows, per verify mode: the Qwen2.5-Coder-1.5B Q4_K_M target through
+# the runner (GGML_OPENMP=OFF build, ggml's reference kernels, 2 threads, short context), as `verispec bench`
+# measures it (its "Verify cost" section). "exact" scores in chunks of <= 3 rows, so its cost grows about
+# linearly from 4 rows on; "one-pass" is one batch, where ggml's repacked gemm takes over at 4 rows (4 rows cost
+# less than 3). Interpolated between sizes, extrapolated linearly beyond; measurements replace it as a run goes.
+PRIOR_VERIFY_RATIO = {
+    "exact": {1: 1.0, 2: 1.41, 3: 1.74, 4: 2.70, 8: 4.95, 16: 9.35},
+    "one-pass": {1: 1.0, 2: 1.35, 3: 1.69, 4: 1.45, 8: 2.43, 16: 3.72},
+}
 
 
-def prior_ratio(n: int) -> float:
-    keys = sorted(PRIOR_VERIFY_RATIO)
-    if n in PRIOR_VERIFY_RATIO:
-        return PRIOR_VERIFY_RATIO[n]
+def prior_ratio(n: int, mode: str = "exact") -> float:
+    curve = PRIOR_VERIFY_RATIO.get(mode, PRIOR_VERIFY_RATIO["one-pass"])
+    keys = sorted(curve)
+    if n in curve:
+        return curve[n]
     if n > keys[-1]:
-        return PRIOR_VERIFY_RATIO[keys[-1]] * n / keys[-1]
+        return curve[keys[-1]] * n / keys[-1]
     lo = max(k for k in keys if k < n)
     hi = min(k for k in keys if k > n)
     w = (n - lo) / (hi - lo)
-    return PRIOR_VERIFY_RATIO[lo] * (1 - w) + PRIOR_VERIFY_RATIO[hi] * w
+    return curve[lo] * (1 - w) + curve[hi] * w
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -62,6 +69,7 @@ class DraftLengthChooser:
     verify_seconds: dict[int, float] = field(default_factory=dict)
     draft_seconds_per_token: float | None = None
     drafted_last_step: bool = True  # False after a step without drafting, or a skipped draft prefill
+    verify_mode: str = "exact"  # whose prior cost curve extrapolates unmeasured sizes (the runner's)
     _steps_at_zero: int = 0
 
     def choose(self) -> int:
@@ -70,6 +78,10 @@ class DraftLengthChooser:
         if not self.verify_seconds:
             return min(2, self.k_max)  # nothing measured yet: a short draft measures both costs
         k = best_k(self.acceptance, self.verify_table(), self.draft_seconds_per_token or 0.0, self.k_max, self.min_gain)
+        if k > 0 and 1 not in self.verify_seconds:
+            # Every K is judged against K = 0, whose cost T(1) must be measured, not extrapolated from the prior
+            # curve: with an extrapolated T(1) the demo settled on K = 1 below plain decoding's speed.
+            return 0
         if k == 0:
             self._steps_at_zero += 1
             if self.probe_every and self._steps_at_zero % self.probe_every == 0:
@@ -94,7 +106,7 @@ class DraftLengthChooser:
                 table[n] = self.verify_seconds[n]
                 continue
             ref = min(measured, key=lambda m: abs(m - n))
-            table[n] = self.verify_seconds[ref] * prior_ratio(n) / prior_ratio(ref)
+            table[n] = self.verify_seconds[ref] * prior_ratio(n, self.verify_mode) / prior_ratio(ref, self.verify_mode)
         return table
 
     def record_verify(self, n_tokens: int, seconds: float) -> None:

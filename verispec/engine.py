@@ -387,7 +387,8 @@ class Engine:
         # While K = 0 nothing is drafted, so acceptance must be re-measured somehow. A costly drafter
         # would first have to catch up on every token it skipped: it is not probed again. A free one
         # is shadowed instead: its proposal is compared with the target's token at no verify cost.
-        return DraftLengthChooser(k_max=cfg.draft_max, probe_every=None)
+        return DraftLengthChooser(k_max=cfg.draft_max, probe_every=None,
+                                  verify_mode=getattr(self.target, "verify_mode", "one-pass"))
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:

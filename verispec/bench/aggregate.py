@@ -302,3 +302,37 @@ def _interpolate(times: dict[int, float], n: int) -> float:
     lo = max(k for k in times if k < n)
     hi = min(k for k in times if k > n)
     return times[lo] + (times[hi] - times[lo]) * (n - lo) / (hi - lo)
+
+
+def reference_records(convs: list[Conversation], ar: dict[str, Conversation], tolerance: float) -> dict[str, dict]:
+    """prompt id -> llama.cpp's own plain decoding on that prompt: decode tokens/s, prefill seconds, whether
+    its greedy tokens equal verispec ar's (they need not: its prompt passes have other shapes)."""
+    out = {}
+    for conv in convs:
+        generated = sum(t.extra.get("generated", len(t.tokens)) for t in conv.turns)
+        decode = sum(t.extra.get("decode_seconds", t.wall_seconds) for t in conv.turns)
+        ref = ar.get(conv.prompt.id)
+        div = lossless.compare(ref.tokens, ref.margins, conv.tokens, tolerance) if ref is not None else None
+        out[conv.prompt.id] = {"prompt_id": conv.prompt.id, "category": conv.prompt.category,
+                               "tokens_per_s": generated / decode if decode > 0 else None,
+                               "prefill_seconds": sum(t.extra.get("prefill_seconds", 0.0) for t in conv.turns),
+                               "output_tokens": conv.tokens, "matches_ar": ref is not None and div is None,
+                               "divergence_from_ar": div.to_dict() if div else None}
+    return out
+
+
+def against_reference(records: list[dict], reference: dict[str, dict], methods: list[str]) -> dict[str, dict]:
+    """method -> median per-prompt ratio of its decode tokens/s to llama.cpp's plain decoding (the speed users
+    feel against llama.cpp itself), the lowest such ratio, and ar's time to first token against llama.cpp's."""
+    out = {}
+    for m in methods:
+        mine = [r for r in records if r["method"] == m and r["prompt_id"] in reference]
+        speed = [r["tokens_per_s"] / reference[r["prompt_id"]]["tokens_per_s"] for r in mine
+                 if r["tokens_per_s"] and reference[r["prompt_id"]]["tokens_per_s"]]
+        ttft = [r["prefill_seconds"] / reference[r["prompt_id"]]["prefill_seconds"] for r in mine
+                if reference[r["prompt_id"]]["prefill_seconds"] > 0]
+        out[m] = {"speed": _median(speed), "speed_min": _min(speed), "ttft": _median(ttft),
+                  "by_category": {cat: _median(r["tokens_per_s"] / reference[r["prompt_id"]]["tokens_per_s"]
+                                               for r in mine if r["category"] == cat and r["tokens_per_s"])
+                                  for cat in sorted({r["category"] for r in mine})}}
+    return out

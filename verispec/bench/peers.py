@@ -207,17 +207,17 @@ class LlamaSpeculativeBinary(Peer):
     def open(self) -> None:
         if self.ctx.draft_path is None:
             raise PeerUnavailable("needs a draft model file (--draft NAME or a GGUF path)")
-        search = os.pathsep.join(p for p in (self.ctx.llama_cpp_bin, os.environ.get("PATH", "")) if p)
         for exe in self.executables:
-            found = shutil.which(exe, path=search)
+            found = llama_cpp_tool(exe, self.ctx.llama_cpp_bin)
             if found:
                 self.exe = found
                 return
-        raise PeerUnavailable(f"none of {', '.join(self.executables)} found on PATH or in --llama-cpp-bin")
+        raise PeerUnavailable(f"none of {', '.join(self.executables)} built: run `make llama-tools` (or pass --llama-cpp-bin)")
 
     def describe(self) -> str:
         return (f"`{self.exe} -m {self.ctx.target_path.name} -md {self.ctx.draft_path.name} -f PROMPT -n N "
-                f"--temp {self.ctx.temperature} -t {self.ctx.threads} -c {self.ctx.n_ctx} --draft-max {self.draft_max}` "
+                f"--temp {self.ctx.temperature} -t {self.ctx.threads} -c {self.ctx.n_ctx} --spec-type draft-simple "
+                f"--spec-draft-n-max {self.draft_max}` "
                 "on the chat-rendered first turn of each prompt; tokens/s is the binary's own decode speed "
                 "(prefill excluded), so it is compared with verispec ar's decode tokens/s.")
 
@@ -227,10 +227,11 @@ class LlamaSpeculativeBinary(Peer):
                 f.write(text)
             cmd = [self.exe, "-m", str(self.ctx.target_path), "-md", str(self.ctx.draft_path), "-f", f.name,
                    "-n", str(max_tokens), "--temp", str(self.ctx.temperature), "-t", str(self.ctx.threads),
-                   "-c", str(self.ctx.n_ctx), "--draft-max", str(self.draft_max), "--seed", str(self.ctx.seed)]
+                   "-c", str(self.ctx.n_ctx), "--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max),
+                   "--seed", str(self.ctx.seed)]
             t0 = time.perf_counter()
             try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=llama_cpp_env())
             finally:
                 os.unlink(f.name)
             elapsed = time.perf_counter() - t0
@@ -246,4 +247,101 @@ class LlamaSpeculativeBinary(Peer):
         return generate
 
 
-PEERS: dict[str, type[Peer]] = {p.name: p for p in (LlamaCppPromptLookup, HFAssisted, LlamaSpeculativeBinary)}
+def llama_cpp_tool(name: str, bin_dir: str | None = None) -> str | None:
+    """A llama.cpp program: in `bin_dir`, on PATH, or where `make llama-tools` (build-support/llama-cpp.sh)
+    builds them from the sdist's vendored llama.cpp."""
+    cache = Path(os.environ.get("VERISPEC_CACHE", Path.home() / ".cache" / "verispec")) / "llama.cpp"
+    built = sorted(cache.glob("tools-*/bin"), key=lambda p: p.stat().st_mtime, reverse=True)
+    search = os.pathsep.join(str(p) for p in (bin_dir, *built, os.environ.get("PATH", "")) if p)
+    return shutil.which(name, path=search)
+
+
+def llama_cpp_env() -> dict[str, str]:
+    """llama.cpp's programs as users run them: OpenMP's own wait policy, not the PASSIVE that verispec's
+    Makefile sets for torch (that would slow every barrier of theirs, see docs/threading.md)."""
+    return {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GGML_CPU_USE_REF")}
+
+
+class LlamaServer(Peer):
+    """llama.cpp's own server, plain decoding: what users get from llama.cpp itself, the reference every
+    method is also measured against. Token ids in and out, so outputs are compared token for token."""
+
+    name = "llama.cpp"
+    variants = ("plain",)
+    timing = "decode"
+
+    def open(self) -> None:
+        import socket
+
+        import httpx
+
+        exe = llama_cpp_tool("llama-server", self.ctx.llama_cpp_bin)
+        if exe is None:
+            raise PeerUnavailable("llama-server not built: run `make llama-tools` (or pass --llama-cpp-bin)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.exe, self.url = exe, f"http://127.0.0.1:{port}"
+        self.cmd = [exe, "-m", str(self.ctx.target_path), "-t", str(self.ctx.threads), "-tb", str(self.ctx.threads),
+                    "-c", str(self.ctx.n_ctx), "-np", "1", "--host", "127.0.0.1", "--port", str(port), "--no-webui",
+                    "--no-cache-prompt"]
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, env=llama_cpp_env(), stdout=self._log, stderr=subprocess.STDOUT)
+        self._client = httpx.Client(base_url=self.url, timeout=1800)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PeerUnavailable(f"llama-server exited with {self.proc.returncode}: {self._tail()}")
+            try:
+                if self._client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise PeerUnavailable(f"llama-server did not become ready in 180 s: {self._tail()}")
+
+    def _tail(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace").strip()[-400:]
+
+    def describe(self) -> str:
+        return (f"`{' '.join(Path(c).name if i in (0, 2) else c for i, c in enumerate(self.cmd))}` (built from the "
+                "llama-cpp-python sdist's vendored llama.cpp, OpenMP and its default wait policy), `/completion` with the "
+                "prompt as token ids, `cache_prompt: false`; tokens/s is its own `timings.predicted_per_second` "
+                "(prefill excluded), its time to first token `timings.prompt_ms`.")
+
+    def turn_fn(self, variant: str, max_tokens: int) -> TurnFn:
+        def generate(_text: str, tokens: list[int]) -> Turn:
+            body = {"prompt": tokens, "n_predict": max_tokens, "temperature": self.ctx.temperature,
+                    "seed": self.ctx.seed, "cache_prompt": False, "return_tokens": True}
+            t0 = time.perf_counter()
+            reply = self._client.post("/completion", json=body)
+            elapsed = time.perf_counter() - t0
+            if reply.status_code != 200:
+                raise PeerUnavailable(f"llama-server answered {reply.status_code}: {reply.text[:300]}")
+            data = reply.json()
+            out = [t for t in data.get("tokens", [])]
+            for i, t in enumerate(out):
+                if t in self.ctx.eos_ids:
+                    out = out[:i]
+                    break
+            timings = data["timings"]
+            extra = {"generated": timings["predicted_n"], "decode_seconds": timings["predicted_ms"] / 1e3,
+                     "prefill_seconds": timings["prompt_ms"] / 1e3, "tokens_per_s": timings["predicted_per_second"]}
+            return Turn(out, elapsed, extra=extra)
+
+        return generate
+
+    def close(self) -> None:
+        proc = getattr(self, "proc", None)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if getattr(self, "_client", None) is not None:
+            self._client.close()
+
+
+PEERS: dict[str, type[Peer]] = {p.name: p for p in (LlamaCppPromptLookup, HFAssisted, LlamaSpeculativeBinary, LlamaServer)}

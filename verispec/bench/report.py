@@ -28,7 +28,7 @@ def markdown(results: dict, plots: list[tuple[str, str]]) -> str:
         lines += [f"> **Warning:** the load average was {env['load_before'][0]} before the run (above "
                   f"{env['busy_threshold']}). Other processes competed for the CPU; ggml's threads spin, so these "
                   "numbers are skewed. Rerun on a quiet machine.", ""]
-    lines += _seeds_table(results) + _category_table(results) + _trees(results) + _plots(plots) + _verify_cost(results)
+    lines += _seeds_table(results) + _reference(results) + _category_table(results) + _trees(results) + _plots(plots) + _verify_cost(results) + _noise(results)
     lines += formats.markdown(results)
     lines += _memory(results) + _lossless(results) + _per_prompt(results) + _peers(results) + _environment(results)
     return "\n".join(lines) + "\n"
@@ -43,6 +43,12 @@ def print_summary(results: dict, console: Console) -> None:
                       _pct(r["acceptance_rate"]) if r["method"] != BASELINE else "–",
                       _f(r["mean_accepted_length"], ".2f"), _f(r["mean_draft_length"], ".1f"), _mismatch(r))
     console.print(table)
+    ref = results.get("llama_cpp")
+    if ref:
+        for method, r in ref["ratios"].items():
+            console.print(f"{method}: {_f(r['speed'], '.2f', 'x')} of llama.cpp's own plain decoding (lowest prompt "
+                          f"{_f(r['speed_min'], '.2f', 'x')})" + (f", time to first token {_f(r['ttft'], '.2f', 'x')} of "
+                                                                  "llama.cpp's" if method == BASELINE else ""))
     for line in formats.console_lines(results):
         console.print(line)
     for p in results["peers"]:
@@ -151,6 +157,28 @@ def _plots(plots: list[tuple[str, str]]) -> list[str]:
     return out
 
 
+def _reference(results: dict) -> list[str]:
+    ref = results.get("llama_cpp")
+    if not ref:
+        return ["## Against llama.cpp", "", "Not measured: llama-server is not built (`make llama-tools`).", ""]
+    records = list(ref["records"].values())
+    tps = sorted(r["tokens_per_s"] for r in records if r["tokens_per_s"])
+    cats = sorted({c for r in ref["ratios"].values() for c in r["by_category"]})
+    out = ["## Against llama.cpp", "",
+           f"llama.cpp's own plain decoding ran on every prompt right after the methods: {ref['configuration']} "
+           f"Median {tps[len(tps) // 2]:.1f} decode tokens/s. Its greedy output equalled verispec `ar`'s on "
+           f"{sum(r['matches_ar'] for r in records)} of {len(records)} prompts. Each ratio is the median over prompts "
+           "of the method's decode tokens/s over llama.cpp's on the same prompt: the speed users feel against "
+           "llama.cpp itself.", "",
+           "| method | vs llama.cpp plain (lowest prompt) | " + " | ".join(cats) + " | time to first token vs llama.cpp |",
+           "|---|---|" + "---|" * len(cats) + "---|"]
+    for method, r in ref["ratios"].items():
+        by_cat = " | ".join(_f(r["by_category"].get(c), ".2f", "x") for c in cats)
+        ttft = _f(r["ttft"], ".2f", "x") if method == BASELINE else ""
+        out.append(f"| {method} | {_f(r['speed'], '.2f', 'x')} ({_f(r['speed_min'], '.2f', 'x')}) | {by_cat} | {ttft} |")
+    return out + [""]
+
+
 def _verify_cost(results: dict) -> list[str]:
     v = results.get("verify_cost")
     if not v:
@@ -170,6 +198,25 @@ def _verify_cost(results: dict) -> list[str]:
         if single:
             row += f" {_get(v['single_pass_seconds'], k) * 1e3:.1f} | {_get(v['single_pass_ratio'], k):.2f} |"
         out.append(row + f" {prior_ratio(int(k)):.2f} |")
+    return out + [""]
+
+
+def _noise(results: dict) -> list[str]:
+    noise = results.get("noise")
+    if not noise:
+        return []
+    cfg = results["config"]
+    out = ["## Numerical noise between pass shapes", "",
+           "The largest |logit difference| between a token scored inside a K-row pass and the same token scored "
+           "alone, after a short and a long context. It is the tolerance of the losslessness check below "
+           f"(the run's verify mode: `{cfg.get('verify', 'exact')}`, tolerance {cfg['tie_tolerance']:g}). "
+           "`exact` scores in chunks of at most 3 rows on ggml's reference kernels and must read 0; `one-pass` is one "
+           "unchunked batch (lossless in distribution, not bit-identical).", ""]
+    ks = sorted({int(k) for m in noise.values() for per_k in m["by_context"].values() for k in per_k})
+    out += ["| mode | context tokens | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]
+    for mode, m in noise.items():
+        for ctx, per_k in m["by_context"].items():
+            out.append(f"| {mode} | {ctx} | " + " | ".join(f"{_get(per_k, k):.3g}" for k in ks) + " |")
     return out + [""]
 
 
@@ -195,7 +242,8 @@ def _lossless(results: dict) -> list[str]:
         return out + ["Not checked: outputs are compared with `ar` only at temperature 0.", ""]
     out += [f"Every method's greedy output is compared token for token with `ar`'s on the same prompt (all turns). "
             f"A divergence is a numerical tie when `ar`'s top-1 minus top-2 logit margin at the first differing token "
-            f"is below {cfg['tie_tolerance']:g}; any other divergence is unexplained, i.e. a bug.", "",
+            f"is below {cfg['tie_tolerance']:g} (the pass-shape noise measured above, unless set by hand); any other "
+            "divergence is unexplained, i.e. a bug.", "",
             "| method | prompts | mismatches | unexplained mismatches |", "|---|---|---|---|"]
     for r in results["summary"]:
         if r["method"] != BASELINE:

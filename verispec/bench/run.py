@@ -4,6 +4,7 @@ prompt (A B C, A B C, ...), check greedy outputs against ar, run the peers, writ
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from ..models import files, registry
 from ..sampling import SamplingParams
 from . import aggregate, environment, formats as derived_formats, peers as peer_impls, verify_cost
 from .conversation import Conversation, converse, engine_turn
-from .lossless import TIE_TOLERANCE
 from .methods import BASELINE, Method, parse_methods
 from .prompts import BUILTIN, BenchPrompt, load_prompts
 
@@ -40,9 +40,12 @@ class BenchConfig:
     ctx: int = 4096
     draft_max: int = 12
     verify_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
-    tie_tolerance: float = TIE_TOLERANCE
+    verify: str = "exact"  # the target runner's verify mode: exact | one-pass
+    tie_tolerance: float | None = None  # None: the pass-shape noise the run measures for its verify mode
+    noise_context: int = 1500  # tokens of the long context at which pass-shape noise is measured
     plots: bool = True
     formats: str = "q4_0,q8_0"  # derived formats whose verify cost and quality are measured ("" = none)
+    reference: bool = True  # llama.cpp's own plain decoding (llama-server) on every prompt, between the methods
 
 
 def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
@@ -61,7 +64,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
     methods = parse_methods(config.methods, config.draft)
     format_names = derived_formats.parse(config.formats)
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
-    runner_options = {"n_ctx": config.ctx, **({"n_threads": config.threads} if config.threads else {})}
+    runner_options = {"n_ctx": config.ctx, "verify": config.verify, **({"n_threads": config.threads} if config.threads else {})}
     memory = {"before_load": environment.memory()}
 
     with console.status(f"loading {config.target}"):
@@ -85,8 +88,19 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
         context = model.prompt_tokens(messages=[{"role": "user", "content": prompts[0].turns[0]}])
         with console.status("measuring the target's verify-cost curve T(K)/T(1)"):
             verify = verify_cost.measure(model.target, config.verify_ks, context)
+        with console.status("measuring the numerical noise between pass shapes (short and long context)"):
+            noise = verify_cost.pass_shape_noise(model.target, config.verify_ks,
+                                                 _noise_contexts(model, context, config.noise_context, max(config.verify_ks)))
+        mode = config.verify if config.verify in noise else next(iter(noise))
+        tolerance = config.tie_tolerance if config.tie_tolerance is not None else noise[mode]["max"]
+        config = _with_tolerance(config, tolerance)
 
-        conversations = _run_methods(model, prompts, methods, params, config, console)
+        reference = _open_reference(model, config, console) if config.reference else None
+        try:
+            conversations, reference_convs = _run_methods(model, prompts, methods, params, config, console, reference)
+        finally:
+            if reference is not None:
+                reference.close()
         records = [aggregate.record(c) for c in conversations.values()]
         greedy = params.greedy
         aggregate.check_lossless(records, conversations, greedy, config.tie_tolerance)
@@ -98,6 +112,11 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
                 row["quality_vs_ar"] = aggregate.quality_vs_ar(records, m.name)
 
         ar = {pid: c for (pid, method), c in conversations.items() if method == BASELINE}
+        reference_results = None
+        if reference_convs:
+            by_prompt = aggregate.reference_records(reference_convs, ar, config.tie_tolerance)
+            reference_results = {"configuration": reference.describe(), "records": by_prompt,
+                                 "ratios": aggregate.against_reference(records, by_prompt, names)}
         peer_results = [_run_peer(name, model, prompts, ar, config, console) for name in config.peers]
         format_reference = derived_formats.reference(model, prompts, ar, context, format_names, console)
         threads = getattr(model.target, "n_threads", config.threads)
@@ -119,9 +138,11 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
         "acceptance_by_position": {n: aggregate.acceptance_by_position(records, n) for n in names if n != BASELINE},
         "fixed_k": {m.name: {"family": m.family, "k": m.fixed_k} for m in methods if m.fixed_k is not None},
         "verify_cost": verify,
+        "noise": noise,
         "formats": format_results,
         "memory": memory,
         "peers": peer_results,
+        "llama_cpp": reference_results,
         "records": records,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -134,6 +155,20 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
     report.print_summary(results, Console())
     console.print(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(plots)} plots")
     return results
+
+
+def _noise_contexts(model, context: list[int], long_tokens: int, k_max: int) -> list[list[int]]:
+    """A bench prompt's context, and a long one past ggml's 512-cell attention threshold (the first
+    context repeated), each with room for the K rows rescored at its end."""
+    long = (context * (long_tokens // max(1, len(context)) + 1))[: max(long_tokens, len(context) + k_max)]
+    short = context if len(context) > k_max else (context * (k_max // max(1, len(context)) + 2))
+    return [short, long[: model.target.n_ctx - 1]]
+
+
+def _with_tolerance(config: BenchConfig, tolerance: float) -> BenchConfig:
+    from dataclasses import replace
+
+    return replace(config, tie_tolerance=tolerance)
 
 
 def _warm_up(model, prompt: BenchPrompt, method: Method, params: SamplingParams, config: BenchConfig) -> None:
@@ -160,10 +195,14 @@ def _progress(console: Console) -> Progress:
 
 
 def _run_methods(model, prompts: list[BenchPrompt], methods: list[Method], params: SamplingParams,
-                 config: BenchConfig, console: Console) -> dict[tuple[str, str], Conversation]:
-    conversations = {}
+                 config: BenchConfig, console: Console, reference: peer_impls.Peer | None = None,
+                 ) -> tuple[dict[tuple[str, str], Conversation], list[Conversation]]:
+    """Every method on each prompt in turn, then llama.cpp's plain decoding on the same prompt, so that the
+    machine's drift (10-20% over an hour) falls on all of them alike."""
+    conversations, reference_convs = {}, []
+    reference_fn = reference.turn_fn("plain", config.max_new_tokens) if reference is not None else None
     with _progress(console) as progress:
-        task = progress.add_task("bench", total=len(prompts) * len(methods), last="")
+        task = progress.add_task("bench", total=len(prompts) * (len(methods) + bool(reference_fn)), last="")
         for prompt in prompts:
             for m in methods:
                 progress.update(task, description=f"{prompt.id} · {m.name}")
@@ -172,7 +211,43 @@ def _run_methods(model, prompts: list[BenchPrompt], methods: list[Method], param
                 generated = sum(t.stats.generated for t in conv.turns)
                 decode = sum(t.stats.decode_seconds for t in conv.turns)
                 progress.update(task, advance=1, last=f"{m.name}: {generated / decode if decode else 0:.1f} tok/s")
-    return conversations
+            if reference_fn is not None:
+                progress.update(task, description=f"{prompt.id} · llama.cpp")
+                conv = converse(model, prompt, "llama.cpp", reference_fn)
+                reference_convs.append(conv)
+                tps = [t.extra["tokens_per_s"] for t in conv.turns]
+                progress.update(task, advance=1, last=f"llama.cpp: {statistics.fmean(tps):.1f} tok/s")
+    return conversations, reference_convs
+
+
+def _open_reference(model, config: BenchConfig, console: Console) -> peer_impls.Peer | None:
+    """llama-server on the target, warmed up; None (with the reason printed) when it is not built."""
+    server = peer_impls.LlamaServer(_peer_context(model, config))
+    try:
+        with console.status("starting llama.cpp's llama-server (the reference)"):
+            server.open()
+            server.turn_fn("plain", WARMUP_TOKENS)("", model.tokenizer.encode("Hello"))
+    except peer_impls.PeerUnavailable as exc:
+        server.close()
+        console.print(f"[yellow]llama.cpp reference skipped:[/] {exc}")
+        return None
+    return server
+
+
+def _peer_context(model, config: BenchConfig) -> peer_impls.PeerContext:
+    draft_path = None
+    if config.draft not in ("ngram", "auto", "none"):
+        try:
+            draft_path = files.resolve(config.draft).path
+        except VerispecError:
+            draft_path = None  # the peers that need a draft say so
+    source = getattr(model.target, "source", None) or files.resolve(config.target)
+    return peer_impls.PeerContext(
+        target_path=source.path, draft_path=draft_path,
+        threads=getattr(model.target, "n_threads", None) or config.threads or 1, n_ctx=config.ctx,
+        temperature=config.temperature, seed=config.seed, eos_ids=model.tokenizer.eos_ids,
+        llama_cpp_bin=config.llama_cpp_bin,
+    )
 
 
 def _run_peer(name: str, model, prompts: list[BenchPrompt], ar: dict[str, Conversation], config: BenchConfig,
@@ -181,20 +256,7 @@ def _run_peer(name: str, model, prompts: list[BenchPrompt], ar: dict[str, Conver
     if cls is None:
         console.print(f"[yellow]peer {name} skipped:[/] unknown peer (known: {', '.join(peer_impls.PEERS)})")
         return {"peer": name, "skipped": "unknown peer"}
-    draft_path = None
-    if config.draft not in ("ngram", "auto", "none"):
-        try:
-            draft_path = files.resolve(config.draft).path
-        except VerispecError:
-            draft_path = None  # the peers that need a draft say so
-    source = getattr(model.target, "source", None) or files.resolve(config.target)
-    ctx = peer_impls.PeerContext(
-        target_path=source.path, draft_path=draft_path,
-        threads=getattr(model.target, "n_threads", None) or config.threads or 1, n_ctx=config.ctx,
-        temperature=config.temperature, seed=config.seed, eos_ids=model.tokenizer.eos_ids,
-        llama_cpp_bin=config.llama_cpp_bin,
-    )
-    peer = cls(ctx)
+    peer = cls(_peer_context(model, config))
     try:
         with console.status(f"loading peer {name}"):
             peer.open()

@@ -43,6 +43,7 @@ class ServeConfig:
     fuse_rows: int | None = None  # rows per fused decode; None = the most that stays bit-identical to solo runs
     # (3 on llama.cpp, all of a tick's rows on torch: fuser.py)
     prefill_chunk: int | None = None  # prompt tokens per fused tick (chunked prefill); None = n_batch
+    verify: str = "exact"  # "one-pass": fused decodes take all of a tick's rows at once (not bit-identical)
 
 
 class Server:
@@ -128,8 +129,11 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
         from .pooled import PooledScheduler
 
         try:
+            fuse_rows = config.fuse_rows
+            if fuse_rows is None and config.verify == "one-pass":
+                fuse_rows = 1 << 16  # as many as the pool's batch holds
             return PooledScheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics,
-                                   config.kv_pool, config.fuse_rows, config.prefill_chunk)
+                                   config.kv_pool, fuse_rows, config.prefill_chunk)
         except PoolUnsupported as exc:
             if config.kv_pool is not None:
                 raise
