@@ -2,17 +2,22 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# ggml's CPU threads spin-wait; OpenMP in torch should not.
+# ggml is built without OpenMP (build-support/llama-cpp.sh), so this reaches only torch's OpenMP: its idle
+# threads sleep instead of spinning beside llama.cpp's passes (docs/threading.md).
 export OMP_WAIT_POLICY ?= PASSIVE
-export CMAKE_ARGS ?= -DGGML_NATIVE=ON
+LLAMA_BUILD := build-support/llama-cpp.sh build-support/ggml-fa-split-kv-env.patch
 
-.PHONY: install install-test demo test bench clean
+.PHONY: install install-test llama-tools demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 
-$(VENV)/.installed: $(BIN)/python pyproject.toml
+# llama-cpp-python from its pinned sdist, patched and built by build-support/llama-cpp.sh into a cache outside
+# the repo (about 5-12 minutes the first time), then everything else from pyproject.toml.
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(LLAMA_BUILD)
+	PYTHON=$(BIN)/python build-support/llama-cpp.sh wheel > $(VENV)/.llama-wheel
+	$(BIN)/pip install --no-deps --force-reinstall "$$(cat $(VENV)/.llama-wheel)"
 	$(BIN)/pip install -e .
 	touch $@
 
@@ -24,18 +29,23 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
-demo: install
+# llama.cpp's own programs (llama-server, llama-cli, llama-simple, llama-bench, llama-speculative-simple,
+# llama-lookup) from the same vendored source, unpatched, into the same cache: the bench's reference and peers.
+llama-tools:
+	build-support/llama-cpp.sh tools
+
+demo: install llama-tools
 	$(BIN)/verispec models pull qwen2.5-coder-1.5b
 	$(BIN)/verispec models pull qwen2.5-coder-0.5b
 	$(BIN)/verispec demo
 
-test: install-test
+test: install-test llama-tools
 	$(BIN)/verispec models pull smollm2-135m
 	$(BIN)/verispec models pull qwen2.5-coder-1.5b
 	$(BIN)/verispec models pull qwen2.5-coder-0.5b
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 
-bench: install
+bench: install llama-tools
 	$(BIN)/verispec bench --out bench-out
 
 clean:

@@ -2,8 +2,9 @@
 # Builds llama.cpp for verispec from the llama-cpp-python sdist that pyproject.toml pins, into a cache
 # folder outside the repository (never commit binaries).
 #
-#   llama-cpp.sh wheel   the binding's wheel: vendored llama.cpp with ggml-cpu-use-ref-env.patch,
-#                        GGML_OPENMP=OFF (ggml's own thread pool; see docs/threading.md). Prints its path.
+#   llama-cpp.sh wheel   the binding's wheel: vendored llama.cpp with ggml-fa-split-kv-env.patch (see
+#                        docs/threading.md and runners/llamacpp.py), GGML_OPENMP=OFF (ggml's own threads,
+#                        which exist only during a pass). Prints its path.
 #   llama-cpp.sh tools   llama.cpp's own programs, unpatched and with its default OpenMP build, as the
 #                        bench's peers: llama-server, llama-cli, llama-simple, llama-bench,
 #                        llama-speculative-simple, llama-lookup. Prints their folder.
@@ -31,16 +32,16 @@ sdist() {
     echo "$archive"
 }
 
-key() {  # what a build depends on, hashed
-    { echo "$VERSION"; echo "$*"; echo "$CFLAGS"; cat "$HERE/ggml-cpu-use-ref-env.patch"; uname -m; } | sha256sum | cut -c1-12
+key() {  # what a build depends on, hashed: the version, the arguments given, the compiler flags, the machine
+    { echo "$VERSION"; echo "$*"; echo "$CFLAGS"; uname -m; } | sha256sum | cut -c1-12
 }
 
 build_wheel() {
-    local out="$CACHE/wheel-$(key "$WHEEL_CMAKE_ARGS")"
+    local out="$CACHE/wheel-$(key "$WHEEL_CMAKE_ARGS" "$(cat "$HERE/ggml-fa-split-kv-env.patch")")"
     if ! ls "$out"/llama_cpp_python-*.whl >/dev/null 2>&1; then
         local src; src="$(mktemp -d)"
         tar xzf "$(sdist)" -C "$src"
-        (cd "$src/llama_cpp_python-$VERSION" && patch -p1 --quiet < "$HERE/ggml-cpu-use-ref-env.patch")
+        (cd "$src/llama_cpp_python-$VERSION" && patch -p1 --quiet < "$HERE/ggml-fa-split-kv-env.patch")
         echo "building the llama-cpp-python wheel (about 12 minutes on 2 cores) ..." >&2
         mkdir -p "$out.tmp"
         CMAKE_ARGS="$WHEEL_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \

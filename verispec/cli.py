@@ -181,45 +181,68 @@ def generate(
     console.print(f"[dim]{'speculative (' + draft + ')' if draft else 'plain'}: {stats.summary()}[/]")
 
 
+DEMO_PROMPT = (
+    "Rewrite this Python function with type hints and a docstring, keeping its logic:\n\n"
+    "def moving_average(values, window):\n    result = []\n    total = 0\n"
+    "    for i, v in enumerate(values):\n        total += v\n        if i >= window:\n"
+    "            total -= values[i - window]\n        if i >= window - 1:\n"
+    "            result.append(total / window)\n    return result\n"
+)
+
+
 @app.command()
 def demo(
-    prompt: str = typer.Option(
-        "Rewrite this Python function with type hints and a docstring, keeping its logic:\n\n"
-        "def moving_average(values, window):\n    result = []\n    total = 0\n"
-        "    for i, v in enumerate(values):\n        total += v\n        if i >= window:\n"
-        "            total -= values[i - window]\n        if i >= window - 1:\n"
-        "            result.append(total / window)\n    return result\n",
-        help="the prompt",
-    ),
+    prompt: str = typer.Option(DEMO_PROMPT, help="the prompt (an edit of given code: drafts from the input are long)"),
     max_tokens: int = typer.Option(160, "--max-tokens", "-n"),
-    draft: str = typer.Option("auto", help="drafter for the speculative run"),
+    out: str = typer.Option("demo-out", help="where the run's bench report goes"),
 ) -> None:
-    """The point of the project in one run: the default pair, speculative then plain, and the speedup."""
-    from .engine import SpeculativeConfig, Stats
-    from .sampling import SamplingParams
+    """The point of the project in one run: plain, n-gram, draft model and auto on one prompt, llama.cpp beside."""
+    import json
+    import tempfile
+
+    from .bench import BenchConfig, run_bench
 
     try:
-        loaded = _load(registry.DEFAULT_TARGET, None, "auto", 4096, None, SpeculativeConfig())
-        params = SamplingParams(max_tokens=max_tokens)
-        results = {}
-        for label, spec in (("speculative", SpeculativeConfig(draft=draft)), ("plain", SpeculativeConfig())):
-            if spec.draft:
-                loaded.drafter(spec.draft)
-                if loaded.draft_choice_note:
-                    console.print(loaded.draft_choice_note)
-            console.rule(f"{label} decoding")
-            stats = Stats()
-            for chunk in loaded.stream(prompt, params, chat=True, spec=spec, stats=stats):
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            console.print(f"[dim]{label}: {stats.summary()}[/]")
-            results[label] = stats
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+            f.write(json.dumps({"question_id": "demo", "category": "code-edit", "turns": [prompt]}) + "\n")
+        results = run_bench(BenchConfig(methods="ar,ngram,draft,auto", prompts=f.name, max_new_tokens=max_tokens,
+                                        formats="", out=out, plots=False, print_table=False), console)
     except VerispecError as exc:
         fail(exc)
-    fast, base = results["speculative"].tokens_per_second, results["plain"].tokens_per_second
-    console.rule("result")
-    console.print(f"plain {base:.1f} tokens/s | speculative ({draft}) {fast:.1f} tokens/s | speedup {fast / base:.2f}x")
+    finally:
+        os.unlink(f.name)
+    print_demo(results)
+
+
+def print_demo(results: dict) -> None:
+    """One table from the run, and one line on why it came out so, from the measured verify costs."""
+    ref = results.get("llama_cpp") or {}
+    vs_llama = ref.get("ratios", {})
+    names = {"ar": "plain", "ngram": "n-gram", "draft": f"draft model ({results['config']['draft']})", "auto": "auto"}
+    table = Table(title=f"{results['target']['name']}, {results['config']['max_new_tokens']} new tokens, greedy")
+    for col in ("decoding", "tokens/s", "vs plain", "vs llama.cpp", "acceptance", "mean accepted length", "same text as plain"):
+        table.add_column(col, justify="left" if col == "decoding" else "right")
+    for r in results["summary"]:
+        speculative = r["method"] != "ar"
+        table.add_row(names.get(r["method"], r["method"]), f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
+                      f"{vs_llama[r['method']]['speed']:.2f}x" if r["method"] in vs_llama else "–",
+                      f"{r['acceptance_rate']:.0%}" if speculative and r["drafted"] else "–",
+                      f"{r['mean_accepted_length']:.2f}", ("yes" if not r["mismatches"] else "NO") if speculative else "")
+    if ref:
+        tps = sorted(x["tokens_per_s"] for x in ref["records"].values())
+        table.add_row("llama.cpp (llama-server), plain", f"{tps[len(tps) // 2]:.1f}", "", "1.00x", "–", "1.00", "")
+    Console().print(table)
+    ratio = results["verify_cost"]["ratio"]
+    r = {int(k): v for k, v in ratio.items()}
+    best = max((x for x in results["summary"] if x["method"] != "ar"), key=lambda x: x["speedup"] or 0)
+    k = max(1, round(best["mean_draft_length"])) if best["drafted"] else 4
+    cost = r.get(k + 1) or r[min(r, key=lambda n: abs(n - (k + 1)))]
+    console.print(
+        f"Why: on this machine one pass over {k + 1} tokens costs {cost:.2f}x a one-token pass (measured: "
+        + ", ".join(f"T({n})/T(1) = {v:.2f}" for n, v in sorted(r.items()) if n > 1)
+        + f"), so drafting K = {k} pays only when a step keeps more than {cost:.2f} tokens; "
+        f"{names.get(best['method'], best['method'])} kept {best['mean_accepted_length']:.2f} per step. "
+        "Every speculative output above is checked token for token against plain decoding.")
 
 
 @app.command()

@@ -46,6 +46,7 @@ class BenchConfig:
     plots: bool = True
     formats: str = "q4_0,q8_0"  # derived formats whose verify cost and quality are measured ("" = none)
     reference: bool = True  # llama.cpp's own plain decoding (llama-server) on every prompt, between the methods
+    print_table: bool = True  # the console summary (the demo prints its own)
 
 
 def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
@@ -152,7 +153,8 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
 
         plots = plotting.write_all(results, out)
     (out / "report.md").write_text(report.markdown(results, plots))
-    report.print_summary(results, Console())
+    if config.print_table:
+        report.print_summary(results, Console())
     console.print(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(plots)} plots")
     return results
 

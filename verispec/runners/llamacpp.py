@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +46,12 @@ def _init_backend(verbose: bool) -> None:
     if not verbose:
         _KEEP_LOG_CALLBACK = L.llama_log_callback(lambda level, text, user: None)
         L.llama_log_set(_KEEP_LOG_CALLBACK, ctypes.c_void_p())
+    # Read by ggml at every attention op (build-support/ggml-fa-split-kv-env.patch). Without it a one-row pass
+    # over a KV view of >= 512 cells takes flash attention's split-KV path, which sums across threads in
+    # another order than a 2-3-row pass: greedy speculative output then drifted from plain decoding on long
+    # prompts (margins up to 0.18). The per-row path it falls back to is parallel over heads instead, at
+    # the same speed on 2 threads. VERISPEC_SPLIT_KV=1 allows the split again (to measure it).
+    os.environ["GGML_CPU_FA_SPLIT_KV"] = os.environ.get("VERISPEC_SPLIT_KV", "0")
     L.llama_backend_init()
     _backend_ready = True
 
@@ -55,9 +60,9 @@ def _init_backend(verbose: bool) -> None:
 def build_info() -> dict:
     """What the loaded llama.cpp build does, read from its library (llama.h does not say).
 
-    reference_switch: the build has build-support/ggml-cpu-use-ref-env.patch, so a context can be
-    created on ggml's reference kernels (see _reference_kernels). openmp: ggml was built with OpenMP,
-    whose thread pools sleep or spin between passes by OMP_WAIT_POLICY (see docs/threading.md).
+    split_kv_switch: the build has build-support/ggml-fa-split-kv-env.patch, so one-row passes can be kept
+    off flash attention's split-KV path (see _init_backend). openmp: ggml was built with OpenMP, whose
+    thread pools sleep or spin between passes by OMP_WAIT_POLICY (see docs/threading.md).
     """
     import llama_cpp as L
 
@@ -66,33 +71,18 @@ def build_info() -> dict:
     cpu = sorted(lib.glob("libggml-cpu.so*")) or sorted(lib.glob("libggml*.so*")) or sorted(lib.glob("libllama.so*"))
     data = b"".join(f.read_bytes() for f in cpu[:1])
     return {
-        "reference_switch": b"GGML_CPU_USE_REF" in data,
+        "split_kv_switch": b"GGML_CPU_FA_SPLIT_KV" in data,
         "openmp": b"GOMP_parallel" in data or b"omp_get_thread_num" in data,
         "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
     }
 
 
-@contextmanager
-def _reference_kernels(on: bool):
-    """Create contexts on ggml's reference kernels (GGML_CPU_USE_REF, read when a context is created).
-
-    Without them a one-row pass over a KV view of >= 512 cells takes flash attention's split-KV path,
-    which sums across threads in another order than a 2-3-row pass: greedy speculative output then
-    drifts from plain decoding on long prompts. The reference kernels also skip the tiled attention of
-    64+ row passes and op fusion, so every pass shape sums attention the same way.
-    """
-    old = os.environ.get("GGML_CPU_USE_REF")
-    os.environ["GGML_CPU_USE_REF"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("GGML_CPU_USE_REF", None)
-        else:
-            os.environ["GGML_CPU_USE_REF"] = old
+def exact_attention() -> bool:
+    """Whether one-row passes sum attention as multi-row passes do, at any context length (see _init_backend)."""
+    return build_info()["split_kv_switch"] and os.environ.get("GGML_CPU_FA_SPLIT_KV") == "0"
 
 
-def open_context(model, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int, reference_kernels: bool):
+def open_context(model, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int):
     """A llama.cpp context as every part of verispec opens one (runner, KV pool, memory probe); NULL on failure.
 
     The KV cache is unified, since a tree node belongs to several sequences at once, and every pass
@@ -109,8 +99,7 @@ def open_context(model, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: 
     cparams.no_perf = True
     cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))
     cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # per-token embeddings (hidden states) when switched on
-    with _reference_kernels(reference_kernels):
-        return L.llama_init_from_model(model, cparams)
+    return L.llama_init_from_model(model, cparams)
 
 
 def decode(ctx, batch) -> int:
@@ -210,8 +199,13 @@ class LlamaCppRunner(Runner):
         self.verify_mode = verify
         default_chunk = EXACT_CHUNK if verify == "exact" else 0
         self.exact_chunk = int(os.environ.get("VERISPEC_EXACT_CHUNK", default_chunk)) if exact_chunk is None else exact_chunk
-        # VERISPEC_REFERENCE_KERNELS=0 is for measuring what the reference kernels cost (the bench's noise probe).
-        self.reference_kernels = build_info()["reference_switch"] and os.environ.get("VERISPEC_REFERENCE_KERNELS") != "0"
+        self.exact_attention = exact_attention()
+        if not self.exact_attention and verify == "exact":
+            import warnings
+
+            warnings.warn("this llama-cpp-python build lacks verispec's split-KV switch (install with `make install`): "
+                          "past 512 cells of context, greedy speculative output may differ from plain decoding",
+                          stacklevel=2)
         self._owns_model = _shared_model is None
         if _shared_model is not None:
             self._model = _shared_model
@@ -223,7 +217,7 @@ class LlamaCppRunner(Runner):
             raise ModelFileError(f"llama.cpp could not load {source.path} (unsupported architecture or damaged file)")
         threads = n_threads or default_threads()
         self._ctx = open_context(self._model, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=max_tree_leaves + 1,
-                                 n_threads=threads, reference_kernels=self.reference_kernels)
+                                 n_threads=threads)
         if not self._ctx:
             if self._owns_model:
                 L.llama_model_free(self._model)
@@ -508,7 +502,7 @@ def context_buffers(runner: LlamaCppRunner, n_ctx: int, n_seq_max: int = 1, n_ba
     L.llama_log_set(capture, ctypes.c_void_p())
     try:
         ctx = open_context(runner._model, n_ctx=n_ctx, n_batch=n_batch or runner.n_batch, n_seq_max=n_seq_max,
-                           n_threads=runner.n_threads, reference_kernels=runner.reference_kernels)
+                           n_threads=runner.n_threads)
         if ctx:
             L.llama_free(ctx)
     finally:

@@ -19,9 +19,8 @@ the cells run out, `compact()` copies each live sequence out (`llama_state_seq_g
 the cache and writes them back, packed and in order. The bytes are copied verbatim, so compaction
 changes no logit.
 
-Single-row decodes. On the default build the runners create contexts on ggml's reference kernels
-(runners/llamacpp.py, `_reference_kernels`), which never split the KV range, and nothing below
-applies: no row is padded. Without them (a llama-cpp-python built without verispec's patch), ggml's CPU flash attention splits the KV range across threads for a batch of
+Single-row decodes. With verispec's build of llama.cpp, one-row passes never split the KV range
+(runners/llamacpp.py, `_init_backend`), and nothing below applies: no row is padded. Without it (a llama-cpp-python built without verispec's patch), ggml's CPU flash attention splits the KV range across threads for a batch of
 one query row once 512+ cells are in view (its "split-KV" path), and the split points depend on
 where the cells lie, so such a row is not reproducible across cache layouts; batches of 2+ rows
 visit the cells in order on one thread per row. So once the view reaches 512 cells, a one-row
@@ -80,7 +79,7 @@ class KvPool:
         self.park = n_seqs  # the sequence holding cells nobody attends to any more
         self.pad = n_seqs + 1  # the dummy second row of a one-row decode
         self._ctx = open_context(base._model, n_ctx=n_cells, n_batch=n_batch, n_seq_max=n_seqs + 2,
-                                 n_threads=base.n_threads, reference_kernels=base.reference_kernels)
+                                 n_threads=base.n_threads)
         if not self._ctx:
             raise InvalidParameter(f"llama.cpp could not create a KV pool of {n_cells} cells", "kv_pool")
         self._mem = L.llama_get_memory(self._ctx)
@@ -96,8 +95,8 @@ class KvPool:
         self.compactions = 0
         self.decodes = 0
         self.padded = 0  # one-row decodes that got a dummy row
-        # On ggml's reference kernels (the default build) a one-row decode never takes the split-KV path.
-        self.pad_single_rows = (not base.reference_kernels) if pad_single_rows is None else pad_single_rows
+        # With verispec's build (runners/llamacpp.py, _init_backend) a one-row decode never takes the split-KV path.
+        self.pad_single_rows = (not base.exact_attention) if pad_single_rows is None else pad_single_rows
 
     # -- cells ------------------------------------------------------------------------------------
 

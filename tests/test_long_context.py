@@ -1,0 +1,147 @@
+"""Lossless at every length: on llama.cpp with 2 threads, past ggml's 512-cell attention threshold.
+
+A one-row pass over a KV view of >= 512 cells used to take flash attention's split-KV path, which
+sums across threads in another order than the 2-3-row passes of an exact verify step; greedy
+speculative output then drifted from plain decoding on long prompts. verispec's build keeps one-row
+passes off that path (runners/llamacpp.py, _init_backend). These tests check the rows themselves,
+show that they differ without the switch (so the check has power), and check greedy equality of
+every lossless drafter and mode on prompts of 1,000+ tokens.
+"""
+
+import inspect
+import os
+import textwrap
+
+import numpy as np
+import pytest
+
+from verispec.engine import SpeculativeConfig, Stats
+from verispec.runners.llamacpp import EXACT_CHUNK, LlamaCppRunner, exact_attention
+from verispec.sampling import SamplingParams
+
+pytestmark = pytest.mark.real
+
+
+def long_document(tokenizer, n_tokens: int) -> str:
+    """Real, stable text of about n_tokens tokens: the source of Python's textwrap module."""
+    source = inspect.getsource(textwrap)
+    while len(tokenizer.encode(source)) < n_tokens:
+        source += "\n" + source
+    tokens = tokenizer.encode(source, add_special=False)[:n_tokens]
+    return tokenizer.decode(tokens)
+
+
+def rows_alone_and_in_passes(runner: LlamaCppRunner, context: list[int], k: int, chunk: int) -> float:
+    """Largest |logit difference| between K tokens scored one by one and the same tokens in passes of `chunk`."""
+    prefix, probe = context[:-k], context[-k:]
+    runner.reset()
+    runner.forward(prefix, all_logits=False)
+    base = runner.n_past
+    alone = np.stack([runner.forward([t])[0].copy() for t in probe])
+    runner.rollback(base)
+    saved, runner.exact_chunk = runner.exact_chunk, chunk
+    try:
+        together = runner.forward(probe).copy()
+    finally:
+        runner.exact_chunk = saved
+        runner.reset()
+    return float(np.abs(together - alone).max())
+
+
+@pytest.fixture(scope="module")
+def qwen_target(qwen_pair):
+    return qwen_pair.target
+
+
+def test_the_build_keeps_one_row_passes_off_the_split_kv_path(qwen_target):
+    assert exact_attention(), "llama-cpp-python was not built by `make install` (build-support/llama-cpp.sh)"
+    assert qwen_target.exact_chunk == EXACT_CHUNK and qwen_target.verify_mode == "exact"
+
+
+@pytest.mark.parametrize("context_tokens", [200, 1200])
+def test_exact_chunks_are_bit_identical_to_one_row_passes(qwen_target, context_tokens):
+    context = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, context_tokens))
+    assert len(context) >= context_tokens - 5
+    for k in (2, 3, 8):
+        assert rows_alone_and_in_passes(qwen_target, context, k, EXACT_CHUNK) == 0.0, (context_tokens, k)
+
+
+def test_without_the_switch_one_row_passes_differ_past_512_cells(qwen_target):
+    """The check above has power: with the split-KV path allowed, the same rows differ."""
+    context = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 1200))
+    os.environ["GGML_CPU_FA_SPLIT_KV"] = "1"  # read by ggml at every attention op
+    try:
+        diff = rows_alone_and_in_passes(qwen_target, context, 3, EXACT_CHUNK)
+    finally:
+        os.environ["GGML_CPU_FA_SPLIT_KV"] = "0"
+    assert diff > 1e-3
+
+
+def test_one_pass_verification_is_not_bit_identical_on_the_qwen_target(qwen_target):
+    """Why `--verify one-pass` is opt-in: 4+ rows take the repacked gemm, whose sums differ from one-row passes."""
+    context = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 300))
+    assert rows_alone_and_in_passes(qwen_target, context, 8, 0) > 1e-3
+
+
+def _generate(model, tokens: list[int], spec: SpeculativeConfig, n: int) -> tuple[list[int], Stats]:
+    stats = Stats()
+    out = [t for step in model.engine(spec).generate(tokens, SamplingParams(max_tokens=n, ignore_eos=True), stats)
+           for t in step]
+    return out, stats
+
+
+def _long_prompt(model, n_tokens: int) -> list[int]:
+    doc = long_document(model.tokenizer, n_tokens)
+    return model.prompt_tokens(f"Here is a Python module:\n\n{doc}\n\nRewrite its first function with type hints.",
+                               chat=True)
+
+
+# Every lossless drafter and mode, pinned so that each drafts (K or the tree budget fixed).
+SMOL_CONFIGS = {
+    "ngram K=4": SpeculativeConfig(draft="ngram", draft_tokens=4),
+    "draft model K=3": SpeculativeConfig(draft="smollm2-135m:q8_0", draft_tokens=3),
+    "ngram tree w=3": SpeculativeConfig(draft="ngram", draft_tokens=4, tree_width=3),
+    "static tree": SpeculativeConfig(draft="ngram", tree="static:3,2,1", tree_budget=6),
+    "dynamic tree b=6": SpeculativeConfig(draft="smollm2-135m:q8_0", tree="dynamic", tree_budget=6),
+    "cascade K=4": SpeculativeConfig(draft="cascade:ngram,smollm2-135m:q8_0", draft_tokens=4),
+    "cascade prefix K=3": SpeculativeConfig(draft="cascade:ngram,smollm2-135m:q8_0", draft_tokens=3, acceptance="prefix"),
+}
+
+
+@pytest.fixture(scope="module")
+def smol_long(smol_source):
+    from verispec import load
+
+    model = load("smollm2-135m", n_ctx=4096)
+    yield model, _long_prompt(model, 1500)
+    model.close()
+
+
+@pytest.mark.parametrize("name", list(SMOL_CONFIGS))
+def test_greedy_speculation_equals_plain_on_a_1500_token_prompt(smol_long, name):
+    model, prompt = smol_long
+    assert len(prompt) > 1400
+    plain, _ = _plain(model, prompt)
+    out, stats = _generate(model, prompt, SMOL_CONFIGS[name], 160)
+    assert stats.drafted > 0 and stats.accepted > 0, name
+    assert out == plain, f"{name}: first difference at {next(i for i, (a, b) in enumerate(zip(out, plain)) if a != b)}"
+
+
+_PLAIN_CACHE: dict[tuple[int, int], tuple[list[int], Stats]] = {}
+
+
+def _plain(model, prompt: list[int]) -> tuple[list[int], Stats]:
+    key = (id(model), len(prompt))
+    if key not in _PLAIN_CACHE:
+        _PLAIN_CACHE[key] = _generate(model, prompt, SpeculativeConfig(), 160)
+    return _PLAIN_CACHE[key]
+
+
+def test_greedy_speculation_equals_plain_on_the_qwen_pair_past_1000_tokens(qwen_pair):
+    prompt = _long_prompt(qwen_pair, 1100)
+    plain, _ = _generate(qwen_pair, prompt, SpeculativeConfig(), 48)
+    for spec in (SpeculativeConfig(draft="ngram", draft_tokens=4),
+                 SpeculativeConfig(draft="qwen2.5-coder-0.5b", draft_tokens=3)):
+        out, stats = _generate(qwen_pair, prompt, spec, 48)
+        assert stats.drafted > 0 and stats.accepted > 0, spec
+        assert out == plain, spec
