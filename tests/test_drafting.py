@@ -84,3 +84,26 @@ def test_prior_curve_interpolates():
     assert prior_ratio(1) == 1.0
     assert prior_ratio(2) < prior_ratio(3) < prior_ratio(4)
     assert prior_ratio(64) > prior_ratio(32)
+
+
+def test_the_chooser_measures_the_cost_of_not_drafting_before_it_settles_on_drafting():
+    # Only 2- and 3-row passes measured, perfect acceptance: the prior curve would make K = 1 or 2 look good.
+    chooser = DraftLengthChooser(k_max=2, acceptance=0.99, min_gain=1.0, probe_every=None)
+    chooser.record_verify(2, 1.88)
+    chooser.record_verify(3, 2.6)
+    assert chooser.choose() == 0  # T(1) unmeasured: run a plain step to measure it
+    # Measured: a one-row pass costs 1.0, so K = 2 (3 tokens for 2.6) beats K = 0 (1 token for 1.0).
+    chooser.record_verify(1, 1.0)
+    assert chooser.choose() == 2
+    # Had the one-row pass cost 0.5, drafting would not pay (3 / 2.6 < 1 / 0.5): K = 0 stays.
+    slow = DraftLengthChooser(k_max=2, acceptance=0.99, min_gain=1.0, probe_every=None)
+    for n, t in ((1, 0.5), (2, 1.88), (3, 2.6)):
+        slow.record_verify(n, t)
+    assert slow.choose() == 0
+
+
+def test_the_prior_cost_curve_follows_the_verify_mode():
+    # In one pass, 4 rows (the repacked gemm) cost less than 3; in exact chunks of <= 3 rows they cost more.
+    assert prior_ratio(4, "one-pass") < prior_ratio(3, "one-pass")
+    assert prior_ratio(4, "exact") > prior_ratio(3, "exact")
+    assert prior_ratio(16, "one-pass") < prior_ratio(16, "exact") / 2

@@ -62,8 +62,9 @@ def qwen_drafted():
     return {i: [0, 0] for i in range(len(QWEN_CONFIGS))}
 
 
-# Five prompts of different kinds; long contexts are in test_long_context.py.
-@pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (0, 1, 4, 7, 12)])
+# Five prompts of different kinds, two of them edits of given code (where n-gram drafts find matches);
+# long contexts are in test_long_context.py.
+@pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (0, 1, 2, 4, 7)])
 def test_greedy_equality_llamacpp_qwen_pair(qwen_pair, qwen_drafted, prompt):
     model = qwen_pair
     tokens = model.prompt_tokens(prompt, chat=True)
@@ -97,8 +98,13 @@ def smol_torch_pair(smol_torch):
     return smol_torch, draft
 
 
+@pytest.fixture(scope="module")
+def torch_drafted():
+    return [0, 0]  # drafted, accepted by the noisy draft model over all prompts
+
+
 @pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (0, 2, 5, 9, 14)])
-def test_greedy_equality_torch_smollm2(smol_torch_pair, prompt):
+def test_greedy_equality_torch_smollm2(smol_torch_pair, torch_drafted, prompt):
     target, draft = smol_torch_pair
     tokens = target.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=16)
@@ -110,8 +116,14 @@ def test_greedy_equality_torch_smollm2(smol_torch_pair, prompt):
                           (NgramDrafter(), SpeculativeConfig(draft="x", tree="static:3,2,1", tree_budget=9))):
         out, stats = run(Engine(target, drafter, spec), tokens, params)
         assert_same_or_tie(plain, plain_stats.margins, out, TORCH_TIE, f"{drafter.name} {spec}")
-        if isinstance(drafter, ModelDrafter):  # drafts at every step; the noisy copy agrees often enough
-            assert stats.drafted > 0 and stats.accepted > 0, f"{drafter.name} {spec}"
+        if isinstance(drafter, ModelDrafter):  # a pinned model drafter drafts at every step
+            assert stats.drafted > 0, f"{drafter.name} {spec}"
+            torch_drafted[0] += stats.drafted
+            torch_drafted[1] += stats.accepted
+
+
+def test_the_noisy_torch_draft_had_drafts_accepted(torch_drafted):
+    assert torch_drafted[0] > 0 and torch_drafted[1] > 0, torch_drafted
 
 
 def test_tiny_model_greedy_equality_with_partial_acceptance():

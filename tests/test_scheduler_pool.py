@@ -61,9 +61,9 @@ def test_a_request_alone_decodes_like_plain_llama_cpp_past_256_tokens_without_du
         pooled = run(lambda t: pool.decode([0], t, [True])[0], lambda n: pool.drop(0, n), lambda: pool.live[0])
         assert pool.padded == 0 and pool.bump == pool.live[0]
         pool.reserve(1, 64)
-        pool.decode([1, 1], [1, 2], [False, True])  # another request's cells: now a lone row is padded
-        pool.decode([0], [5], [True])
-        assert pool.padded == 1
+        pool.decode([1, 1], [1, 2], [False, True])  # another request's cells: a lone row is padded only
+        pool.decode([0], [5], [True])  # where one-row passes may take the split-KV path (no verispec build)
+        assert pool.padded == (0 if runner.exact_attention else 1)
     finally:
         pool.close()
     for i, (a, b) in enumerate(zip(solo, pooled)):
@@ -124,7 +124,7 @@ def test_a_prompt_prefilled_above_other_cells_equals_it_prefilled_alone(smol):
 def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     """Plain and n-gram speculative requests (several K) fused on a pool too small to hold all their
     cells without compaction (sequence 3 serves three requests in a row, the others hold theirs): each
-    greedy output equals its solo plain output, through compactions and padded one-row decodes."""
+    greedy output equals its solo plain output, through compactions and one-row decodes at 512+ cells."""
     from verispec.drafters.ngram import NgramDrafter
     from verispec.serve.pool import SeqRunner
 
@@ -134,6 +134,7 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     ks = [0, 3, 2, 0]
     solo = [[[t for new in Engine(smol.target).generate(p, params) for t in new] for p in ps] for ps in prompts]
     pool, fuser = _pool(smol, 512, 4)
+    runner_exact = smol.target.exact_attention
     outs: list = [[] for _ in range(4)]
 
     def job(seq: int):
@@ -150,7 +151,8 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
 
     try:
         drive(fuser, [job(i) for i in range(4)])
-        assert pool.compactions > 0 and pool.padded > 0  # both exactness mechanisms were exercised
+        assert pool.compactions > 0  # compaction was exercised
+        assert (pool.padded == 0) == runner_exact  # one-row passes padded only without the split-KV switch
         assert max(fuser.pass_seconds) <= 3  # never more than 3 rows per decode
     finally:
         pool.close()

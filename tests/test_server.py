@@ -212,6 +212,43 @@ def test_sixteen_concurrent_requests_equal_alone(running):
     assert running.metric("verispec_queue_depth") == 0
 
 
+def _long_prompts(running: Running, n: int, tokens: int) -> list[str]:
+    """n different prompts past 256 tokens: slices of Python's textwrap source, each with a task."""
+    import inspect
+    import textwrap
+
+    source = inspect.getsource(textwrap)
+    ids = running.base.tokenizer.encode(source, add_special=False)
+    step = (len(ids) - tokens) // max(1, n - 1)
+    docs = [running.base.tokenizer.decode(ids[i * step: i * step + tokens]) for i in range(n)]
+    return [f"{doc}\n# Continue this code:\n" for doc in docs]
+
+
+def test_concurrent_pinned_and_seeded_requests_past_256_tokens_equal_alone(running):
+    """Over HTTP, with speculation pinned on (it drafts) and with seeded sampling, 4 requests in flight on
+    contexts of ~400 tokens write exactly what each writes alone on the server."""
+    client = running.client()
+    prompts = _long_prompts(running, 4, 400)
+    pinned = {"speculative": {"draft": "ngram", "draft_tokens": 3}}
+
+    def complete(job: tuple[str, str]) -> tuple[str, int]:
+        kind, prompt = job
+        if kind == "pinned":
+            out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0, extra_body=pinned)
+        else:
+            out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0.8, seed=11)
+        return out.choices[0].text, out.model_extra["speculative"]["drafted"]
+
+    jobs = [("pinned", p) for p in prompts] + [("seeded", p) for p in prompts]
+    alone_out = [complete(j) for j in jobs]
+    assert len(running.base.tokenizer.encode(prompts[0])) > 256
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(complete, jobs))
+    assert [t for t, _ in together] == [t for t, _ in alone_out]
+    assert all(d > 0 for (kind, _), (_, d) in zip(jobs, together) if kind == "pinned")  # pinned K drafts
+    assert running.wait_idle()["active"] == 0
+
+
 # -- bad input ------------------------------------------------------------------------------------------
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"

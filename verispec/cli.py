@@ -254,7 +254,7 @@ def bench(
     max_new_tokens: int = typer.Option(128, help="new tokens at most per turn"),
     temperature: float = typer.Option(0.0, help="0 = greedy (outputs are then checked against ar)"),
     seed: int = typer.Option(0),
-    peers: str = typer.Option("", help="comma-separated: llamacpp-pld, hf, llama-speculative"),
+    peers: str = typer.Option("", help="comma-separated: llamacpp-pld, hf, llama-speculative, llama-lookup, llama.cpp"),
     llama_cpp_bin: Optional[str] = typer.Option(None, help="directory holding llama.cpp's programs (default: where "
                                                 "`make llama-tools` builds them, then PATH)"),
     limit: Optional[int] = typer.Option(None, help="run only the first N prompts"),

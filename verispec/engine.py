@@ -400,5 +400,10 @@ class Engine:
 
 
 def _top2_margin(row: np.ndarray) -> float:
-    top2 = np.partition(row, -2)[-2:]
-    return float(top2[1] - top2[0])
+    """Top-1 minus top-2 logit, in two passes over the row and no copy (np.partition copies 152k floats)."""
+    i = int(row.argmax())
+    top = row[i]
+    row[i] = -np.inf
+    second = row.max()
+    row[i] = top
+    return float(top - second)

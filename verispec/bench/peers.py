@@ -4,7 +4,13 @@
   `Llama` without it, on the target GGUF.
 - hf: transformers assisted generation (the draft GGUF as `assistant_model`, and
   `prompt_lookup_num_tokens`), against transformers' own plain `generate()`; GGUF dequantized to fp32.
-- llama-speculative: llama.cpp's `llama-speculative` (or `-simple`) binary with the target and draft.
+- llama-speculative: llama.cpp's `llama-speculative-simple` binary with the target and draft.
+- llama-lookup: llama.cpp's `llama-lookup` binary (n-gram speculation, target only).
+- llama.cpp: llama.cpp's own `llama-server`, plain decoding. The bench runs it on every prompt between
+  the methods as the reference (BenchConfig.reference), not only as a peer.
+
+llama.cpp's programs come from `make llama-tools` (build-support/llama-cpp.sh): the sdist's vendored
+llama.cpp, unpatched, with its default OpenMP build, run without verispec's OMP_WAIT_POLICY.
 
 Every peer renders prompts with verispec's chat template and tokenizer, so all see the same tokens.
 A peer that cannot run raises PeerUnavailable and is skipped with its reason.
@@ -221,14 +227,17 @@ class LlamaSpeculativeBinary(Peer):
                 "on the chat-rendered first turn of each prompt; tokens/s is the binary's own decode speed "
                 "(prefill excluded), so it is compared with verispec ar's decode tokens/s.")
 
+    def command(self, prompt_file: str, max_tokens: int) -> list[str]:
+        return [self.exe, "-m", str(self.ctx.target_path), "-md", str(self.ctx.draft_path), "-f", prompt_file,
+                "-n", str(max_tokens), "--temp", str(self.ctx.temperature), "-t", str(self.ctx.threads),
+                "-c", str(self.ctx.n_ctx), "--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max),
+                "--seed", str(self.ctx.seed)]
+
     def turn_fn(self, variant: str, max_tokens: int) -> TurnFn:
         def generate(text: str, _tokens: list[int]) -> Turn:
             with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
                 f.write(text)
-            cmd = [self.exe, "-m", str(self.ctx.target_path), "-md", str(self.ctx.draft_path), "-f", f.name,
-                   "-n", str(max_tokens), "--temp", str(self.ctx.temperature), "-t", str(self.ctx.threads),
-                   "-c", str(self.ctx.n_ctx), "--spec-type", "draft-simple", "--spec-draft-n-max", str(self.draft_max),
-                   "--seed", str(self.ctx.seed)]
+            cmd = self.command(f.name, max_tokens)
             t0 = time.perf_counter()
             try:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=llama_cpp_env())
@@ -245,6 +254,30 @@ class LlamaSpeculativeBinary(Peer):
             return Turn([], elapsed, extra=extra)
 
         return generate
+
+
+class LlamaLookupBinary(LlamaSpeculativeBinary):
+    """llama.cpp's `llama-lookup`: prompt-lookup (n-gram) speculation with the target alone."""
+
+    name = "llama-lookup"
+    variants = ("lookup",)
+    executables = ("llama-lookup",)
+
+    def open(self) -> None:
+        found = llama_cpp_tool("llama-lookup", self.ctx.llama_cpp_bin)
+        if not found:
+            raise PeerUnavailable("llama-lookup not built: run `make llama-tools` (or pass --llama-cpp-bin)")
+        self.exe = found
+
+    def describe(self) -> str:
+        return (f"`{Path(self.exe).name} -m {self.ctx.target_path.name} -f PROMPT -n N --temp {self.ctx.temperature} "
+                f"-t {self.ctx.threads} -c {self.ctx.n_ctx} --spec-draft-n-max {self.draft_max}` on the chat-rendered "
+                "first turn of each prompt; tokens/s is the binary's own decode speed (prefill excluded).")
+
+    def command(self, prompt_file: str, max_tokens: int) -> list[str]:
+        return [self.exe, "-m", str(self.ctx.target_path), "-f", prompt_file, "-n", str(max_tokens),
+                "--temp", str(self.ctx.temperature), "-t", str(self.ctx.threads), "-c", str(self.ctx.n_ctx),
+                "--spec-draft-n-max", str(self.draft_max), "--seed", str(self.ctx.seed)]
 
 
 def llama_cpp_tool(name: str, bin_dir: str | None = None) -> str | None:
@@ -344,4 +377,5 @@ class LlamaServer(Peer):
             self._client.close()
 
 
-PEERS: dict[str, type[Peer]] = {p.name: p for p in (LlamaCppPromptLookup, HFAssisted, LlamaSpeculativeBinary, LlamaServer)}
+PEERS: dict[str, type[Peer]] = {p.name: p for p in (LlamaCppPromptLookup, HFAssisted, LlamaSpeculativeBinary,
+                                                    LlamaLookupBinary, LlamaServer)}

