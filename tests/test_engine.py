@@ -62,9 +62,9 @@ def qwen_drafted():
     return {i: [0, 0] for i in range(len(QWEN_CONFIGS))}
 
 
-# Five prompts of different kinds, two of them edits of given code (where n-gram drafts find matches);
+# Three prompts of different kinds, two of them edits of given code (where n-gram drafts find matches);
 # long contexts are in test_long_context.py.
-@pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (0, 1, 2, 4, 7)])
+@pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (1, 2, 7)])
 def test_greedy_equality_llamacpp_qwen_pair(qwen_pair, qwen_drafted, prompt):
     model = qwen_pair
     tokens = model.prompt_tokens(prompt, chat=True)
@@ -103,7 +103,7 @@ def torch_drafted():
     return [0, 0]  # drafted, accepted by the noisy draft model over all prompts
 
 
-@pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (0, 2, 5, 9, 14)])
+@pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (0, 5, 19)])  # each writes 16 tokens before EOS
 def test_greedy_equality_torch_smollm2(smol_torch_pair, torch_drafted, prompt):
     target, draft = smol_torch_pair
     tokens = target.tokenizer.encode(prompt)
