@@ -40,3 +40,55 @@ def test_cli_generate_on_a_hugging_face_directory(hf_dir):
     result = CliRunner().invoke(app, ["generate", "--model", str(hf_dir), "-p", "hello", "-n", "5"])
     assert result.exit_code == 0, result.output
     assert "tokens/s" in result.output
+
+
+def test_dtype_is_chosen_per_device_and_bad_names_are_refused(hf_dir):
+    import torch
+
+    from verispec.errors import InvalidParameter
+    from verispec.runners.torch import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("auto", "cuda:0") == torch.bfloat16
+    assert resolve_dtype("fp16", "cpu") == torch.float16
+    assert load(str(hf_dir)).target.dtype == torch.float32
+    with pytest.raises(InvalidParameter, match="dtype"):
+        load(str(hf_dir), dtype="int3")
+
+
+def test_bf16_on_the_torch_runner_drafts_and_keeps_greedy_equality(hf_dir):
+    """--dtype bf16 reaches the target and its draft model; on this tiny, sharp model (logit margins far
+    above bf16's rounding) speculative output equals plain output."""
+    import torch
+
+    model = load(str(hf_dir), dtype="bf16")
+    assert model.target.dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    plain = model.generate("hello world", params)
+    spec = model.generate("hello world", params, spec=SpeculativeConfig(draft=str(hf_dir), draft_tokens=3))
+    assert spec.stats.drafted > 0 and spec.stats.accepted > 0  # the model drafting for itself, in bf16 too
+    assert spec.tokens == plain.tokens
+
+
+def test_llama_cpp_refuses_a_dtype():
+    from verispec.errors import InvalidParameter
+
+    with pytest.raises(InvalidParameter, match="torch backend"):
+        load("smollm2-135m", dtype="bf16")
+
+
+def test_bench_runs_the_torch_backend_like_llama_cpp(hf_dir, tmp_path):
+    """`verispec bench --backend torch --dtype fp32`: the same report, methods side by side, noise measured on
+    the torch runner, and no llama.cpp-only parts (derived GGUF formats, the llama-server reference)."""
+    import json
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"id": "h", "category": "code-edit", "prompt": "hello world, hello world"}) + "\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["bench", "--target", str(hf_dir), "--backend", "torch", "--dtype", "fp32",
+                                      "--methods", "ar,ngram-k3", "--prompts", str(prompts), "--max-new-tokens", "8",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in results["summary"]] == ["ar", "ngram-k3"]
+    assert "as-run" in results["noise"] and results["formats"] == []
+    assert "torch" in (out / "report.md").read_text()

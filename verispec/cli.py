@@ -19,6 +19,7 @@ from rich.table import Table
 
 from .errors import VerispecError
 from .models import registry
+from .runners.torch import DTYPE_HELP
 
 app = typer.Typer(help="verispec: lossless speculative decoding for local LLMs.", no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="List, fetch and verify the registered models.", no_args_is_help=True)
@@ -115,12 +116,14 @@ VERIFY_HELP = ("exact (default): drafts scored in passes of <= 3 rows, greedy ou
 
 
 def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Optional[int], spec, device: str = "auto",
-          verify: str = "exact"):
+          verify: str = "exact", dtype: str = "auto"):
     from .api import load
 
     kwargs = {"n_ctx": ctx, "verify": verify}
     if device != "auto":
         kwargs["device"] = device
+    if dtype != "auto":
+        kwargs["dtype"] = dtype
     if threads:
         kwargs["n_threads"] = threads
     if model in registry.REGISTRY and registry.status(registry.get_spec(model)) in ("missing", "corrupt"):
@@ -154,6 +157,7 @@ def generate(
     ctx: int = typer.Option(4096, help="context length in tokens"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
     device: str = typer.Option("auto", help="torch backend: auto (CUDA if present), cpu or cuda"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
     verify: str = typer.Option("exact", help=VERIFY_HELP),
 ) -> None:
     """Stream text from a model, plainly or speculatively, and print decoding stats."""
@@ -168,7 +172,7 @@ def generate(
             console.print(f"[yellow]acceptance {spec.acceptance} is LOSSY: output may differ from the target's own[/]")
         if verify == "one-pass" and draft:
             console.print("[yellow]--verify one-pass: lossless in distribution, not bit-identical to plain decoding[/]")
-        loaded = _load(model, draft, backend, ctx, threads, spec, device, verify)
+        loaded = _load(model, draft, backend, ctx, threads, spec, device, verify, dtype)
         if loaded.draft_choice_note:
             console.print(loaded.draft_choice_note)
         stats = Stats()
@@ -267,6 +271,9 @@ def bench(
     verify: str = typer.Option("exact", help=VERIFY_HELP + "; the losslessness check's tolerance is the mode's measured noise"),
     reference: bool = typer.Option(True, help="run llama.cpp's own plain decoding (llama-server, `make llama-tools`) on "
                                    "every prompt and report each method against it"),
+    backend: str = typer.Option("auto", help="the target's runner: llamacpp | torch | auto (llamacpp for GGUF)"),
+    device: str = typer.Option("auto", help="torch backend: auto (CUDA if present), cpu or cuda"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Plain and speculative decoding side by side on the same prompts, with peers; writes a report and plots."""
     from .bench import BenchConfig, run_bench
@@ -282,6 +289,7 @@ def bench(
             temperature=temperature, seed=seed, peers=[p.strip() for p in peers.split(",") if p.strip()],
             llama_cpp_bin=llama_cpp_bin, limit=limit, categories=categories.split(",") if categories else None,
             out=out, threads=threads, ctx=ctx, formats=formats, verify=verify, reference=reference,
+            backend=backend, device=device, dtype=dtype,
         ), console)
     except VerispecError as exc:
         fail(exc)
@@ -313,6 +321,8 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, help="with --ray: join this cluster ('auto' or host:port); "
                                               "default: start a local one on loopback"),
     verify: str = typer.Option("exact", help=VERIFY_HELP + "; one-pass also fuses all of a step's rows into one decode"),
+    device: str = typer.Option("auto", help="torch backend: auto (CUDA if present), cpu or cuda"),
+    dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from .engine import SpeculativeConfig
@@ -327,7 +337,7 @@ def serve(
     try:
         # The loaded runner only tokenizes and owns the weights; each slot gets its own --ctx context.
         loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, SpeculativeConfig(),
-                       verify=verify)
+                       device, verify, dtype)
     except VerispecError as exc:
         fail(exc)
     if loaded.draft_choice_note:

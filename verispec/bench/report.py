@@ -18,7 +18,8 @@ def markdown(results: dict, plots: list[tuple[str, str]]) -> str:
         f"{env['date']} · {env['cpu']} · {env['cores']} cores ({env['cores_available']} available) · "
         f"{env['threads']} threads · commit `{env['commit']}`",
         "",
-        f"Target `{results['target']['name']}`, draft `{cfg['draft']}`, methods {', '.join(cfg['methods'])}; "
+        f"Target `{results['target']['name']}` on the {results['target'].get('runner', 'llamacpp')} runner, "
+        f"draft `{cfg['draft']}`, methods {', '.join(cfg['methods'])}; "
         f"{cfg['prompt_count']} prompts from `{cfg['prompts']}`"
         + (f" (categories {', '.join(cfg['categories'])})" if cfg.get("categories") else "")
         + f"; {cfg['max_new_tokens']} new tokens at most per turn, temperature {cfg['temperature']}.",

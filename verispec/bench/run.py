@@ -47,6 +47,18 @@ class BenchConfig:
     formats: str = "q4_0,q8_0"  # derived formats whose verify cost and quality are measured ("" = none)
     reference: bool = True  # llama.cpp's own plain decoding (llama-server) on every prompt, between the methods
     print_table: bool = True  # the console summary (the demo prints its own)
+    backend: str = "auto"  # the target's runner: llamacpp | torch | auto (llamacpp for GGUF)
+    device: str = "auto"  # torch backend: auto | cpu | cuda
+    dtype: str = "auto"  # torch backend: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+
+    def runner_options(self) -> dict:
+        """What load() gets for the target (and, through the Model, for a draft model on the same backend)."""
+        options = {"n_ctx": self.ctx, "verify": self.verify, **({"n_threads": self.threads} if self.threads else {})}
+        if self.device != "auto":
+            options["device"] = self.device
+        if self.dtype != "auto":
+            options["dtype"] = self.dtype
+        return options
 
 
 def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
@@ -63,13 +75,13 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
                       "the CPU and the numbers will be skewed (ggml's threads spin)")
     prompts = load_prompts(config.prompts, config.limit, config.categories)
     methods = parse_methods(config.methods, config.draft)
-    format_names = derived_formats.parse(config.formats)
+    format_names = derived_formats.parse(config.formats) if config.backend != "torch" else []  # GGUF requantizations
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
-    runner_options = {"n_ctx": config.ctx, "verify": config.verify, **({"n_threads": config.threads} if config.threads else {})}
+    runner_options = config.runner_options()
     memory = {"before_load": environment.memory()}
 
     with console.status(f"loading {config.target}"):
-        model = load(config.target, **runner_options)
+        model = load(config.target, backend=config.backend, **runner_options)
     try:
         warmup = SamplingParams(max_tokens=min(WARMUP_TOKENS, config.max_new_tokens), temperature=config.temperature,
                                 seed=config.seed)
@@ -122,7 +134,8 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
         format_reference = derived_formats.reference(model, prompts, ar, context, format_names, console)
         threads = getattr(model.target, "n_threads", config.threads)
         target_info = {"name": model.target.name, "parameters": getattr(model.target, "n_params", None),
-                       "file_bytes": model.target.source.file_bytes if getattr(model.target, "source", None) else None}
+                       "file_bytes": model.target.source.file_bytes if getattr(model.target, "source", None) else None,
+                       "runner": _runner_description(model)}
     finally:
         model.close()
     # One derived model at a time, after the shipped one is closed, to bound memory.
@@ -157,6 +170,15 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
         report.print_summary(results, Console())
     console.print(f"wrote {out / 'report.md'}, {out / 'results.json'} and {len(plots)} plots")
     return results
+
+
+def _runner_description(model) -> str:
+    """Which runner computed the target, as the report names it: 'llamacpp (verify exact)', 'torch (fp32 on cpu)'."""
+    target = model.target
+    if model.backend == "torch":
+        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(target.dtype).split(".")[-1])
+        return f"torch ({dtype} on {target.device})"
+    return f"{model.backend} (verify {getattr(target, 'verify_mode', 'exact')})"
 
 
 def _noise_contexts(model, context: list[int], long_tokens: int, k_max: int) -> list[list[int]]:
@@ -224,7 +246,11 @@ def _run_methods(model, prompts: list[BenchPrompt], methods: list[Method], param
 
 def _open_reference(model, config: BenchConfig, console: Console) -> peer_impls.Peer | None:
     """llama-server on the target, warmed up; None (with the reason printed) when it is not built."""
-    server = peer_impls.LlamaServer(_peer_context(model, config))
+    context = _peer_context(model, config)
+    if context.target_path.suffix != ".gguf":
+        console.print(f"[yellow]llama.cpp reference skipped:[/] {context.target_path} is not a GGUF file")
+        return None
+    server = peer_impls.LlamaServer(context)
     try:
         with console.status("starting llama.cpp's llama-server (the reference)"):
             server.open()

@@ -14,6 +14,7 @@ def open_runner(source, backend: str = "auto", **kwargs) -> Runner:
         # by the bench (verify_cost.pass_shape_noise), so it takes --verify without acting on it.
         _check_verify(kwargs.pop("verify", "exact"))
     if backend == "llamacpp":
+        _check_no_dtype(kwargs.pop("dtype", "auto"))
         if source.kind != "gguf":
             from ..errors import ModelFileError
 
@@ -37,3 +38,12 @@ def _check_verify(mode: str) -> None:
         from ..errors import InvalidParameter
 
         raise InvalidParameter(f"verify must be one of {', '.join(VERIFY_MODES)}, got {mode!r}", "verify")
+
+
+def _check_no_dtype(dtype: str) -> None:
+    """llama.cpp computes in the GGUF file's own formats: --dtype is the torch runner's."""
+    if dtype != "auto":
+        from ..errors import InvalidParameter
+
+        raise InvalidParameter(f"--dtype {dtype} applies to the torch backend; llama.cpp runs the GGUF file's own "
+                               "quantization (requantize the file for another format)", "dtype")

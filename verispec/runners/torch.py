@@ -11,8 +11,25 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ModelFileError
+from ..errors import InvalidParameter, ModelFileError
 from .base import Runner, Tokenizer, ancestor_mask, tree_depths
+
+# --dtype names -> torch dtype attribute; "auto" is bf16 on CUDA (its tensor cores, half the memory traffic of
+# fp32) and fp32 on CPU (bf16 matmuls without AMX run through slow conversion paths, and fp32 is the reference).
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+DTYPE_HELP = "torch backend: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32"
+
+
+def resolve_dtype(name: str, device: str):
+    """The torch dtype a --dtype value means on `device` (a clear error for an unknown name)."""
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if name not in DTYPES:
+        raise InvalidParameter(f"dtype must be auto, bf16, fp16 or fp32, got {name!r}", "dtype")
+    return getattr(torch, DTYPES[name])
 
 
 class HFTokenizer(Tokenizer):
@@ -56,7 +73,8 @@ class TorchRunner(Runner):
         self.reset()
 
     @classmethod
-    def from_source(cls, source, device: str = "auto", n_ctx: int = 4096, n_threads: int | None = None, dtype: str = "float32", **_ignored) -> "TorchRunner":
+    def from_source(cls, source, device: str = "auto", n_ctx: int = 4096, n_threads: int | None = None,
+                    dtype: str = "auto", **_ignored) -> "TorchRunner":
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,12 +82,13 @@ class TorchRunner(Runner):
             torch.set_num_threads(int(n_threads or os.environ["VERISPEC_THREADS"]))
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = resolve_dtype(dtype, device)
         if source.kind == "gguf":
             directory, extra = str(source.path.parent), {"gguf_file": source.path.name}
         else:
             directory, extra = str(source.path), {}
         try:
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), **extra).to(device)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **extra).to(device)
             hf_tok = AutoTokenizer.from_pretrained(directory, **extra)
         except Exception as exc:  # transformers raises many kinds on a bad model; the user needs one line
             raise ModelFileError(f"transformers could not load {source.path}: {exc}") from None
@@ -96,20 +115,19 @@ class TorchRunner(Runner):
         self.check_fits(n)
         hidden = hidden or self.keep_hidden
         if parents is None:
-            depths = np.arange(n)
-            visible = np.tril(np.ones((n, n), dtype=bool))
+            # A chain is causal over the cache and itself: no mask, so the model builds its own causal one
+            # (and SDPA may take its flash kernel on a GPU, which an explicit float mask rules out).
+            depths, mask = np.arange(n), None
         else:
             depths = tree_depths(parents)
-            visible = ancestor_mask(parents)
-        mask = torch.zeros((1, 1, n, self.n_past + n), dtype=self.dtype)
-        mask[0, 0, :, self.n_past :].masked_fill_(torch.from_numpy(~visible), torch.finfo(self.dtype).min)
+            mask = self._tree_mask(ancestor_mask(parents))
         positions = torch.from_numpy(self.n_past + depths).unsqueeze(0).to(self.device)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             out = self.model(
                 input_ids=ids,
                 position_ids=positions,
-                attention_mask=mask.to(self.device),
+                attention_mask=mask,
                 past_key_values=self.cache,
                 use_cache=True,
                 output_hidden_states=hidden,
@@ -124,6 +142,13 @@ class TorchRunner(Runner):
         else:
             self._pending = n
         return out.logits[0].float().cpu().numpy()
+
+    def _tree_mask(self, visible: np.ndarray):
+        """Additive 4D mask: every cached cell, plus each node's ancestors and itself among the new rows."""
+        torch, n = self._torch, len(visible)
+        mask = torch.zeros((1, 1, n, self.n_past + n), dtype=self.dtype)
+        mask[0, 0, :, self.n_past :].masked_fill_(torch.from_numpy(~visible), torch.finfo(self.dtype).min)
+        return mask.to(self.device)
 
     def hidden_states(self) -> np.ndarray:
         if self._hidden is None:
