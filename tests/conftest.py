@@ -16,6 +16,19 @@ def _require(name: str):
         pytest.skip(f"{name} not available ({exc}); run `verispec models pull {name}`")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def derived_models(tmp_path_factory):
+    """One folder for requantized files (NAME:q8_0, NAME:q4_0) for the whole session: each derived file is made
+    once, by whichever test needs it first, and every other test reuses it; the real model cache is untouched."""
+    from verispec.models import quantize
+
+    folder = tmp_path_factory.mktemp("derived")
+    patch = pytest.MonkeyPatch()
+    patch.setattr(quantize, "derived_dir", lambda: folder)
+    yield folder
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def smol_source():
     return _require("smollm2-135m")

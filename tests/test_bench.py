@@ -175,9 +175,7 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
         return lossy
 
     monkeypatch.setattr(bench_run, "engine_turn", engine_turn)
-    from verispec.models import quantize
-
-    monkeypatch.setattr(quantize, "derived_dir", lambda: tmp_path / "derived")  # not the real model cache
+    # Derived formats go to the session's folder (conftest.derived_models), not the real model cache.
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"question_id": "edit", "category": "code-edit", "turns": [
             "Add type hints to this function:\n\ndef add(a, b):\n    return a + b\n", "Now add a docstring."]},

@@ -1,13 +1,16 @@
 """Speculative sampling keeps the target's distribution: exact joint distributions on a toy vocabulary.
 
 The target and draft are numpy 'models' over 6 tokens whose next-token distributions are known.
-We draw N = 100,000 three-token continuations through the real Engine (the first token from the
+We draw N = 50,000 three-token continuations through the real Engine (the first token from the
 prefill, the next two from a speculative step of K=2 drafts and more steps as needed) and compare
 with the exact joint distribution over the 216 outcomes.
 
 Bounds. Chi-square must not reject at p = 0.001. The total-variation distance TV = 1/2 sum|p_hat - p|
 has E[TV] <= 1/2 sum sqrt(p(1-p)/N) (Jensen), and changing one sample moves TV by at most 1/N, so by
 McDiarmid P(TV > E[TV] + t) <= exp(-2 N t^2); t = sqrt(ln(1000) / 2N) gives a false alarm rate of 0.001.
+
+Every test here draws the same N, the good samplers and their broken variants alike, so each
+broken variant that is caught shows the power of the check at the N the good ones pass with.
 
 Unseeded draws go through the rejection sampler; seeded ones (seeds 0..N-1) through the per-position
 noise of sampling.PositionNoise, whose draws are checked the same way.
@@ -26,7 +29,7 @@ from verispec.engine import Engine, SpeculativeConfig
 from verispec.sampling import SamplingParams, logits_to_probs, sample
 from verispec.verify import rejection
 
-N = 100_000
+N = 50_000  # one N for good and broken samplers alike
 VOCAB = 6
 PROMPT = [1, 2, 3]
 LENGTH = 3
@@ -90,7 +93,7 @@ def test_speculative_sampling_preserves_target_distribution(name, drafter_kind, 
     engine = make_engine(drafter_kind)
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS[name])
     p = exact_joint(engine.target, params)
-    counts = draw(engine, params, N // 2 if seeded else N, seeded)
+    counts = draw(engine, params, N, seeded)
     pvalue, tv, bound = check(counts, p)
     assert pvalue > 0.001, f"chi-square rejects the target distribution (p={pvalue:.2e}, tv={tv:.4f})"
     assert tv < bound, f"total variation {tv:.4f} exceeds the bound {bound:.4f}"
@@ -118,7 +121,7 @@ def test_a_broken_sampler_is_caught(monkeypatch, broken):
     engine = make_engine("model")
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
     p = exact_joint(engine.target, params)
-    counts = draw(engine, params, N // 4)
+    counts = draw(engine, params, N)
     pvalue, tv, bound = check(counts, p)
     assert pvalue < 0.001 and tv > bound
 
@@ -134,7 +137,7 @@ def test_tree_sampling_preserves_target_distribution(seeded):
     engine = make_tree_engine()
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS["top_p"])
     p = exact_joint(engine.target, params)
-    pvalue, tv, bound = check(draw(engine, params, N // 2 if seeded else N, seeded), p)
+    pvalue, tv, bound = check(draw(engine, params, N, seeded), p)
     assert pvalue > 0.001, f"chi-square rejects the target distribution (p={pvalue:.2e}, tv={tv:.4f})"
     assert tv < bound
 
@@ -151,7 +154,7 @@ def test_tree_sampling_without_residual_correction_is_caught(monkeypatch):
     monkeypatch.setattr(TreeVerifier, "_accept_child", no_residual)
     engine = make_tree_engine()
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
-    pvalue, tv, bound = check(draw(engine, params, N // 4), exact_joint(engine.target, params))
+    pvalue, tv, bound = check(draw(engine, params, N), exact_joint(engine.target, params))
     assert pvalue < 0.001 and tv > bound
 
 
@@ -163,7 +166,7 @@ def test_seeded_noise_shared_across_positions_is_caught(monkeypatch):
     monkeypatch.setattr(PositionNoise, "at", lambda self, position: at(self, 0))
     engine = make_engine("model")
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
-    pvalue, tv, bound = check(draw(engine, params, N // 4, seeded=True), exact_joint(engine.target, params))
+    pvalue, tv, bound = check(draw(engine, params, N, seeded=True), exact_joint(engine.target, params))
     assert pvalue < 0.001 and tv > bound
 
 

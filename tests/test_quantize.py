@@ -19,13 +19,14 @@ def test_unknown_format_suffix_is_refused_with_the_accepted_ones():
 
 
 @pytest.mark.real
-def test_requantize_smollm2_to_q8_0(smol_source, smol_llama, tmp_path, monkeypatch):
+def test_requantize_smollm2_to_q8_0(smol_source, smol_llama, derived_models):
+    """The session's one q8_0 file (made here or by an earlier test: conftest.derived_models)."""
     from verispec.runners.llamacpp import LlamaCppRunner
 
-    monkeypatch.setenv("VERISPEC_HOME", str(tmp_path))
+    assert quantize.derived_dir() == derived_models
     derived = quantize.requantize(smol_source, "q8_0")
     assert derived.label == "smollm2-135m:q8_0" and derived.kind == "gguf"
-    assert derived.path == tmp_path / "models" / "derived" / "SmolLM2-135M-Instruct.Q4_1.q8_0.gguf"
+    assert derived.path == derived_models / "SmolLM2-135M-Instruct.Q4_1.q8_0.gguf"
     files.check_gguf(derived.path)
     assert not list(derived.path.parent.glob("*.partial"))
 
@@ -49,9 +50,8 @@ def test_requantize_smollm2_to_q8_0(smol_source, smol_llama, tmp_path, monkeypat
 
 
 @pytest.mark.real
-def test_resolve_a_derived_name(smol_source, tmp_path, monkeypatch):
-    # The registered file lives in the real home; the derived copy goes to a temporary one.
-    monkeypatch.setattr(quantize, "derived_dir", lambda: tmp_path / "derived")
+def test_resolve_a_derived_name(smol_source, derived_models):
+    # The registered file lives in the real home; the derived copy goes to the session's folder.
     source = files.resolve("smollm2-135m:q4_0")
-    assert source.label == "smollm2-135m:q4_0" and source.path == tmp_path / "derived" / "SmolLM2-135M-Instruct.Q4_1.q4_0.gguf"
+    assert source.label == "smollm2-135m:q4_0" and source.path == derived_models / "SmolLM2-135M-Instruct.Q4_1.q4_0.gguf"
     assert 0 < source.file_bytes < smol_source.file_bytes  # Q4_0 is smaller than the shipped Q4_1
