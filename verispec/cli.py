@@ -236,17 +236,36 @@ def print_demo(results: dict) -> None:
         tps = sorted(x["tokens_per_s"] for x in ref["records"].values())
         table.add_row("llama.cpp (llama-server), plain", f"{tps[len(tps) // 2]:.1f}", "", "1.00x", "–", "1.00", "")
     Console().print(table)
-    ratio = results["verify_cost"]["ratio"]
-    r = {int(k): v for k, v in ratio.items()}
+    console.print(_why_line(results, names))
+
+
+def _interpolate(curve: dict[int, float], n: int) -> float:
+    """curve[n], linearly between the measured sizes around n (the nearest end beyond them)."""
+    import numpy as np
+
+    sizes = sorted(curve)
+    return float(np.interp(n, sizes, [curve[x] for x in sizes]))
+
+
+def _why_line(results: dict, names: dict[str, str]) -> str:
+    """Why the best speculative mode came out as it did: what its drafting steps kept against what they cost."""
+    r = {int(k): v for k, v in results["verify_cost"]["ratio"].items()}
+    measured = ", ".join(f"T({n})/T(1) = {v:.2f}" for n, v in sorted(r.items()) if n > 1)
     best = max((x for x in results["summary"] if x["method"] != "ar"), key=lambda x: x["speedup"] or 0)
-    k = max(1, round(best["mean_draft_length"])) if best["drafted"] else 4
-    cost = r.get(k + 1) or r[min(r, key=lambda n: abs(n - (k + 1)))]
-    console.print(
-        f"Why: on this machine one pass over {k + 1} tokens costs {cost:.2f}x a one-token pass (measured: "
-        + ", ".join(f"T({n})/T(1) = {v:.2f}" for n, v in sorted(r.items()) if n > 1)
-        + f"), so drafting K = {k} pays only when a step keeps more than {cost:.2f} tokens; "
-        f"{names.get(best['method'], best['method'])} kept {best['mean_accepted_length']:.2f} per step. "
-        "Every speculative output above is checked token for token against plain decoding.")
+    mine = [rec for rec in results["records"] if rec["method"] == best["method"]]
+    steps = sum(rec["target_passes"] for rec in mine)
+    drafting = sum((rec["drafted_at_position"] or [0])[0] for rec in mine)  # steps that drafted 1+ tokens
+    name = names.get(best["method"], best["method"])
+    if not drafting:
+        return (f"Why: on this machine a pass over K+1 tokens costs nearly K+1 one-token passes (measured: {measured}), "
+                "and the drafters' acceptance did not cover that, so the adaptive K stayed at 0: plain decoding's speed.")
+    k = max(1, round(sum(rec["drafted"] for rec in mine) / drafting))
+    cost = _interpolate(r, k + 1)
+    kept = 1 + sum(rec["accepted"] for rec in mine) / drafting
+    return (f"Why: on this machine one pass over {k + 1} tokens costs {cost:.2f}x a one-token pass (measured: {measured}). "
+            f"{name} drafted on {drafting} of its {steps} steps, about {k} tokens each, and those steps kept "
+            f"{kept:.2f} tokens each against their {cost:.2f}x cost; the other steps ran as plain decoding. Every "
+            "speculative output above is checked token for token against plain decoding.")
 
 
 @app.command()

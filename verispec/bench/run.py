@@ -39,7 +39,7 @@ class BenchConfig:
     threads: int | None = None
     ctx: int = 4096
     draft_max: int = 12
-    verify_ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    verify_ks: tuple[int, ...] = (1, 2, 3, 4, 8, 16)  # 3: the largest exact chunk, the K = 2 step of a chain
     verify: str = "exact"  # the target runner's verify mode: exact | one-pass
     tie_tolerance: float | None = None  # None: the pass-shape noise the run measures for its verify mode
     noise_context: int = 1500  # tokens of the long context at which pass-shape noise is measured
