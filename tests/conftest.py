@@ -47,7 +47,9 @@ def smol_llama(smol_source):
 def smol_torch(smol_source):
     from verispec.runners.torch import TorchRunner
 
-    return TorchRunner.from_source(smol_source, n_ctx=2048)
+    from tests.toy import TEST_DEVICE, TEST_DTYPE
+
+    return TorchRunner.from_source(smol_source, n_ctx=2048, device=TEST_DEVICE, dtype=TEST_DTYPE)
 
 
 @pytest.fixture(scope="session")

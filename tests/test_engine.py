@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.prompts import PROMPTS
-from tests.toy import TableRunner, tiny_llama, tiny_runner, ByteTokenizer
+from tests.toy import TEST_DEVICE, TableRunner, tiny_llama, tiny_runner, ByteTokenizer
 from verispec.drafters.base import Draft, Drafter
 from verispec.drafters.draft_model import ModelDrafter
 from verispec.drafters.ngram import NgramDrafter
@@ -93,8 +93,8 @@ def smol_torch_pair(smol_torch):
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in draft_model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.3)
-    draft = TorchRunner(draft_model, smol_torch.tokenizer, "smol-noisy", n_ctx=2048)
+            p.add_(torch.randn(p.shape, generator=gen).to(p.device) * p.std() * 0.3)
+    draft = TorchRunner(draft_model, smol_torch.tokenizer, "smol-noisy", n_ctx=2048, device=str(smol_torch.device))
     return smol_torch, draft
 
 
@@ -134,8 +134,8 @@ def test_tiny_model_greedy_equality_with_partial_acceptance():
     with torch.no_grad():
         for p in draft_model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
-    target = TorchRunner(target_model, ByteTokenizer(), "t", 512)
-    draft = TorchRunner(draft_model, ByteTokenizer(), "d", 512)
+    target = TorchRunner(target_model.to(TEST_DEVICE), ByteTokenizer(), "t", 512, device=TEST_DEVICE)
+    draft = TorchRunner(draft_model.to(TEST_DEVICE), ByteTokenizer(), "d", 512, device=TEST_DEVICE)
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     prompt = target.tokenizer.encode("abc abc abc")
     plain, stats_plain = run(Engine(target), prompt, params, record=True)

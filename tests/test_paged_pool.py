@@ -292,6 +292,19 @@ def test_pool_memory_is_checked_before_it_is_allocated(runner, monkeypatch):
     PagedPool(runner, 768, 2).close()
 
 
+def test_on_a_gpu_the_gpus_free_memory_is_what_counts(monkeypatch):
+    """A model on CUDA puts its caches in GPU memory: the check reads torch.cuda.mem_get_info, not host RAM."""
+    import torch
+
+    from verispec.serve import memory
+
+    monkeypatch.delenv("VERISPEC_MEMORY_AVAILABLE", raising=False)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: asked.append(device) or (3 * memory.GiB, 80 * memory.GiB))
+    assert memory.available_bytes("cuda:0") == 3 * memory.GiB and asked == [torch.device("cuda:0")]
+    assert memory.available_bytes("cpu") != 3 * memory.GiB and len(asked) == 1  # host RAM for the CPU
+
+
 @pytest.mark.parametrize("kv_pool", [True, False], ids=["pool", "per-slot"])
 def test_a_torch_draft_models_cache_is_counted_before_the_server_starts(runner, monkeypatch, kv_pool):
     """A torch draft keeps a cache per slot beside the target's pool (or beside each slot's context):

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from verispec.runners.base import Tokenizer
 
 BYTE_OFFSET = 3  # ids 0..2 are <pad>, <bos>, <eos>
+# VERISPEC_TEST_DEVICE=cuda runs the torch runner tests and the torch greedy-equality tests on a GPU (CI has none:
+# cpu). They stay in fp32 there unless VERISPEC_TEST_DTYPE says otherwise, so their tie tolerances still hold.
+TEST_DEVICE = os.environ.get("VERISPEC_TEST_DEVICE", "cpu")
+TEST_DTYPE = os.environ.get("VERISPEC_TEST_DTYPE", "fp32")
 
 
 class ByteTokenizer(Tokenizer):
@@ -46,7 +51,8 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 25
 def tiny_runner(seed: int = 0, **kwargs):
     from verispec.runners.torch import TorchRunner
 
-    return TorchRunner(tiny_llama(seed, **kwargs), ByteTokenizer(), f"tiny-{seed}", n_ctx=512)
+    return TorchRunner(tiny_llama(seed, **kwargs).to(TEST_DEVICE), ByteTokenizer(), f"tiny-{seed}", n_ctx=512,
+                       device=TEST_DEVICE)
 
 
 class TableRunner:

@@ -16,7 +16,8 @@ A transformers (torch) model counts its KV cache only (layers x KV heads x head 
 the weights' element size per token): torch allocates its activations per pass, with no buffers
 sized up front to read off.
 
-Available memory is MemAvailable (psutil if installed, else /proc/meminfo), or the
+Available memory is the GPU's free memory (torch.cuda.mem_get_info) for a torch model on CUDA,
+else MemAvailable (psutil if installed, else /proc/meminfo), or the
 VERISPEC_MEMORY_AVAILABLE environment variable (bytes, or with a K/M/G suffix) to test or cap it.
 """
 
@@ -103,10 +104,16 @@ class MemoryPlan:
         return MemoryPlan(**{**self.__dict__, **changes})
 
 
-def available_bytes() -> int:
+def available_bytes(device=None) -> int:
+    """Free memory where the model's caches go: the GPU's free bytes (torch.cuda.mem_get_info) for a CUDA device,
+    else host RAM's MemAvailable. VERISPEC_MEMORY_AVAILABLE overrides both."""
     forced = os.environ.get("VERISPEC_MEMORY_AVAILABLE")
     if forced:
         return parse_size(forced)
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
     try:
         import psutil
 
@@ -192,5 +199,5 @@ def plan_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> Mem
 def check_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
     plan = plan_server(base, model_drafter, slots, ctx, pool)
     if plan is not None:
-        check(plan)
+        check(plan, available_bytes(getattr(base.target, "device", None)))
     return plan

@@ -133,7 +133,7 @@ class PagedPool:
         self.n_layers, n_kv, head_dim = kv_shape(config)
         n_blocks = -(-n_cells // BLOCK)
         self.n_cells = n_blocks * BLOCK
-        check_memory(self.n_cells, torch_kv_bytes_per_token(base), base.name)
+        check_memory(self.n_cells, torch_kv_bytes_per_token(base), base.name, available_bytes(base.device))
         shape = (n_blocks, BLOCK, n_kv, head_dim)
         self._keys = [torch.empty(shape, dtype=base.dtype, device=base.device) for _ in range(self.n_layers)]
         self._values = [torch.empty(shape, dtype=base.dtype, device=base.device) for _ in range(self.n_layers)]
