@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 # T(n)/T(1) for one llama.cpp pass over n rows, per verify mode: the Qwen2.5-Coder-1.5B Q4_K_M target through
 # the runner (verispec's GGML_OPENMP=OFF build, 2 threads, a 121-token context), as `verispec bench` measured it
-# on 2026-12-06 (docs/bench-2026-12-06, "Verify cost"; n = 3 from a probe the day before). "exact" scores in
-# chunks of <= 3 rows, so its cost grows about linearly from 4 rows on; "one-pass" is one batch, where ggml's
-# repacked gemm takes over at 4 rows (4 rows cost less than 3; up to 3 rows both modes run the same pass). Interpolated between sizes, extrapolated
-# linearly beyond; measurements replace it as a run goes.
+# on 2026-12-06 (docs/bench-2026-12-06, "Verify cost"; n = 3 from the one-pass run beside it: the same pass).
+# "exact" scores in chunks of <= 3 rows, so its cost grows about linearly from 4 rows on; "one-pass" is one
+# batch, where ggml's repacked gemm takes over at 4 rows (4 rows cost less than 3; up to 3 rows both modes run
+# the same pass). Interpolated between sizes, extrapolated linearly beyond; measurements replace it as a run goes.
 PRIOR_VERIFY_RATIO = {
-    "exact": {1: 1.0, 2: 1.55, 3: 1.74, 4: 2.95, 8: 5.27, 16: 10.65},
-    "one-pass": {1: 1.0, 2: 1.54, 3: 1.74, 4: 1.69, 8: 3.09, 16: 3.81},
+    "exact": {1: 1.0, 2: 1.55, 3: 1.94, 4: 2.95, 8: 5.27, 16: 10.65},
+    "one-pass": {1: 1.0, 2: 1.54, 3: 1.94, 4: 1.69, 8: 3.09, 16: 3.81},
 }
 
 

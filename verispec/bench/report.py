@@ -185,6 +185,7 @@ def _verify_cost(results: dict) -> list[str]:
     if not v:
         return []
     single = "single_pass_ratio" in v
+    mode = results["config"].get("verify", "exact")  # the runner's mode: its prior curve is the one the chooser used
     out = ["## Verify cost of the target", "",
            f"Median of 5 timed `runner.forward` passes over K tokens (all logits) after the first prompt, rolled back "
            f"after each. " + (f"The llama.cpp runner scores in exact chunks of {v['exact_chunk']} tokens (bit-identical "
@@ -192,13 +193,13 @@ def _verify_cost(results: dict) -> list[str]:
                               if single else ""),
            "",
            "| K | T(K) ms | T(K)/T(1) |" + (" one pass T(K) ms | one pass T(K)/T(1) |" if single else "")
-           + " prior T(K)/T(1) (draft_length.py) |",
+           + f" prior T(K)/T(1), {mode} (draft_length.py) |",
            "|---|---|---|" + ("---|---|" if single else "") + "---|"]
     for k in v["ks"]:
         row = f"| {k} | {_get(v['seconds'], k) * 1e3:.1f} | {_get(v['ratio'], k):.2f} |"
         if single:
             row += f" {_get(v['single_pass_seconds'], k) * 1e3:.1f} | {_get(v['single_pass_ratio'], k):.2f} |"
-        out.append(row + f" {prior_ratio(int(k)):.2f} |")
+        out.append(row + f" {prior_ratio(int(k), mode):.2f} |")
     return out + [""]
 
 
