@@ -76,7 +76,8 @@ def test_llama_cpp_refuses_a_dtype():
         load("smollm2-135m", dtype="bf16")
 
 
-def test_bench_runs_the_torch_backend_like_llama_cpp(hf_dir, tmp_path):
+@pytest.mark.parametrize("backend", [["--backend", "torch"], []], ids=["--backend torch", "auto"])
+def test_bench_runs_the_torch_backend_like_llama_cpp(hf_dir, tmp_path, backend):
     """`verispec bench --backend torch --dtype fp32`: the same report, methods side by side, noise measured on
     the torch runner, and no llama.cpp-only parts (derived GGUF formats, the llama-server reference)."""
     import json
@@ -84,11 +85,11 @@ def test_bench_runs_the_torch_backend_like_llama_cpp(hf_dir, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"id": "h", "category": "code-edit", "prompt": "hello world, hello world"}) + "\n")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["bench", "--target", str(hf_dir), "--backend", "torch", "--dtype", "fp32",
+    result = CliRunner().invoke(app, ["bench", "--target", str(hf_dir), *backend, "--dtype", "fp32",
                                       "--methods", "ar,ngram-k3", "--prompts", str(prompts), "--max-new-tokens", "8",
                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert [row["method"] for row in results["summary"]] == ["ar", "ngram-k3"]
     assert "as-run" in results["noise"] and results["formats"] == []
-    assert "torch" in (out / "report.md").read_text()
+    assert "on the torch (fp32 on cpu) runner" in (out / "report.md").read_text()

@@ -110,6 +110,7 @@ def models_verify(name: str) -> None:
     raise typer.Exit(0 if ok else 1)
 
 
+DEVICE_HELP = "torch backend: auto (CUDA if present), cpu or cuda"
 VERIFY_HELP = ("exact (default): drafts scored in passes of <= 3 rows, greedy output bit-identical to plain decoding | "
                "one-pass: all rows in one pass, cheaper where a pass's cost grows slowly with its rows; lossless in "
                "distribution but NOT bit-identical (rows differ from plain decoding's by ggml's measured noise)")
@@ -156,7 +157,7 @@ def generate(
     backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
     ctx: int = typer.Option(4096, help="context length in tokens"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores)"),
-    device: str = typer.Option("auto", help="torch backend: auto (CUDA if present), cpu or cuda"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     verify: str = typer.Option("exact", help=VERIFY_HELP),
 ) -> None:
@@ -239,16 +240,10 @@ def print_demo(results: dict) -> None:
     console.print(_why_line(results, names))
 
 
-def _interpolate(curve: dict[int, float], n: int) -> float:
-    """curve[n], linearly between the measured sizes around n (the nearest end beyond them)."""
-    import numpy as np
-
-    sizes = sorted(curve)
-    return float(np.interp(n, sizes, [curve[x] for x in sizes]))
-
-
 def _why_line(results: dict, names: dict[str, str]) -> str:
     """Why the best speculative mode came out as it did: what its drafting steps kept against what they cost."""
+    from .draft_length import ratio_at
+
     r = {int(k): v for k, v in results["verify_cost"]["ratio"].items()}
     measured = ", ".join(f"T({n})/T(1) = {v:.2f}" for n, v in sorted(r.items()) if n > 1)
     best = max((x for x in results["summary"] if x["method"] != "ar"), key=lambda x: x["speedup"] or 0)
@@ -260,7 +255,7 @@ def _why_line(results: dict, names: dict[str, str]) -> str:
         return (f"Why: on this machine a pass over K+1 tokens costs nearly K+1 one-token passes (measured: {measured}), "
                 "and the drafters' acceptance did not cover that, so the adaptive K stayed at 0: plain decoding's speed.")
     k = max(1, round(sum(rec["drafted"] for rec in mine) / drafting))
-    cost = _interpolate(r, k + 1)
+    cost = ratio_at(r, k + 1)
     kept = 1 + sum(rec["accepted"] for rec in mine) / drafting
     return (f"Why: on this machine one pass over {k + 1} tokens costs {cost:.2f}x a one-token pass (measured: {measured}). "
             f"{name} drafted on {drafting} of its {steps} steps, about {k} tokens each, and those steps kept "
@@ -291,7 +286,7 @@ def bench(
     reference: bool = typer.Option(True, help="run llama.cpp's own plain decoding (llama-server, `make llama-tools`) on "
                                    "every prompt and report each method against it"),
     backend: str = typer.Option("auto", help="the target's runner: llamacpp | torch | auto (llamacpp for GGUF)"),
-    device: str = typer.Option("auto", help="torch backend: auto (CUDA if present), cpu or cuda"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Plain and speculative decoding side by side on the same prompts, with peers; writes a report and plots."""
@@ -340,7 +335,7 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, help="with --ray: join this cluster ('auto' or host:port); "
                                               "default: start a local one on loopback"),
     verify: str = typer.Option("exact", help=VERIFY_HELP + "; one-pass also fuses all of a step's rows into one decode"),
-    device: str = typer.Option("auto", help="torch backend: auto (CUDA if present), cpu or cuda"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""

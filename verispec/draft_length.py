@@ -24,12 +24,18 @@ PRIOR_VERIFY_RATIO = {
 
 
 def prior_ratio(n: int, mode: str = "exact") -> float:
-    curve = PRIOR_VERIFY_RATIO.get(mode, PRIOR_VERIFY_RATIO["one-pass"])
+    return ratio_at(PRIOR_VERIFY_RATIO.get(mode, PRIOR_VERIFY_RATIO["one-pass"]), n)
+
+
+def ratio_at(curve: dict[int, float], n: int) -> float:
+    """curve[n] of a T(n)/T(1) curve known at some sizes: linear between them, linear from the largest beyond it."""
     keys = sorted(curve)
     if n in curve:
         return curve[n]
     if n > keys[-1]:
         return curve[keys[-1]] * n / keys[-1]
+    if n < keys[0]:
+        return curve[keys[0]]
     lo = max(k for k in keys if k < n)
     hi = min(k for k in keys if k > n)
     w = (n - lo) / (hi - lo)

@@ -75,13 +75,15 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
                       "the CPU and the numbers will be skewed (ggml's threads spin)")
     prompts = load_prompts(config.prompts, config.limit, config.categories)
     methods = parse_methods(config.methods, config.draft)
-    format_names = derived_formats.parse(config.formats) if config.backend != "torch" else []  # GGUF requantizations
+    format_names = derived_formats.parse(config.formats)
     params = SamplingParams(max_tokens=config.max_new_tokens, temperature=config.temperature, seed=config.seed)
     runner_options = config.runner_options()
     memory = {"before_load": environment.memory()}
 
     with console.status(f"loading {config.target}"):
         model = load(config.target, backend=config.backend, **runner_options)
+    if model.backend != "llamacpp":
+        format_names = []  # derived formats are GGUF requantizations, measured on llama.cpp
     try:
         warmup = SamplingParams(max_tokens=min(WARMUP_TOKENS, config.max_new_tokens), temperature=config.temperature,
                                 seed=config.seed)
@@ -176,8 +178,9 @@ def _runner_description(model) -> str:
     """Which runner computed the target, as the report names it: 'llamacpp (verify exact)', 'torch (fp32 on cpu)'."""
     target = model.target
     if model.backend == "torch":
-        dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(target.dtype).split(".")[-1])
-        return f"torch ({dtype} on {target.device})"
+        from ..runners.torch import dtype_name
+
+        return f"torch ({dtype_name(target.dtype)} on {target.device})"
     return f"{model.backend} (verify {getattr(target, 'verify_mode', 'exact')})"
 
 

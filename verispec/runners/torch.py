@@ -21,6 +21,11 @@ DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16
 DTYPE_HELP = "torch backend: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32"
 
 
+def dtype_name(dtype) -> str:
+    """The short --dtype name of a torch dtype (torch.bfloat16 -> 'bf16')."""
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(dtype).removeprefix("torch."), str(dtype))
+
+
 def resolve_dtype(name: str, device: str):
     """The torch dtype a --dtype value means on `device` (a clear error for an unknown name)."""
     import torch
