@@ -140,3 +140,27 @@ def test_unexact_llama_batches_are_noisy_but_close(smol_source):
     runner.close()
     assert np.abs(batch - singles).max() < 2.0
     assert (batch.argmax(1) == singles.argmax(1)).mean() > 0.8
+
+
+def test_torch_cache_is_preallocated_and_rolls_back_by_position():
+    """The torch runner's KV lives in buffers sized to the context: appending, rolling back and keeping a tree
+    path never reallocate them, and a rolled-back cache scores exactly as one that never held the dropped cells."""
+    from verispec.runners.torch_cache import PreallocatedLayer
+
+    runner = tiny_runner(3, scale=10)
+    prompt = runner.tokenizer.encode("abcdefgh")
+    runner.forward(prompt)
+    layer = runner.cache.layers[0]
+    assert isinstance(layer, PreallocatedLayer) and layer._keys.shape[2] == runner.n_ctx
+    buffer = layer._keys.data_ptr()
+    runner.forward([40, 41, 42, 43])
+    runner.rollback(len(prompt) + 1)
+    assert layer.get_seq_length() == len(prompt) + 1
+    rolled = runner.forward([50]).copy()[0]
+    runner.forward([60, 61, 62], parents=[-1, 0, 0])
+    runner.keep_path([0, 2])
+    assert layer._keys.data_ptr() == buffer and runner.n_past == len(prompt) + 4
+    runner.reset()
+    assert layer.get_seq_length() == 0 and runner.cache.layers[0] is layer
+    fresh = runner.forward(prompt + [40, 50])[-1]
+    assert np.abs(rolled - fresh).max() <= 1e-4

@@ -1,7 +1,7 @@
 """TorchRunner: Hugging Face transformers models (a model directory, or a GGUF file dequantized).
 
-Trees are verified with a 4D additive attention mask and explicit tree positions; after a tree
-pass, keep_path() gathers the kept nodes' keys/values so the cache holds exactly the accepted path.
+The KV cache is preallocated to the context (runners/torch_cache.py): rollback is a length change, and after a
+tree pass (a 4D additive mask, explicit tree positions) keep_path() copies only the kept nodes' cells down.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class HFTokenizer(Tokenizer):
 
 
 class TorchRunner(Runner):
-    """A transformers causal LM with a DynamicCache that can be cropped and gathered."""
+    """A transformers causal LM with a preallocated KV cache (DynamicCache for sliding-window models)."""
 
     def __init__(self, model, tokenizer: Tokenizer | None, name: str, n_ctx: int = 4096, device: str = "cpu") -> None:
         import torch
@@ -75,6 +75,8 @@ class TorchRunner(Runner):
         self._hidden: np.ndarray | None = None
         self.keep_hidden = False  # store hidden states on every forward (heads drafters read them)
         self._pending = 0  # tree nodes in the cache not yet committed
+        self.cache = None
+        self._preallocated = False
         self.reset()
 
     @classmethod
@@ -105,9 +107,18 @@ class TorchRunner(Runner):
         return cls(model, HFTokenizer(hf_tok, _eos_ids(model, hf_tok), template), source.label, n_ctx, device)
 
     def reset(self) -> None:
+        """Empty the cache. The preallocated one is kept (its buffers are the context's size) and only truncated."""
         from transformers import DynamicCache
 
-        self.cache = DynamicCache(config=self.model.config)
+        from . import torch_cache  # imported with torch, not with the CLI
+
+        if self.cache is None or not self._preallocated:
+            self.cache = torch_cache.preallocated_cache(self.model.config, self.n_ctx)
+            self._preallocated = self.cache is not None
+            if self.cache is None:
+                self.cache = DynamicCache(config=self.model.config)
+        else:
+            torch_cache.rollback(self.cache, 0)
         self.n_past = 0
         self._pending = 0
 
@@ -161,20 +172,19 @@ class TorchRunner(Runner):
         return self._hidden
 
     def rollback(self, n_past: int) -> None:
+        from . import torch_cache
+
         self._pending = 0
-        excess = self.cache.get_seq_length() - n_past
-        if excess > 0:
-            self.cache.crop(-excess)  # transformers 5 takes a negative count of tokens to drop
+        torch_cache.rollback(self.cache, n_past)
         self.n_past = min(self.n_past, n_past)
 
     def keep_path(self, path: Sequence[int]) -> None:
-        torch = self._torch
         if not self._pending:
             raise RuntimeError("keep_path() needs a tree forward first")
-        keep = torch.tensor(list(range(self.n_past)) + [self.n_past + i for i in path], dtype=torch.long, device=self.device)
-        for layer in self.cache.layers:
-            layer.keys = layer.keys.index_select(-2, keep)
-            layer.values = layer.values.index_select(-2, keep)
+        from . import torch_cache
+
+        cells = self._torch.tensor([self.n_past + i for i in path], dtype=self._torch.long, device=self.device)
+        torch_cache.keep_path(self.cache, self.n_past, cells)
         self.n_past += len(path)
         self._pending = 0
 
