@@ -5,8 +5,8 @@ with random weights from the Qwen2.5-Coder 1.5B (target) and 0.5B (draft) config
 depends on shapes, not values. It needs torch, transformers, numpy and rich (all on the device image), and
 verispec's own engine, runner and drafters from this checkout (no llama-cpp-python, no gguf).
 
-    python3 scripts/device_check.py                  # on the GPU: both dtypes, about 3-4 minutes on an H100
-    python3 scripts/device_check.py --scale tiny     # a smoke test on a CPU, in seconds (what CI-side checks run)
+    python3 scripts/device_check.py                  # on the GPU: both dtypes, then bf16 with CUDA graphs
+    python3 scripts/device_check.py --smoke          # a smoke test on a CPU, in seconds (what a test runs)
 
 It measures, per dtype (bf16, fp32):
 - plain decoding tokens/s through verispec's Engine;
@@ -18,6 +18,10 @@ It measures, per dtype (bf16, fp32):
 - host milliseconds per step of sampling at top-p 0.9 (logits to probabilities and a draw, on the host);
 - greedy and seeded equality of speculative and plain output, with plain decoding's logit margin at the
   first divergence (random weights give small margins: a divergence below the pass-shape noise is a tie).
+A last column runs bf16 again with fixed-shape passes (padded to the runner's ROW_BUCKETS) captured as CUDA
+graphs through torch.compile(mode="reduce-overhead"), over fewer pass sizes (each bucket compiles once). On a
+CPU that column runs the same fixed-shape passes uncompiled. If it fails, the error is its entry and the
+other columns still stand.
 The table is printed and written as JSON to $OUT/device_check.json when OUT is set.
 """
 
@@ -57,6 +61,7 @@ CONFIGS = {
     },
 }
 VERIFY_KS = (1, 2, 4, 8, 16, 32, 64)
+GRAPH_VERIFY_KS = (1, 4, 8, 16)  # the graphs column: one compile per bucket, so fewer sizes
 SPEC_K = 4
 PROMPT_TOKENS = 256
 
@@ -79,7 +84,7 @@ class IdTokenizer(Tokenizer):
         return []
 
 
-def build(kind: str, scale: str, device: str, dtype: str) -> TorchRunner:
+def build(kind: str, scale: str, device: str, dtype: str, graphs: bool = False) -> TorchRunner:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -88,7 +93,8 @@ def build(kind: str, scale: str, device: str, dtype: str) -> TorchRunner:
     torch.manual_seed({"target": 0, "draft": 1}[kind])
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(resolve_dtype(dtype, device))
-    return TorchRunner(model, IdTokenizer(), f"qwen-{kind}-{scale}-random", n_ctx=2048, device=device)
+    return TorchRunner(model, IdTokenizer(), f"qwen-{kind}-{scale}-random", n_ctx=2048, device=device,
+                       fixed_shapes=graphs, cuda_graphs=graphs and device.startswith("cuda"))
 
 
 def prompt_ids(vocab: int) -> list[int]:
@@ -128,11 +134,12 @@ def timed_pass(runner: TorchRunner, tokens: list[int], device: str) -> tuple[flo
     return wall, gpu
 
 
-def verify_curve(runner: TorchRunner, context: list[int], device: str, repeats: int) -> dict:
+def verify_curve(runner: TorchRunner, context: list[int], device: str, repeats: int,
+                 ks: tuple[int, ...] = VERIFY_KS) -> dict:
     runner.reset()
     runner.forward(context, all_logits=False)
     rows = {}
-    for k in VERIFY_KS:
+    for k in ks:
         probe = context[:k]
         timed_pass(runner, probe, device)  # warm-up of this shape
         samples = [timed_pass(runner, probe, device) for _ in range(repeats)]
@@ -170,14 +177,26 @@ def host_sampling_ms(vocab: int, repeats: int = 50) -> float:
     return 1e3 * (time.perf_counter() - t0) / repeats
 
 
-def check_dtype(scale: str, device: str, dtype: str, new_tokens: int, repeats: int) -> dict:
-    target, draft = build("target", scale, device, dtype), build("draft", scale, device, dtype)
+def check_mode(scale: str, device: str, mode: str, new_tokens: int, repeats: int) -> dict:
+    """One column: a dtype ('bf16'), or a dtype with fixed-shape passes and CUDA graphs ('bf16+graphs').
+    A failing column (graphs have never run on a GPU here) reports its error instead of ending the check."""
+    try:
+        return check_dtype(scale, device, mode.removesuffix("+graphs"), new_tokens, repeats, mode.endswith("+graphs"))
+    except Exception as exc:  # noqa: BLE001 - the check's other columns must still come back
+        if not mode.endswith("+graphs"):
+            raise
+        return {"dtype": mode, "error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def check_dtype(scale: str, device: str, dtype: str, new_tokens: int, repeats: int, graphs: bool = False) -> dict:
+    target, draft = build("target", scale, device, dtype, graphs), build("draft", scale, device, dtype, graphs)
     prompt = prompt_ids(target.n_vocab)
     greedy = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
     generate(Engine(target), prompt[:32], SamplingParams(max_tokens=8, ignore_eos=True), device)  # warm-up
     plain, plain_stats, plain_s = generate(Engine(target), prompt, greedy, device)
-    result = {"dtype": dtype, "plain_tokens_per_s": len(plain) / plain_s,
-              "verify": verify_curve(target, prompt, device, repeats)}
+    ks = GRAPH_VERIFY_KS if graphs else VERIFY_KS
+    result = {"dtype": dtype + ("+graphs" if graphs else ""), "plain_tokens_per_s": len(plain) / plain_s,
+              "verify": verify_curve(target, prompt, device, repeats, ks)}
     draft_curve = verify_curve(draft, prompt, device, repeats)
     result["draft_over_target_one_row"] = draft_curve[1]["wall_ms"] / result["verify"][1]["wall_ms"]
     for name, drafter in (("ngram", NgramDrafter()), ("draft", ModelDrafter(draft))):
@@ -216,10 +235,13 @@ def print_table(results: list[dict], header: dict) -> None:
     def row(label: str, value) -> None:
         table.add_row(label, *[value(r) for r in results])
 
+    failed = [r for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
     row("plain tokens/s", lambda r: f"{r['plain_tokens_per_s']:.1f}")
     for k in VERIFY_KS:
         row(f"T({k})/T(1) wall (gpu ms, host ms)",
-            lambda r, k=k: f"{r['verify'][k]['ratio']:.2f} ({r['verify'][k]['gpu_ms']:.2f}, {r['verify'][k]['host_ms']:.2f})")
+            lambda r, k=k: f"{r['verify'][k]['ratio']:.2f} ({r['verify'][k]['gpu_ms']:.2f}, {r['verify'][k]['host_ms']:.2f})"
+            if k in r["verify"] else "-")
     row("draft/target one-row cost", lambda r: f"{r['draft_over_target_one_row']:.2f}")
     for name in ("ngram", "draft"):
         row(f"{name} K={SPEC_K} tokens/s (x plain)", lambda r, n=name: f"{r[n]['tokens_per_s']:.1f} ({r[n]['speedup']:.2f}x)")
@@ -229,23 +251,29 @@ def print_table(results: list[dict], header: dict) -> None:
     row("seeded draft-model = plain", lambda r: "yes" if r["seeded"]["equal"] else f"no at {r['seeded']['first_divergence']}")
     row("host ms per sampled token, top-p 0.9", lambda r: f"{r['host_sampling_ms_top_p']:.2f}")
     console.print(table)
+    for r in failed:
+        console.print(f"[red]{r['dtype']} failed:[/] {r['error']}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     import torch
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scale", choices=sorted(CONFIGS), default="full")
+    parser.add_argument("--smoke", action="store_true", help="the tiny models on this machine's CPU, in seconds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--dtypes", default="bf16,fp32,bf16+graphs",
+                        help="columns: a dtype, or a dtype+graphs (fixed-shape passes, CUDA graphs on a GPU)")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.scale, args.device = "tiny", "cpu"
     header = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "scale": args.scale, "prompt tokens": PROMPT_TOKENS,
               "new tokens": args.new_tokens}
     t0 = time.perf_counter()
-    results = [check_dtype(args.scale, args.device, d, args.new_tokens, args.repeats) for d in args.dtypes.split(",")]
+    results = [check_mode(args.scale, args.device, d, args.new_tokens, args.repeats) for d in args.dtypes.split(",")]
     header["seconds"] = round(time.perf_counter() - t0, 1)
     print_table(results, header)
     if os.environ.get("OUT"):

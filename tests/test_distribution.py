@@ -5,7 +5,9 @@ We draw N = 50,000 three-token continuations through the real Engine (the first 
 prefill, the next two from a speculative step of K=2 drafts and more steps as needed) and compare
 with the exact joint distribution over the 216 outcomes.
 
-Bounds. Chi-square must not reject at p = 0.001. The total-variation distance TV = 1/2 sum|p_hat - p|
+Bounds. Chi-square must not reject at p = 0.001. Outcomes expected fewer than 5 times are pooled into one cell
+first: the chi-square approximation needs it, and without it one draw of an outcome expected 0.015 times
+(which happens, over 216 outcomes) alone gives p ~ 1e-4. The total-variation distance TV = 1/2 sum|p_hat - p|
 has E[TV] <= 1/2 sum sqrt(p(1-p)/N) (Jensen), and changing one sample moves TV by at most 1/N, so by
 McDiarmid P(TV > E[TV] + t) <= exp(-2 N t^2); t = sqrt(ln(1000) / 2N) gives a false alarm rate of 0.001.
 
@@ -14,22 +16,27 @@ broken variant that is caught shows the power of the check at the N the good one
 
 Unseeded draws go through the rejection sampler; seeded ones (seeds 0..N-1) through the per-position
 noise of sampling.PositionNoise, whose draws are checked the same way.
+
+Both implementations are checked: the numpy one (host logits, llama.cpp) with TableRunner, and the torch one
+(verify/device.py, the torch runner's) with DeviceTableRunner, which hands the same logits over as tensors.
 """
 
 import itertools
 
 import numpy as np
 import pytest
+import torch
 from scipy import stats as scipy_stats
 
-from tests.toy import TableRunner
+from tests.toy import DeviceTableRunner, TableRunner
 from verispec.drafters.draft_model import ModelDrafter
 from verispec.drafters.ngram import NgramDrafter
-from verispec.engine import Engine, SpeculativeConfig
+from verispec.engine import Engine, SpeculativeConfig, Stats
 from verispec.sampling import SamplingParams, logits_to_probs, sample
-from verispec.verify import rejection
+from verispec.verify import device, rejection
 
 N = 50_000  # one N for good and broken samplers alike
+MIN_EXPECTED = 5.0  # chi-square cells expected fewer times than this are pooled
 VOCAB = 6
 PROMPT = [1, 2, 3]
 LENGTH = 3
@@ -66,7 +73,14 @@ def check(counts: np.ndarray, p: np.ndarray) -> tuple[float, float, float]:
     n = counts.sum()
     support = p > 0
     assert counts[~support].sum() == 0, "sampled an outcome the target gives probability 0"
-    chi2 = scipy_stats.chisquare(counts[support], p[support] * n)
+    expected = p * n
+    rare = support & (expected < MIN_EXPECTED)
+    common = support & ~rare
+    observed, wanted = list(counts[common]), list(expected[common])
+    if rare.any():
+        observed.append(counts[rare].sum())
+        wanted.append(expected[rare].sum())
+    chi2 = scipy_stats.chisquare(observed, wanted)
     tv = 0.5 * np.abs(counts / n - p).sum()
     return float(chi2.pvalue), float(tv), tv_bound(p, int(n))
 
@@ -78,8 +92,11 @@ PARAMS = {
 }
 
 
-def make_engine(drafter_kind: str) -> Engine:
-    target = TableRunner(VOCAB, seed=1, sharpness=1.5)
+RUNNERS = {"host": TableRunner, "device": DeviceTableRunner}
+
+
+def make_engine(drafter_kind: str, runner: str = "host") -> Engine:
+    target = RUNNERS[runner](VOCAB, seed=1, sharpness=1.5)
     if drafter_kind == "model":
         drafter = ModelDrafter(TableRunner(VOCAB, seed=2, sharpness=1.0, name="draft"), max_tokens=4)
     else:
@@ -87,16 +104,36 @@ def make_engine(drafter_kind: str) -> Engine:
     return Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=2))
 
 
-@pytest.mark.parametrize("name,drafter_kind,seeded", [(name, "model", False) for name in PARAMS]
-                         + [("temperature", "ngram", False), ("top_k", "model", True), ("top_p", "ngram", True)])
-def test_speculative_sampling_preserves_target_distribution(name, drafter_kind, seeded):
-    engine = make_engine(drafter_kind)
+@pytest.mark.parametrize("name,drafter_kind,seeded,runner",
+                         [(name, "model", False, "host") for name in PARAMS]
+                         + [("temperature", "ngram", False, "host"), ("top_k", "model", True, "host"),
+                            ("top_p", "ngram", True, "host")]
+                         + [("top_p", "model", False, "device"), ("temperature", "ngram", False, "device")])
+def test_speculative_sampling_preserves_target_distribution(name, drafter_kind, seeded, runner):
+    engine = make_engine(drafter_kind, runner)
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS[name])
     p = exact_joint(engine.target, params)
     counts = draw(engine, params, N, seeded)
     pvalue, tv, bound = check(counts, p)
     assert pvalue > 0.001, f"chi-square rejects the target distribution (p={pvalue:.2e}, tv={tv:.4f})"
     assert tv < bound, f"total variation {tv:.4f} exceeds the bound {bound:.4f}"
+
+
+@pytest.mark.parametrize("name,drafter_kind", [("top_k", "model"), ("top_p", "ngram"), ("temperature", "model")])
+def test_seeded_requests_write_the_same_tokens_on_both_implementations(name, drafter_kind):
+    """Seeded sampling is a function of (seed, position) and the logits: the device implementation, which uploads
+    the same per-position noise, writes exactly the host's tokens. (Its distribution is then the host's, which the
+    tests above check; top-k cuts are compared directly in test_sampling.py.)"""
+    params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS[name])
+    host, on_device = make_engine(drafter_kind, "host"), make_engine(drafter_kind, "device")
+    drafted = 0
+    for seed in range(300):
+        params.seed = seed
+        stats = Stats()
+        out = [t for step in on_device.generate(PROMPT, params, stats) for t in step]
+        assert out == [t for step in host.generate(PROMPT, params) for t in step], seed
+        drafted += stats.drafted
+    assert drafted > 0
 
 
 class AlwaysAccept(rejection.ChainVerifier):
@@ -115,10 +152,27 @@ class ResampleFromTarget(rejection.ChainVerifier):
         return rejection.Verdict(len(drafted), sample(p[len(drafted)], self.rng))
 
 
-@pytest.mark.parametrize("broken", [AlwaysAccept, ResampleFromTarget])
-def test_a_broken_sampler_is_caught(monkeypatch, broken):
-    monkeypatch.setattr("verispec.engine.ChainVerifier", broken)
-    engine = make_engine("model")
+class AlwaysAcceptOnDevice(device.DeviceChainVerifier):
+    def verify_probs(self, p, drafted, q):
+        return rejection.Verdict(len(drafted), int(torch.multinomial(p[len(drafted)], 1)))
+
+
+class ResampleFromTargetOnDevice(device.DeviceChainVerifier):
+    """The device twin of ResampleFromTarget: the right acceptance test, then a draw from p, not the residual."""
+
+    def verify_probs(self, p, drafted, q):
+        for i, x in enumerate(drafted):
+            if float(torch.rand(())) * float(q[i, x]) >= float(p[i, x]):
+                return rejection.Verdict(i, int(torch.multinomial(p[i], 1)))
+        return rejection.Verdict(len(drafted), int(torch.multinomial(p[len(drafted)], 1)))
+
+
+@pytest.mark.parametrize("broken,runner", [(AlwaysAccept, "host"), (ResampleFromTarget, "host"),
+                                           (AlwaysAcceptOnDevice, "device"), (ResampleFromTargetOnDevice, "device")])
+def test_a_broken_sampler_is_caught(monkeypatch, broken, runner):
+    target = "verispec.verify.rejection.ChainVerifier" if runner == "host" else "verispec.verify.device.DeviceChainVerifier"
+    monkeypatch.setattr(target, broken)
+    engine = make_engine("model", runner)
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
     p = exact_joint(engine.target, params)
     counts = draw(engine, params, N)
@@ -126,15 +180,15 @@ def test_a_broken_sampler_is_caught(monkeypatch, broken):
     assert pvalue < 0.001 and tv > bound
 
 
-def make_tree_engine() -> Engine:
-    target = TableRunner(VOCAB, seed=1, sharpness=1.5)
+def make_tree_engine(runner: str = "host") -> Engine:
+    target = RUNNERS[runner](VOCAB, seed=1, sharpness=1.5)
     drafter = ModelDrafter(TableRunner(VOCAB, seed=2, sharpness=1.0, name="draft"), max_tokens=4)
     return Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=2, tree_width=3))
 
 
-@pytest.mark.parametrize("seeded", [False, True])
-def test_tree_sampling_preserves_target_distribution(seeded):
-    engine = make_tree_engine()
+@pytest.mark.parametrize("seeded,runner", [(False, "host"), (True, "host"), (False, "device")])
+def test_tree_sampling_preserves_target_distribution(seeded, runner):
+    engine = make_tree_engine(runner)
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS["top_p"])
     p = exact_joint(engine.target, params)
     pvalue, tv, bound = check(draw(engine, params, N, seeded), p)
@@ -181,10 +235,12 @@ BONUS_ROWS = np.array([
 BONUS_N = 5_000
 
 
-def draw_bonus(verifier_class: type[rejection.ChainVerifier]) -> np.ndarray:
+def draw_bonus(verifier_class: type) -> np.ndarray:
     params = SamplingParams(temperature=1.0)
     verifier = verifier_class(BONUS_ROWS.shape[1], params, np.random.default_rng(2026), max_rows=3)
     logits, drafted, q = np.log(BONUS_ROWS), [0, 1], np.full((2, BONUS_ROWS.shape[1]), 0.2)
+    if issubclass(verifier_class, device.DeviceChainVerifier):
+        logits = torch.from_numpy(logits)
     counts = np.zeros(BONUS_ROWS.shape[1])
     for _ in range(BONUS_N):
         verdict = verifier.verify(logits, drafted, q)
@@ -204,8 +260,9 @@ def bonus_from_row(row: int) -> type[rejection.ChainVerifier]:
     return BonusFromWrongRow
 
 
-def test_the_bonus_token_is_drawn_from_the_row_after_the_last_draft():
-    pvalue, tv, bound = check(draw_bonus(rejection.ChainVerifier), BONUS_ROWS[2])
+@pytest.mark.parametrize("verifier", [rejection.ChainVerifier, device.DeviceChainVerifier])
+def test_the_bonus_token_is_drawn_from_the_row_after_the_last_draft(verifier):
+    pvalue, tv, bound = check(draw_bonus(verifier), BONUS_ROWS[2])
     assert pvalue > 0.001, f"chi-square rejects row K as the bonus distribution (p={pvalue:.2e}, tv={tv:.4f})"
     assert tv < bound
 

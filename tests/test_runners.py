@@ -22,10 +22,10 @@ def _runners(request):
     return request.getfixturevalue(request.param)
 
 
-@pytest.fixture(params=["smol_llama", "smol_torch", "tiny"])
+@pytest.fixture(params=["smol_llama", "smol_torch", "tiny", "tiny-fixed-shapes"])
 def runner(request):
-    if request.param == "tiny":
-        return tiny_runner(0, scale=20)
+    if request.param.startswith("tiny"):
+        return tiny_runner(0, fixed_shapes=request.param.endswith("shapes"), scale=20)
     return request.getfixturevalue(request.param)
 
 
@@ -164,3 +164,29 @@ def test_torch_cache_is_preallocated_and_rolls_back_by_position():
     assert layer.get_seq_length() == 0 and runner.cache.layers[0] is layer
     fresh = runner.forward(prompt + [40, 50])[-1]
     assert np.abs(rolled - fresh).max() <= 1e-4
+
+
+def test_fixed_shape_passes_are_padded_and_score_as_plain_passes():
+    """A fixed-shape runner (CUDA graphs' pass shapes, uncompiled) pads a 3-row pass to the 4-row bucket: the pad
+    row's keys land in the cell after the real rows and the cache does not count it. Its logits and a pinned
+    speculative run match the plain runner's."""
+    from verispec.drafters.ngram import NgramDrafter
+    from verispec.engine import Engine, SpeculativeConfig, Stats
+    from verispec.sampling import SamplingParams
+
+    plain, fixed = tiny_runner(4, scale=10), tiny_runner(4, fixed_shapes=True, scale=10)
+    prompt = plain.tokenizer.encode("abcabcabc")
+    for runner in (plain, fixed):
+        runner.forward(prompt)
+    a, b = plain.forward([40, 41, 42]).copy(), fixed.forward([40, 41, 42])
+    assert np.abs(a - b).max() <= 1e-4
+    layer = fixed.cache.layers[0]
+    assert layer.get_seq_length() == len(prompt) + 3 and float(layer._keys[0, :, len(prompt) + 3].abs().sum()) > 0
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    outputs = []
+    for runner in (plain, fixed):
+        stats = Stats()
+        engine = Engine(runner, NgramDrafter(), SpeculativeConfig(draft="ngram", draft_tokens=3))
+        outputs.append([t for step in engine.generate(prompt, params, stats) for t in step])
+        assert stats.drafted > 0
+    assert outputs[0] == outputs[1]

@@ -132,3 +132,33 @@ def test_seeded_choices_over_positions_follow_p():
     counts = np.bincount([noise.choose(p, position) for position in range(n)], minlength=p.shape[0])
     assert counts[-1] == 0
     assert scipy_stats.chisquare(counts[:-1], p[:-1] * n).pvalue > 0.001
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 300)), elements=st.floats(-30, 30, width=32)),
+       st.floats(0.05, 3.0), st.integers(0, 50), st.floats(0.01, 1.0))
+@example(np.array([[-6.679339e-31, 0.0]], dtype=np.float32), 1.0, 0, 0.5)  # a tie after the softmax
+def test_device_probs_are_the_host_probs(logits, temperature, top_k, top_p):
+    """verify/device.py's logits_to_probs makes the same top-k and top-p cuts as sampling.py's, to float64 rounding:
+    the torch runner's requests are processed by the same rules as llama.cpp's."""
+    import torch
+
+    from verispec.verify import device
+
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    host = logits_to_probs(logits, params)
+    on_device = device.logits_to_probs(torch.from_numpy(logits), params).numpy()
+    assert np.array_equal(host > 0, on_device > 0)
+    assert np.allclose(host, on_device, rtol=1e-9, atol=1e-12)
+
+
+@given(distributions, st.integers(0, 2**32 - 1))
+def test_device_acceptance_is_one_when_p_equals_q(p, seed):
+    import torch
+
+    from verispec.verify.device import DeviceChainVerifier
+
+    verifier = DeviceChainVerifier(p.shape[0], SamplingParams(temperature=1.0), np.random.default_rng(seed))
+    rows = torch.from_numpy(np.tile(p, (4, 1)))
+    verdict = verifier.verify_probs(rows, [int(np.argmax(p))] * 3, rows[:3])
+    assert verdict.n_accepted == 3 and p[verdict.next_token] > 0

@@ -48,11 +48,13 @@ def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 25
     return model.float().eval()
 
 
-def tiny_runner(seed: int = 0, **kwargs):
+def tiny_runner(seed: int = 0, fixed_shapes: bool = False, **kwargs):
+    """fixed_shapes: the runner pads passes to its ROW_BUCKETS and attends over its whole cache under a mask
+    (what CUDA graphs replay; uncompiled here)."""
     from verispec.runners.torch import TorchRunner
 
     return TorchRunner(tiny_llama(seed, **kwargs).to(TEST_DEVICE), ByteTokenizer(), f"tiny-{seed}", n_ctx=512,
-                       device=TEST_DEVICE)
+                       device=TEST_DEVICE, fixed_shapes=fixed_shapes)
 
 
 class TableRunner:
@@ -85,6 +87,10 @@ class TableRunner:
             seed = hash((self._rng_seed, key)) & 0xFFFFFFFF
             row = self._cache[key] = self._np.random.default_rng(seed).normal(size=self.n_vocab) * self._sharpness
         return row
+
+    def forward_native(self, tokens, parents=None, all_logits=True):
+        """Host arrays; DeviceTableRunner hands the same logits over as torch tensors."""
+        return self.forward(tokens, parents, all_logits)
 
     def forward(self, tokens, parents=None, all_logits=True):
         np = self._np
@@ -120,3 +126,15 @@ class TableRunner:
 
     def close(self) -> None:
         pass
+
+
+class DeviceTableRunner(TableRunner):
+    """A TableRunner whose logits come as torch tensors, so the engine verifies them with verify/device.py:
+    the same known distributions put the device implementation through the same tests as the numpy one."""
+
+    logits_on_device = True
+
+    def forward_native(self, tokens, parents=None, all_logits=True):
+        import torch
+
+        return torch.from_numpy(self.forward(tokens, parents, all_logits).copy())

@@ -17,14 +17,31 @@ from dataclasses import dataclass, field
 # "exact" scores in chunks of <= 3 rows, so its cost grows about linearly from 4 rows on; "one-pass" is one
 # batch, where ggml's repacked gemm takes over at 4 rows (4 rows cost less than 3; up to 3 rows both modes run
 # the same pass). Interpolated between sizes, extrapolated linearly beyond; measurements replace it as a run goes.
+# "torch-cpu-*": the torch runner's pass (runners/torch.py) over the Qwen2.5-Coder-1.5B shapes, 2 threads, a
+# 200-token context, on this Xeon (AVX-512 and AMX), 2026-12-06. fp32: MKL's one- to three-row path reads each
+# weight once, from 4 rows a gemm runs compute-bound. bf16: oneDNN's AMX tiles keep a pass up to 32 rows within
+# 22% of one row, and one row is itself faster than fp32's (196 against 232 ms). A CPU without AMX would see
+# bf16 far steeper; the measurements replace the prior as a run goes. CUDA has no measured curve yet (see
+# scripts/device_check.py) and borrows the bf16 one, the flattest: a GPU's passes are flatter still.
 PRIOR_VERIFY_RATIO = {
     "exact": {1: 1.0, 2: 1.55, 3: 1.94, 4: 2.95, 8: 5.27, 16: 10.65},
     "one-pass": {1: 1.0, 2: 1.54, 3: 1.94, 4: 1.69, 8: 3.09, 16: 3.81},
+    "torch-cpu-fp32": {1: 1.0, 2: 1.07, 4: 2.06, 8: 2.88, 16: 2.72, 32: 3.35},
+    "torch-cpu-bf16": {1: 1.0, 2: 1.01, 4: 1.04, 8: 1.08, 16: 1.07, 32: 1.22},
 }
 
 
-def prior_ratio(n: int, mode: str = "exact") -> float:
-    return ratio_at(PRIOR_VERIFY_RATIO.get(mode, PRIOR_VERIFY_RATIO["one-pass"]), n)
+def prior_ratio(n: int, curve: str = "exact") -> float:
+    """The prior T(n)/T(1) of a cost curve named by a runner's `cost_curve` (unknown names: the one-pass curve)."""
+    return ratio_at(prior_curve(curve), n)
+
+
+def prior_curve(name: str) -> dict[int, float]:
+    if name in PRIOR_VERIFY_RATIO:
+        return PRIOR_VERIFY_RATIO[name]
+    if name.startswith("torch-"):
+        return PRIOR_VERIFY_RATIO["torch-cpu-fp32" if name.endswith("fp32") and "cpu" in name else "torch-cpu-bf16"]
+    return PRIOR_VERIFY_RATIO["one-pass"]
 
 
 def ratio_at(curve: dict[int, float], n: int) -> float:
@@ -76,7 +93,7 @@ class DraftLengthChooser:
     verify_seconds: dict[int, float] = field(default_factory=dict)
     draft_seconds_per_token: float | None = None
     drafted_last_step: bool = True  # False after a step without drafting, or a skipped draft prefill
-    verify_mode: str = "exact"  # whose prior cost curve extrapolates unmeasured sizes (the runner's)
+    cost_curve: str = "exact"  # the prior T(n)/T(1) that extrapolates unmeasured sizes: the runner's cost_curve
     _steps_at_zero: int = 0
 
     def choose(self) -> int:
@@ -113,7 +130,7 @@ class DraftLengthChooser:
                 table[n] = self.verify_seconds[n]
                 continue
             ref = min(measured, key=lambda m: abs(m - n))
-            table[n] = self.verify_seconds[ref] * prior_ratio(n, self.verify_mode) / prior_ratio(ref, self.verify_mode)
+            table[n] = self.verify_seconds[ref] * prior_ratio(n, self.cost_curve) / prior_ratio(ref, self.cost_curve)
         return table
 
     def record_verify(self, n_tokens: int, seconds: float) -> None:

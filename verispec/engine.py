@@ -18,7 +18,8 @@ from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
 from .runners.base import Runner, tree_depths
-from .sampling import PositionNoise, SamplingParams, pick
+from .sampling import PositionNoise, SamplingParams
+from .verify import backend
 from .verify.rejection import ChainVerifier
 from .verify.tree import TokenTree, TreeVerifier, build_tree
 
@@ -189,6 +190,7 @@ class Engine:
         self.carried = carried if carried is not None else CarriedCosts()
         self.tree_shape = TreeShape.parse(self.config.tree) if self.config.tree else None
         self.relaxed = relaxed_tau(self.config.acceptance)
+        self.verify_backend = backend.for_runner(target)  # numpy on the host, or torch where the logits stay
         # Tree budgets are measured per engine, not per request: their costs are facts of the hardware.
         self.budget_chooser = None
         if self.tree_shape:
@@ -210,9 +212,10 @@ class Engine:
         noise = None
         if params.seed is not None and not params.greedy:
             noise = PositionNoise(params.seed, self.target.n_vocab, slots=self.config.draft_max + 2)
-        verifier = ChainVerifier(self.target.n_vocab, params, rng, self.config.draft_max + 1, noise)
+        verify = self.verify_backend
+        verifier = verify.chain(self.target.n_vocab, params, rng, self.config.draft_max + 1, noise)
         uses_trees = self.config.tree_width > 1 or self.tree_shape is not None or self.config.acceptance != "exact"
-        tree_verifier = TreeVerifier(self.target.n_vocab, params, rng, self.relaxed, noise) if uses_trees else None
+        tree_verifier = verify.tree(self.target.n_vocab, params, rng, self.relaxed, noise) if uses_trees else None
         chooser = self._chooser()
         adaptive = self.drafter is not None and chooser.fixed is None
         if adaptive:
@@ -226,13 +229,13 @@ class Engine:
             chooser.drafted_last_step = chooser.would_draft() or self.budget_chooser is not None
             if chooser.drafted_last_step:
                 self.drafter.prefill(prompt)
-        rows = self.target.forward(prompt, all_logits=False)
+        rows = self.target.forward_native(prompt, all_logits=False)
         row = rows[-1]
         if self.drafter:
             self.drafter.accepted(len(rows) - 1)
-        last = pick(row, params, rng, noise, len(prompt))
+        last = verify.pick(row, params, rng, noise, len(prompt))
         if record_margins:
-            stats.margins.append(_top2_margin(row))
+            stats.margins.append(verify.margin(row))
         stats.prefill_seconds = time.perf_counter() - t0
         context = prompt + [last]
         t_decode = time.perf_counter()
@@ -306,10 +309,10 @@ class Engine:
             shadow = self.drafter.propose(context, 1).tokens
         t1 = time.perf_counter()
         base = self.target.n_past
-        rows = self.target.forward([last] + drafted)
+        rows = self.target.forward_native([last] + drafted)
         verdict = verifier.verify(rows, drafted, draft.probs if draft else None, len(context))
         if record_margins:
-            stats.margins.extend(_top2_margin(r) for r in rows[: verdict.n_accepted + 1])
+            stats.margins.extend(self.verify_backend.margin(r) for r in rows[: verdict.n_accepted + 1])
         self.target.rollback(base + 1 + verdict.n_accepted)
         if self.drafter:
             self.drafter.accepted(verdict.n_accepted)
@@ -346,7 +349,7 @@ class Engine:
         room = self.target.n_ctx - self.target.n_past - 1
         if len(tree) > room:
             tree = build_tree(last, [])
-        rows = self.target.forward(tree.tokens, tree.parents)
+        rows = self.target.forward_native(tree.tokens, tree.parents)
         verdict = verifier.verify(tree, rows, position)
         self.target.keep_path(verdict.path)
         self.drafter.accepted(verdict.path[-1])
@@ -388,7 +391,7 @@ class Engine:
         # would first have to catch up on every token it skipped: it is not probed again. A free one
         # is shadowed instead: its proposal is compared with the target's token at no verify cost.
         return DraftLengthChooser(k_max=cfg.draft_max, probe_every=None,
-                                  verify_mode=getattr(self.target, "verify_mode", "one-pass"))
+                                  cost_curve=getattr(self.target, "cost_curve", "one-pass"))
 
     def _check_prompt(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
@@ -398,12 +401,3 @@ class Engine:
                 f"the prompt has {len(prompt)} tokens but the context holds {self.target.n_ctx}", "prompt"
             )
 
-
-def _top2_margin(row: np.ndarray) -> float:
-    """Top-1 minus top-2 logit, in two passes over the row and no copy (np.partition copies 152k floats)."""
-    i = int(row.argmax())
-    top = row[i]
-    row[i] = -np.inf
-    second = row.max()
-    row[i] = top
-    return float(top - second)

@@ -185,7 +185,8 @@ def _verify_cost(results: dict) -> list[str]:
     if not v:
         return []
     single = "single_pass_ratio" in v
-    mode = results["config"].get("verify", "exact")  # the runner's mode: its prior curve is the one the chooser used
+    # The runner's prior curve is the one the chooser used (older results name only the verify mode).
+    mode = results.get("target", {}).get("cost_curve") or results["config"].get("verify", "exact")
     out = ["## Verify cost of the target", "",
            f"Median of 5 timed `runner.forward` passes over K tokens (all logits) after the first prompt, rolled back "
            f"after each. " + (f"The llama.cpp runner scores in exact chunks of {v['exact_chunk']} tokens (bit-identical "

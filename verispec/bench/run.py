@@ -137,7 +137,7 @@ def run_bench(config: BenchConfig, console: Console | None = None) -> dict:
         threads = getattr(model.target, "n_threads", config.threads)
         target_info = {"name": model.target.name, "parameters": getattr(model.target, "n_params", None),
                        "file_bytes": model.target.source.file_bytes if getattr(model.target, "source", None) else None,
-                       "runner": _runner_description(model)}
+                       "runner": _runner_description(model), "cost_curve": getattr(model.target, "cost_curve", None)}
     finally:
         model.close()
     # One derived model at a time, after the shipped one is closed, to bound memory.

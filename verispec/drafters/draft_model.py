@@ -39,8 +39,9 @@ class ModelDrafter(Drafter):
         self.runner.check_fits(len(prompt) - _common_prefix(self._cached, prompt))
         self._sync(prompt)
 
-    def _sync(self, context: Sequence[int]) -> np.ndarray:
-        """Make the cache hold context[:-1]... plus the last token; return the logits after the context."""
+    def _sync(self, context: Sequence[int], on_device: bool = False):
+        """Make the cache hold context[:-1]... plus the last token; return the logits after the context
+        (a host array, or with `on_device` the runner's own tensor)."""
         del self._cached[self.runner.n_past :]  # cut under us: a server frees a slot's draft cells between requests
         common = _common_prefix(self._cached, context)
         if common == len(context):  # never re-feed nothing: we need the logits after the last token
@@ -48,7 +49,8 @@ class ModelDrafter(Drafter):
         self.runner.rollback(common)
         del self._cached[common:]
         missing = list(context[common:])
-        logits = self.runner.forward(missing, all_logits=False)[-1]
+        forward = self.runner.forward_native if on_device else self.runner.forward
+        logits = forward(missing, all_logits=False)[-1]
         self._cached.extend(missing)
         return logits
 
@@ -58,6 +60,8 @@ class ModelDrafter(Drafter):
         if k > self._q.shape[0]:
             self._q = np.empty((k, self.runner.n_vocab), dtype=np.float64)
         self.runner.check_fits(len(context) - self.runner.n_past + k)
+        if self._chains_on_device():
+            return Draft(self._greedy_chain_on_device(context, k), None, self.name)
         logits = self._sync(context)
         tokens: list[int] = []
         for i in range(k):
@@ -73,6 +77,23 @@ class ModelDrafter(Drafter):
         # A seeded draft is verified by comparing argmaxes (sampling.PositionNoise): no q needed.
         probs = None if self.params.greedy or self.noise is not None else self._q[: len(tokens)]
         return Draft(tokens, probs, self.name)
+
+    def _chains_on_device(self) -> bool:
+        """A greedy draft on a device runner (torch) feeds each argmax back without reading it on the host."""
+        return getattr(self.runner, "logits_on_device", False) and self.params.greedy and self.min_prob <= 0.0
+
+    def _greedy_chain_on_device(self, context: Sequence[int], k: int) -> list[int]:
+        """K greedy tokens with one host sync: each pass's argmax stays a device tensor and is the next input."""
+        import torch
+
+        token = self._sync(context, on_device=True).argmax().view(1)
+        chain = [token]
+        for _ in range(k - 1):
+            token = self.runner.forward_native(token, all_logits=False)[-1].argmax().view(1)
+            chain.append(token)
+        tokens = torch.cat(chain).tolist()
+        self._cached.extend(tokens[:-1])
+        return tokens
 
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
         """The draft's greedy chain, plus its next-best `width - 1` tokens at each depth as side leaves.

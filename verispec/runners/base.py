@@ -72,6 +72,12 @@ class Runner(ABC):
         is valid only until the next forward().
         """
 
+    def forward_native(self, tokens: Sequence[int], parents: Sequence[int] | None = None,
+                       all_logits: bool = True):
+        """forward() without the copy to the host: the logits as the runner keeps them. A runner with
+        `logits_on_device = True` returns a torch tensor on its device, and verify/backend.py verifies it there."""
+        return self.forward(tokens, parents, all_logits)
+
     @abstractmethod
     def rollback(self, n_past: int) -> None:
         """Drop every cached position >= n_past."""
@@ -79,6 +85,11 @@ class Runner(ABC):
     @abstractmethod
     def keep_path(self, path: Sequence[int]) -> None:
         """After a tree forward: commit nodes `path` (a root-to-node chain, in order) and drop the rest."""
+
+    @property
+    def cost_curve(self) -> str:
+        """The name of this runner's prior T(n)/T(1) curve in draft_length.PRIOR_VERIFY_RATIO."""
+        return "one-pass"
 
     def reset(self) -> None:
         self.rollback(0)

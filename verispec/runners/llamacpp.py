@@ -416,6 +416,10 @@ class LlamaCppRunner(Runner):
             self._L.llama_memory_seq_rm(self._mem, seq, -1, -1)
         self._tree_seqs = None
 
+    @property
+    def cost_curve(self) -> str:
+        return self.verify_mode
+
     def reset(self) -> None:
         self._tree_seqs = None
         self._L.llama_memory_clear(self._mem, True)

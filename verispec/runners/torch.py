@@ -19,6 +19,9 @@ from .base import Runner, Tokenizer, ancestor_mask, tree_depths
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 DTYPE_HELP = "torch backend: auto (bf16 on CUDA, fp32 on CPU), bf16, fp16 or fp32"
+# Row counts a fixed-shape pass is padded to (fixed_shapes=True): one captured CUDA graph per count, so a verify
+# pass over K+1 rows replays the graph of the next count up. 64 is the most rows an engine step scores.
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def dtype_name(dtype) -> str:
@@ -59,7 +62,14 @@ class HFTokenizer(Tokenizer):
 class TorchRunner(Runner):
     """A transformers causal LM with a preallocated KV cache (DynamicCache for sliding-window models)."""
 
-    def __init__(self, model, tokenizer: Tokenizer | None, name: str, n_ctx: int = 4096, device: str = "cpu") -> None:
+    logits_on_device = True  # the engine verifies forward_native()'s tensors with verify/device.py
+
+    def __init__(self, model, tokenizer: Tokenizer | None, name: str, n_ctx: int = 4096, device: str = "cpu",
+                 fixed_shapes: bool = False, cuda_graphs: bool = False) -> None:
+        """fixed_shapes: passes of up to 64 rows are padded to ROW_BUCKETS and attend over the whole preallocated
+        cache under an explicit mask, so every pass of a bucket has the same shapes and addresses. cuda_graphs:
+        those passes also run through torch.compile(mode="reduce-overhead"), which captures one CUDA graph per
+        bucket (implies fixed_shapes; meant for a GPU, where per-kernel launch cost dominates small passes)."""
         import torch
 
         self._torch = torch
@@ -77,11 +87,13 @@ class TorchRunner(Runner):
         self._pending = 0  # tree nodes in the cache not yet committed
         self.cache = None
         self._preallocated = False
+        self.fixed_shapes = fixed_shapes or cuda_graphs
+        self._step_model = torch.compile(self.model, mode="reduce-overhead", dynamic=False) if cuda_graphs else self.model
         self.reset()
 
     @classmethod
     def from_source(cls, source, device: str = "auto", n_ctx: int = 4096, n_threads: int | None = None,
-                    dtype: str = "auto", **_ignored) -> "TorchRunner":
+                    dtype: str = "auto", cuda_graphs: bool = False, **_ignored) -> "TorchRunner":
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,6 +102,8 @@ class TorchRunner(Runner):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         torch_dtype = resolve_dtype(dtype, device)
+        if cuda_graphs and not str(device).startswith("cuda"):
+            raise InvalidParameter("cuda_graphs needs a CUDA device", "cuda_graphs")
         if source.kind == "gguf":
             directory, extra = str(source.path.parent), {"gguf_file": source.path.name}
         else:
@@ -104,7 +118,12 @@ class TorchRunner(Runner):
             from ..models.chat import gguf_chat_template
 
             template = gguf_chat_template(source.path)
-        return cls(model, HFTokenizer(hf_tok, _eos_ids(model, hf_tok), template), source.label, n_ctx, device)
+        return cls(model, HFTokenizer(hf_tok, _eos_ids(model, hf_tok), template), source.label, n_ctx, device,
+                   cuda_graphs=cuda_graphs)
+
+    @property
+    def cost_curve(self) -> str:
+        return f"torch-{self.device.type}-{dtype_name(self.dtype)}"
 
     def reset(self) -> None:
         """Empty the cache. The preallocated one is kept (its buffers are the context's size) and only truncated."""
@@ -124,12 +143,20 @@ class TorchRunner(Runner):
 
     def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True,
                 hidden: bool = False) -> np.ndarray:
+        return self.forward_native(tokens, parents, all_logits, hidden).float().cpu().numpy()
+
+    def forward_native(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True,
+                       hidden: bool = False):
+        """The pass's logits as a tensor on the model's device and in its dtype: the engine verifies them there
+        (verify/device.py) and only the accepted ids cross to the host."""
         torch = self._torch
         if self._pending:
             raise RuntimeError("keep_path() must follow a tree forward before the next forward")
         n = len(tokens)
         self.check_fits(n)
         hidden = hidden or self.keep_hidden
+        if self._fixed_shape_fits(n, hidden):
+            return self._fixed_shape_pass(tokens, parents, all_logits)
         if parents is None:
             # A chain is causal over the cache and itself: no mask, so the model builds its own causal one
             # (and SDPA may take its flash kernel on a GPU, which an explicit float mask rules out).
@@ -138,7 +165,10 @@ class TorchRunner(Runner):
             depths = tree_depths(parents)
             mask = self._tree_mask(ancestor_mask(parents))
         positions = torch.from_numpy(self.n_past + depths).unsqueeze(0).to(self.device)
-        ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
+        if isinstance(tokens, torch.Tensor):  # ids already on the device (a draft's argmax): no host round trip
+            ids = tokens.view(1, -1).to(self.device, torch.long)
+        else:
+            ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         with torch.inference_mode():
             out = self.model(
                 input_ids=ids,
@@ -157,7 +187,53 @@ class TorchRunner(Runner):
             self.n_past += n
         else:
             self._pending = n
-        return out.logits[0].float().cpu().numpy()
+        return out.logits[0]
+
+    def _fixed_shape_fits(self, n: int, hidden: bool) -> bool:
+        return (self.fixed_shapes and self._preallocated and not hidden and n <= ROW_BUCKETS[-1]
+                and self.n_past + _bucket(n) <= self.n_ctx)
+
+    def _fixed_shape_pass(self, tokens, parents: Sequence[int] | None, all_logits: bool):
+        """One pass padded to a ROW_BUCKETS count, attending over the whole cache under an explicit mask.
+
+        Padding rows continue the chain's positions and see the prefix and themselves only; their keys and values
+        land in cells past the real rows, which no later mask shows and the next pass overwrites."""
+        from . import torch_cache
+
+        torch, n = self._torch, len(tokens)
+        rows = _bucket(n)
+        visible = np.eye(rows, dtype=bool)
+        depths = np.arange(rows)
+        if parents is None:
+            visible[:n, :n] = np.tri(n, dtype=bool)
+        else:
+            visible[:n, :n] = ancestor_mask(parents)
+            depths[:n] = tree_depths(parents)
+        ids = torch.zeros((1, rows), dtype=torch.long, device=self.device)
+        ids[0, :n] = tokens.view(-1) if isinstance(tokens, torch.Tensor) else torch.tensor(list(tokens))
+        seen = torch.zeros((rows, self.n_ctx), dtype=torch.bool, device=self.device)
+        seen[:, : self.n_past] = True
+        seen[:, self.n_past : self.n_past + rows] = torch.from_numpy(visible).to(self.device)
+        mask = torch.zeros((1, 1, rows, self.n_ctx), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
+        positions = torch.from_numpy(self.n_past + depths).unsqueeze(0).to(self.device)
+        cells = torch.arange(self.n_past, self.n_past + rows, device=self.device)
+        # The first pass allocates the cache's buffers, which a captured graph must not do: it runs eagerly.
+        model = self._step_model if self.cache.layers[0].is_initialized else self.model
+        torch_cache.set_write_cells(self.cache, cells)
+        try:
+            with torch.inference_mode():
+                out = model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=0)
+        finally:
+            torch_cache.set_write_cells(self.cache, None)
+        torch_cache.commit(self.cache, self.n_past + n)
+        if parents is None:
+            self.n_past += n
+        else:
+            self._pending = n
+        logits = out.logits[0]
+        return logits[:n] if all_logits else logits[n - 1 : n]
 
     def _tree_mask(self, visible: np.ndarray):
         """Additive 4D mask: every cached cell, plus each node's ancestors and itself among the new rows."""
@@ -187,6 +263,10 @@ class TorchRunner(Runner):
         torch_cache.keep_path(self.cache, self.n_past, cells)
         self.n_past += len(path)
         self._pending = 0
+
+
+def _bucket(n: int) -> int:
+    return next(rows for rows in ROW_BUCKETS if rows >= n)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

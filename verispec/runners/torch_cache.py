@@ -8,6 +8,10 @@ the whole empty cache every token. This cache preallocates once and hands attent
 - keep_path copies only the kept tree nodes' entries down to the first free cells.
 The mask sizes it reports are a DynamicLayer's (cells in use + new rows), so the model's own causal mask and a
 runner's explicit tree mask keep their shapes.
+
+Fixed-shape passes (what a CUDA graph replays) set `write_cells` first: the rows' keys and values are then copied
+to those cells by index, and attention sees the whole buffer under the runner's explicit mask, so neither the
+cache's length nor any Python int enters the pass. The runner commits the length afterwards (`commit`).
 """
 
 from __future__ import annotations
@@ -19,21 +23,32 @@ from transformers.cache_utils import Cache, DynamicLayer
 class PreallocatedLayer(DynamicLayer):
     """One attention layer's keys and values in fixed buffers of `capacity` cells."""
 
+    is_compileable = True
+
     def __init__(self, capacity: int) -> None:
         super().__init__()
         self.capacity = capacity
         self.length = 0
+        self.write_cells: torch.Tensor | None = None  # set for a fixed-shape pass: where its rows go
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads = key_states.shape[:2]
         self.dtype, self.device = key_states.dtype, key_states.device
         self._keys = key_states.new_zeros((batch, heads, self.capacity, key_states.shape[-1]))
         self._values = value_states.new_zeros((batch, heads, self.capacity, value_states.shape[-1]))
+        if not torch.compiler.is_compiling():
+            # Fixed addresses: a captured graph writes into these very buffers on every replay.
+            torch._dynamo.mark_static_address(self._keys)
+            torch._dynamo.mark_static_address(self._values)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.write_cells is not None:
+            self._keys.index_copy_(2, self.write_cells, key_states)
+            self._values.index_copy_(2, self.write_cells, value_states)
+            return self._keys, self._values
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
             raise RuntimeError(f"KV cache full: {end} cells needed, {self.capacity} allocated")
@@ -52,6 +67,11 @@ class PreallocatedLayer(DynamicLayer):
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last `-tokens_to_remove` cells (DynamicLayer's convention: a negative count)."""
         self.truncate(self.length + min(0, tokens_to_remove))
+
+    def commit(self, n_cells: int) -> None:
+        """After a fixed-shape pass: the first `n_cells` cells are in use (its padding rows' cells are not)."""
+        self.length = n_cells
+        self._refresh_views()
 
     def truncate(self, n_cells: int) -> None:
         """Keep the first `n_cells` cells: a rollback is a length change."""
@@ -89,6 +109,17 @@ def preallocated_cache(config, capacity: int) -> Cache | None:
     if any(kind != "full_attention" for kind in layer_types):
         return None
     return Cache(layers=[PreallocatedLayer(capacity) for _ in layer_types])
+
+
+def set_write_cells(cache: Cache, cells: torch.Tensor | None) -> None:
+    """Route the next pass's keys and values to `cells` (a fixed-shape pass), or back to appending (None)."""
+    for layer in cache.layers:
+        layer.write_cells = cells
+
+
+def commit(cache: Cache, n_cells: int) -> None:
+    for layer in cache.layers:
+        layer.commit(n_cells)
 
 
 def rollback(cache: Cache, n_past: int) -> None:

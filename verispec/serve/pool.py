@@ -221,6 +221,10 @@ class SeqRunner(Runner):
     def n_past(self) -> int:
         return self.pool.live[self.seq]
 
+    @property
+    def cost_curve(self) -> str:
+        return self.pool.base.cost_curve
+
     def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
         if parents is not None:
             raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",

@@ -52,6 +52,10 @@ class Locked(Runner):
     def n_past(self) -> int:
         return self.inner.n_past
 
+    @property
+    def cost_curve(self) -> str:
+        return self.inner.cost_curve
+
     def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True):
         with self.lock:
             return self.inner.forward(tokens, parents, all_logits)
