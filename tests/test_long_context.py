@@ -3,7 +3,7 @@
 A one-row pass over a KV view of >= 512 cells used to take flash attention's split-KV path, which
 sums across threads in another order than the 2-3-row passes of an exact verify step; greedy
 speculative output then drifted from plain decoding on long prompts. verispec's build keeps one-row
-passes off that path (runners/llamacpp.py, _init_backend). These tests check the rows themselves,
+passes off that path (llama_lib.py, init_backend). These tests check the rows themselves,
 show that they differ without the switch (so the check has power), and check greedy equality of
 every lossless drafter and mode on prompts of 1,000+ tokens.
 """
@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from verispec.engine import SpeculativeConfig, Stats
-from verispec.runners.llamacpp import EXACT_CHUNK, LlamaCppRunner, exact_attention
+from verispec.llama_lib import exact_attention
+from verispec.runners.llamacpp import EXACT_CHUNK, LlamaCppRunner
 from verispec.sampling import SamplingParams
 
 pytestmark = pytest.mark.real

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.toy import tiny_runner
-from verispec.runners.base import tree_depths
+from verispec.token_tree import tree_depths
 
 TORCH_TOL = 1e-3
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog because"

@@ -18,7 +18,7 @@ from verispec.drafters.ngram import NgramDrafter
 from verispec.drafters.tree_growth import TreeShape, grow_tree
 from verispec.engine import Engine, SpeculativeConfig, Stats
 from verispec.errors import InvalidParameter
-from verispec.runners.base import tree_depths
+from verispec.token_tree import tree_depths
 from verispec.sampling import SamplingParams
 
 VOCAB = 12

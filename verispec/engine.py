@@ -17,7 +17,8 @@ from .draft_length import CarriedCosts, DraftLengthChooser, TreeBudgetChooser
 from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
-from .runners.base import Runner, tree_depths
+from .runners.base import Runner
+from .token_tree import tree_depths
 from .sampling import PositionNoise, SamplingParams
 from .verify import backend
 from .verify.rejection import ChainVerifier

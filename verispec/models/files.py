@@ -2,31 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelFileError, ModelNotFound
 from . import registry
-
-GGUF_MAGIC = b"GGUF"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model the runners can open: a GGUF file, or a Hugging Face model directory."""
-
-    label: str
-    path: Path
-    kind: str  # "gguf" | "hf"
-    spec: registry.ModelSpec | None = None
-
-    @property
-    def file_bytes(self) -> int:
-        if self.kind == "gguf":
-            return self.path.stat().st_size
-        return sum(f.stat().st_size for f in self.path.glob("*.safetensors")) or sum(
-            f.stat().st_size for f in self.path.glob("*.bin")
-        )
+from .source import ModelSource, check_gguf
 
 
 def resolve(name_or_path: str, pull_if_missing: bool = False) -> ModelSource:
@@ -71,21 +51,3 @@ def resolve(name_or_path: str, pull_if_missing: bool = False) -> ModelSource:
         return ModelSource(path.name, path, "hf")
     check_gguf(path)
     return ModelSource(path.name, path, "gguf")
-
-
-def check_gguf(path: Path) -> None:
-    """Reject non-GGUF and truncated files with a message, before llama.cpp prints its own noise."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception as exc:  # the reader raises assorted errors on damaged headers or short files
-        raise ModelFileError(f"{path} is not a readable GGUF file (truncated or corrupted): {exc}") from None
-    size = path.stat().st_size
-    if end > size:
-        raise ModelFileError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import InvalidParameter, ModelFileError
 from . import registry
-from .files import ModelSource, check_gguf
+from .source import ModelSource, check_gguf
 
 # Format suffix -> name of the llama_ftype constant in llama_cpp.
 FORMATS = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0"}
@@ -73,9 +73,9 @@ def _quantize(src: Path, dst: Path, ftype: str) -> None:
 
     import llama_cpp as L
 
-    from ..runners.llamacpp import _init_backend, default_threads
+    from ..llama_lib import default_threads, init_backend
 
-    _init_backend(False)  # silences llama.cpp's log
+    init_backend(False)  # silences llama.cpp's log
     params = L.llama_model_quantize_default_params()
     params.ftype = getattr(L, FORMATS[ftype])
     params.allow_requantize = True

@@ -1,8 +1,8 @@
 """Runners: run a model's forward pass and own its KV cache. The engine talks to nothing else."""
 
-from .base import Runner, Tokenizer, tree_depths
+from .base import Runner, Tokenizer
 
-__all__ = ["Runner", "Tokenizer", "tree_depths", "open_runner"]
+__all__ = ["Runner", "Tokenizer", "open_runner"]
 
 
 def open_runner(source, backend: str = "auto", **kwargs) -> Runner:

@@ -33,26 +33,6 @@ class Tokenizer(ABC):
         """Each token id's text, for checking that a draft shares the target's vocabulary."""
 
 
-def tree_depths(parents: Sequence[int]) -> np.ndarray:
-    """Depth of each node (0 for children of the committed prefix). Parents must precede children."""
-    depths = np.zeros(len(parents), dtype=np.int64)
-    for i, parent in enumerate(parents):
-        if parent >= i:
-            raise ValueError(f"tree node {i} has parent {parent}: parents must come before their children")
-        depths[i] = 0 if parent < 0 else depths[parent] + 1
-    return depths
-
-
-def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
-    """mask[i, j] is True when node j is node i or one of its ancestors (what node i may attend to)."""
-    n = len(parents)
-    mask = np.eye(n, dtype=bool)
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            mask[i] |= mask[parent]
-    return mask
-
-
 class Runner(ABC):
     """A model with a KV cache. `n_past` tokens are committed; forward() appends after them."""
 
@@ -93,6 +73,10 @@ class Runner(ABC):
 
     def reset(self) -> None:
         self.rollback(0)
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take in this runner's cache (what a KV pool is sized by)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say its KV cost")
 
     def hidden_states(self) -> np.ndarray:
         """Last-layer hidden states of the previous forward's tokens, when the runner can give them."""

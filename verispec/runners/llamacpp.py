@@ -8,79 +8,23 @@ attends to the cells that share one of its sequence ids), which needs a unified 
 from __future__ import annotations
 
 import ctypes
-import functools
 import os
 import sys
-import threading
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
+from .. import llama_lib
 from ..errors import ModelFileError
-from .base import Runner, Tokenizer, tree_depths
-
-_backend_ready = False
-_KEEP_LOG_CALLBACK = None
+from ..llama_lib import decode, default_threads, exact_attention, init_backend
+from ..token_tree import tree_depths
+from .base import Runner, Tokenizer
 
 VERIFY_MODES = ("exact", "one-pass")
 # Rows per scoring pass in the "exact" verify mode. ggml's CPU matmul takes another kernel for 4+ rows
 # (repacked gemm; tiled from 8), whose sums differ from a one-row pass by up to ~0.5 in the logits
 # (Qwen2.5 Q4_K_M); passes of <= 3 rows are bit-identical to one-row passes (tests/test_long_context.py).
 EXACT_CHUNK = 3
-
-# One llama.cpp pass at a time in this process. ggml's worker threads spin at each of a pass's ~600
-# barriers; two passes at once on 2 cores would each wait on a thread the other has descheduled
-# (10-30x slower). With GGML_OPENMP=OFF (build-support/llama-cpp.sh) the workers exist only during a
-# pass, so between passes nothing spins and other work in the process (HTTP, torch) has the cores.
-_COMPUTE_LOCK = threading.Lock()
-
-
-def _init_backend(verbose: bool) -> None:
-    """Initialise ggml once; silence llama.cpp's stderr chatter unless verbose."""
-    global _backend_ready, _KEEP_LOG_CALLBACK
-    import llama_cpp as L
-
-    if _backend_ready:
-        return
-    if not verbose:
-        _KEEP_LOG_CALLBACK = L.llama_log_callback(lambda level, text, user: None)
-        L.llama_log_set(_KEEP_LOG_CALLBACK, ctypes.c_void_p())
-    # Read by ggml at every attention op (build-support/ggml-fa-split-kv-env.patch). Without it a one-row pass
-    # over a KV view of >= 512 cells takes flash attention's split-KV path, which sums across threads in
-    # another order than a 2-3-row pass: greedy speculative output then drifted from plain decoding on long
-    # prompts (margins up to 0.18). The per-row path it falls back to is parallel over heads instead, at
-    # the same speed on 2 threads. VERISPEC_SPLIT_KV=1 allows the split again (to measure it).
-    os.environ["GGML_CPU_FA_SPLIT_KV"] = os.environ.get("VERISPEC_SPLIT_KV", "0")
-    L.llama_backend_init()
-    _backend_ready = True
-
-
-@functools.cache
-def build_info() -> dict:
-    """What the loaded llama.cpp build does, read from its library (llama.h does not say).
-
-    split_kv_switch: the build has build-support/ggml-fa-split-kv-env.patch, so one-row passes can be kept
-    off flash attention's split-KV path (see _init_backend). openmp: ggml was built with OpenMP, whose
-    thread pools sleep or spin between passes by OMP_WAIT_POLICY (see docs/threading.md).
-    """
-    import llama_cpp as L
-
-    _init_backend(False)
-    lib = Path(L.__file__).parent / "lib"
-    cpu = sorted(lib.glob("libggml-cpu.so*")) or sorted(lib.glob("libggml*.so*")) or sorted(lib.glob("libllama.so*"))
-    data = b"".join(f.read_bytes() for f in cpu[:1])
-    return {
-        "split_kv_switch": b"GGML_CPU_FA_SPLIT_KV" in data,
-        "openmp": b"GOMP_parallel" in data or b"omp_get_thread_num" in data,
-        "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
-    }
-
-
-def exact_attention() -> bool:
-    """Whether one-row passes sum attention as multi-row passes do, at any context length (see _init_backend)."""
-    return build_info()["split_kv_switch"] and os.environ.get("GGML_CPU_FA_SPLIT_KV") == "0"
-
 
 def open_context(model, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int):
     """A llama.cpp context as every part of verispec opens one (runner, KV pool, memory probe); NULL on failure.
@@ -100,18 +44,6 @@ def open_context(model, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: 
     cparams.flash_attn_type = int(os.environ.get("VERISPEC_FLASH_ATTN", -1))
     cparams.pooling_type = L.LLAMA_POOLING_TYPE_NONE  # per-token embeddings (hidden states) when switched on
     return L.llama_init_from_model(model, cparams)
-
-
-def decode(ctx, batch) -> int:
-    """llama_decode, one pass at a time in the process (see _COMPUTE_LOCK); returns llama.cpp's status."""
-    import llama_cpp as L
-
-    with _COMPUTE_LOCK:
-        return L.llama_decode(ctx, batch)
-
-
-def default_threads() -> int:
-    return int(os.environ.get("VERISPEC_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)))
 
 
 class LlamaCppTokenizer(Tokenizer):
@@ -187,7 +119,7 @@ class LlamaCppRunner(Runner):
             from ..errors import InvalidParameter
 
             raise InvalidParameter(f"verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}", "verify")
-        _init_backend(verbose)
+        init_backend(verbose)
         self._L = L
         self.name = source.label
         self.source = source
@@ -420,6 +352,9 @@ class LlamaCppRunner(Runner):
     def cost_curve(self) -> str:
         return self.verify_mode
 
+    def kv_bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self)
+
     def reset(self) -> None:
         self._tree_seqs = None
         self._L.llama_memory_clear(self._mem, True)
@@ -510,7 +445,7 @@ def context_buffers(runner: LlamaCppRunner, n_ctx: int, n_seq_max: int = 1, n_ba
         if ctx:
             L.llama_free(ctx)
     finally:
-        restore = _KEEP_LOG_CALLBACK or L.llama_log_callback(lambda level, text, user: sys.stderr.write(text.decode("utf-8", "replace")))
+        restore = llama_lib.quiet_log_callback() or L.llama_log_callback(lambda level, text, user: sys.stderr.write(text.decode("utf-8", "replace")))
         L.llama_log_set(restore, ctypes.c_void_p())
         global _PROBE_LOG_CALLBACK
         _PROBE_LOG_CALLBACK = restore  # keep the ctypes callback alive

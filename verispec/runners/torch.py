@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InvalidParameter, ModelFileError
-from .base import Runner, Tokenizer, ancestor_mask, tree_depths
+from ..token_tree import ancestor_mask, tree_depths
+from .base import Runner, Tokenizer
 
 # --dtype names -> torch dtype attribute; "auto" is bf16 on CUDA (its tensor cores, half the memory traffic of
 # fp32) and fp32 on CPU (bf16 matmuls without AMX run through slow conversion paths, and fp32 is the reference).
@@ -124,6 +125,11 @@ class TorchRunner(Runner):
     @property
     def cost_curve(self) -> str:
         return f"torch-{self.device.type}-{dtype_name(self.dtype)}"
+
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of keys and values one token takes in this model's cache (the weights' dtype)."""
+        layers, kv_heads, head_dim = kv_shape(self.model.config)
+        return layers * kv_heads * head_dim * 2 * self.dtype.itemsize
 
     def reset(self) -> None:
         """Empty the cache. The preallocated one is kept (its buffers are the context's size) and only truncated."""
@@ -263,6 +269,13 @@ class TorchRunner(Runner):
         torch_cache.keep_path(self.cache, self.n_past, cells)
         self.n_past += len(path)
         self._pending = 0
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head dim) of a transformers decoder config."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
 def _bucket(n: int) -> int:

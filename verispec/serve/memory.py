@@ -52,25 +52,17 @@ class ContextCost:
 
 def measure(runner, n_seq_max: int = 1, n_batch: int | None = None) -> ContextCost | None:
     """The context cost of a llama.cpp or torch runner; None for other backends (not checked)."""
-    from ..runners.llamacpp import LlamaCppRunner, context_buffers, kv_bytes_per_token
+    from ..runners.llamacpp import LlamaCppRunner, context_buffers
     from ..runners.torch import TorchRunner
 
     if isinstance(runner, TorchRunner):
-        return ContextCost(runner.name, torch_kv_bytes_per_token(runner), 0.0, 0.0)
+        return ContextCost(runner.name, runner.kv_bytes_per_token(), 0.0, 0.0)
     if not isinstance(runner, LlamaCppRunner):
         return None
     small, large = (context_buffers(runner, n, n_seq_max, n_batch) for n in _PROBES)
     other = [sum(v for k, v in sizes.items() if k != "KV") * MiB for sizes in (small, large)]
     slope = max(0.0, (other[1] - other[0]) / (_PROBES[1] - _PROBES[0]))
-    return ContextCost(runner.name, kv_bytes_per_token(runner), max(0.0, other[0] - slope * _PROBES[0]), slope)
-
-
-def torch_kv_bytes_per_token(runner) -> int:
-    """Bytes of keys and values one token takes in a TorchRunner's cache (the weights' dtype)."""
-    from .paged import kv_shape
-
-    layers, kv_heads, head_dim = kv_shape(runner.model.config)
-    return layers * kv_heads * head_dim * 2 * runner.dtype.itemsize
+    return ContextCost(runner.name, runner.kv_bytes_per_token(), max(0.0, other[0] - slope * _PROBES[0]), slope)
 
 
 @dataclass

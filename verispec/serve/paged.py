@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidParameter
-from .memory import GiB, MiB, InsufficientMemory, available_bytes, torch_kv_bytes_per_token
+from .memory import GiB, MiB, InsufficientMemory, available_bytes
 from .pool import KvPool, PoolFull
 
 if TYPE_CHECKING:
@@ -122,6 +122,8 @@ class PagedPool:
     def __init__(self, base: TorchRunner, n_cells: int, n_seqs: int, n_batch: int = 512) -> None:
         import torch
 
+        from ..runners.torch import kv_shape
+
         self._torch = torch
         self.base = base
         self.model = base.model
@@ -133,7 +135,7 @@ class PagedPool:
         self.n_layers, n_kv, head_dim = kv_shape(config)
         n_blocks = -(-n_cells // BLOCK)
         self.n_cells = n_blocks * BLOCK
-        check_memory(self.n_cells, torch_kv_bytes_per_token(base), base.name, available_bytes(base.device))
+        check_memory(self.n_cells, base.kv_bytes_per_token(), base.name, available_bytes(base.device))
         shape = (n_blocks, BLOCK, n_kv, head_dim)
         self._keys = [torch.empty(shape, dtype=base.dtype, device=base.device) for _ in range(self.n_layers)]
         self._values = [torch.empty(shape, dtype=base.dtype, device=base.device) for _ in range(self.n_layers)]
@@ -387,13 +389,6 @@ def unsupported(config) -> str | None:
     if getattr(config, "attn_logit_softcapping", None):
         return "it soft-caps its attention logits"
     return None
-
-
-def kv_shape(config) -> tuple[int, int, int]:
-    """(layers, KV heads, head dim) of a transformers decoder config."""
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
 
 def check_memory(cells: int, per_token: int, name: str, available: int | None = None) -> None:

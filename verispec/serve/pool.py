@@ -20,7 +20,7 @@ the cache and writes them back, packed and in order. The bytes are copied verbat
 changes no logit.
 
 Single-row decodes. With verispec's build of llama.cpp, one-row passes never split the KV range
-(runners/llamacpp.py, `_init_backend`), and nothing below applies: no row is padded. Without it (a llama-cpp-python built without verispec's patch), ggml's CPU flash attention splits the KV range across threads for a batch of
+(llama_lib.py, `init_backend`), and nothing below applies: no row is padded. Without it (a llama-cpp-python built without verispec's patch), ggml's CPU flash attention splits the KV range across threads for a batch of
 one query row once 512+ cells are in view (its "split-KV" path), and the split points depend on
 where the cells lie, so such a row is not reproducible across cache layouts; batches of 2+ rows
 visit the cells in order on one thread per row. So once the view reaches 512 cells, a one-row
@@ -95,7 +95,7 @@ class KvPool:
         self.compactions = 0
         self.decodes = 0
         self.padded = 0  # one-row decodes that got a dummy row
-        # With verispec's build (runners/llamacpp.py, _init_backend) a one-row decode never takes the split-KV path.
+        # With verispec's build (llama_lib.py, init_backend) a one-row decode never takes the split-KV path.
         self.pad_single_rows = (not base.exact_attention) if pad_single_rows is None else pad_single_rows
 
     # -- cells ------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..runners.base import tree_depths
+from ..token_tree import tree_depths
 from ..sampling import PositionNoise, SamplingParams, logits_to_probs, sample
 
 

@@ -1,0 +1,85 @@
+"""The llama.cpp library, once per process: backend start-up, what this build can do, threads, one pass at a time.
+
+Below every part that calls llama.cpp (the runner, the KV pools, requantizing in models/quantize.py), so none
+of them reaches into another for it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from pathlib import Path
+
+_backend_ready = False
+_KEEP_LOG_CALLBACK = None
+
+# One llama.cpp pass at a time in this process. ggml's worker threads spin at each of a pass's ~600
+# barriers; two passes at once on 2 cores would each wait on a thread the other has descheduled
+# (10-30x slower). With GGML_OPENMP=OFF (build-support/llama-cpp.sh) the workers exist only during a
+# pass, so between passes nothing spins and other work in the process (HTTP, torch) has the cores.
+_COMPUTE_LOCK = threading.Lock()
+
+
+def quiet_log_callback():
+    """The callback that silences llama.cpp's log (None when verbose): restored after a log is captured."""
+    return _KEEP_LOG_CALLBACK
+
+
+def init_backend(verbose: bool) -> None:
+    """Initialise ggml once; silence llama.cpp's stderr chatter unless verbose."""
+    global _backend_ready, _KEEP_LOG_CALLBACK
+    import llama_cpp as L
+
+    if _backend_ready:
+        return
+    if not verbose:
+        _KEEP_LOG_CALLBACK = L.llama_log_callback(lambda level, text, user: None)
+        L.llama_log_set(_KEEP_LOG_CALLBACK, ctypes.c_void_p())
+    # Read by ggml at every attention op (build-support/ggml-fa-split-kv-env.patch). Without it a one-row pass
+    # over a KV view of >= 512 cells takes flash attention's split-KV path, which sums across threads in
+    # another order than a 2-3-row pass: greedy speculative output then drifted from plain decoding on long
+    # prompts (margins up to 0.18). The per-row path it falls back to is parallel over heads instead, at
+    # the same speed on 2 threads. VERISPEC_SPLIT_KV=1 allows the split again (to measure it).
+    os.environ["GGML_CPU_FA_SPLIT_KV"] = os.environ.get("VERISPEC_SPLIT_KV", "0")
+    L.llama_backend_init()
+    _backend_ready = True
+
+
+@functools.cache
+def build_info() -> dict:
+    """What the loaded llama.cpp build does, read from its library (llama.h does not say).
+
+    split_kv_switch: the build has build-support/ggml-fa-split-kv-env.patch, so one-row passes can be kept
+    off flash attention's split-KV path (see init_backend). openmp: ggml was built with OpenMP, whose
+    thread pools sleep or spin between passes by OMP_WAIT_POLICY (see docs/threading.md).
+    """
+    import llama_cpp as L
+
+    init_backend(False)
+    lib = Path(L.__file__).parent / "lib"
+    cpu = sorted(lib.glob("libggml-cpu.so*")) or sorted(lib.glob("libggml*.so*")) or sorted(lib.glob("libllama.so*"))
+    data = b"".join(f.read_bytes() for f in cpu[:1])
+    return {
+        "split_kv_switch": b"GGML_CPU_FA_SPLIT_KV" in data,
+        "openmp": b"GOMP_parallel" in data or b"omp_get_thread_num" in data,
+        "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+
+
+def exact_attention() -> bool:
+    """Whether one-row passes sum attention as multi-row passes do, at any context length (see init_backend)."""
+    return build_info()["split_kv_switch"] and os.environ.get("GGML_CPU_FA_SPLIT_KV") == "0"
+
+
+def decode(ctx, batch) -> int:
+    """llama_decode, one pass at a time in the process (see _COMPUTE_LOCK); returns llama.cpp's status."""
+    import llama_cpp as L
+
+    with _COMPUTE_LOCK:
+        return L.llama_decode(ctx, batch)
+
+
+def default_threads() -> int:
+    return int(os.environ.get("VERISPEC_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)))
