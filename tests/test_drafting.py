@@ -107,3 +107,18 @@ def test_the_prior_cost_curve_follows_the_verify_mode():
     assert prior_ratio(4, "one-pass") < prior_ratio(3, "one-pass")
     assert prior_ratio(4, "exact") > prior_ratio(3, "exact")
     assert prior_ratio(16, "one-pass") < prior_ratio(16, "exact") / 2
+
+
+def test_each_runner_names_its_own_prior_curve():
+    """The torch runner's passes grow far more slowly with their rows than llama.cpp's (bf16 on AMX: 16 rows
+    cost 1.13 one-row passes), so the chooser must extrapolate with the torch curve, not llama.cpp's."""
+    from tests.toy import tiny_runner
+
+    runner = tiny_runner(0)
+    assert runner.cost_curve == "torch-cpu-fp32"
+    assert prior_ratio(16, "torch-cpu-bf16") < 1.3 < prior_ratio(16, "torch-cpu-fp32") < prior_ratio(16, "one-pass")
+    assert prior_ratio(16, "torch-cuda-bf16") == prior_ratio(16, "torch-cpu-bf16")  # no GPU curve measured yet
+    assert prior_ratio(16, "torch-cpu-fp16") == prior_ratio(16, "torch-cpu-fp32")
+    chooser = DraftLengthChooser(k_max=12, cost_curve=runner.cost_curve)
+    chooser.record_verify(1, 0.25)
+    assert chooser.verify_table()[13] == pytest.approx(0.25 * prior_ratio(13, "torch-cpu-fp32"))

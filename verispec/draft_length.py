@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 # batch, where ggml's repacked gemm takes over at 4 rows (4 rows cost less than 3; up to 3 rows both modes run
 # the same pass). Interpolated between sizes, extrapolated linearly beyond; measurements replace it as a run goes.
 # "torch-cpu-*": the torch runner's pass (runners/torch.py) over the Qwen2.5-Coder-1.5B shapes, 2 threads, a
-# 200-token context, on this Xeon (AVX-512 and AMX), 2026-12-06. fp32: MKL's one- to three-row path reads each
+# 121-200-token context, on this Xeon (AVX-512 and AMX), 2026-12-06 (docs/bench-2026-12-06-torch-fp32 and
+# -bf16, "Verify cost", and random weights of the same shapes for n = 32). fp32: MKL's one- to three-row path reads each
 # weight once, from 4 rows a gemm runs compute-bound. bf16: oneDNN's AMX tiles keep a pass up to 32 rows within
 # 22% of one row, and one row is itself faster than fp32's (196 against 232 ms). A CPU without AMX would see
 # bf16 far steeper; the measurements replace the prior as a run goes. CUDA has no measured curve yet (see
@@ -26,8 +27,8 @@ from dataclasses import dataclass, field
 PRIOR_VERIFY_RATIO = {
     "exact": {1: 1.0, 2: 1.55, 3: 1.94, 4: 2.95, 8: 5.27, 16: 10.65},
     "one-pass": {1: 1.0, 2: 1.54, 3: 1.94, 4: 1.69, 8: 3.09, 16: 3.81},
-    "torch-cpu-fp32": {1: 1.0, 2: 1.07, 4: 2.06, 8: 2.88, 16: 2.72, 32: 3.35},
-    "torch-cpu-bf16": {1: 1.0, 2: 1.01, 4: 1.04, 8: 1.08, 16: 1.07, 32: 1.22},
+    "torch-cpu-fp32": {1: 1.0, 2: 1.08, 3: 1.08, 4: 1.97, 8: 2.64, 16: 2.62, 32: 3.35},
+    "torch-cpu-bf16": {1: 1.0, 2: 1.04, 3: 1.03, 4: 1.08, 8: 1.06, 16: 1.13, 32: 1.22},
 }
 
 
@@ -37,10 +38,12 @@ def prior_ratio(n: int, curve: str = "exact") -> float:
 
 
 def prior_curve(name: str) -> dict[int, float]:
+    """A curve by name; an unmeasured torch device/dtype borrows the nearest: a GPU the flattest (bf16 here),
+    another CPU dtype (fp16) the steeper fp32 one, anything else the one-pass curve."""
     if name in PRIOR_VERIFY_RATIO:
         return PRIOR_VERIFY_RATIO[name]
     if name.startswith("torch-"):
-        return PRIOR_VERIFY_RATIO["torch-cpu-fp32" if name.endswith("fp32") and "cpu" in name else "torch-cpu-bf16"]
+        return PRIOR_VERIFY_RATIO["torch-cpu-fp32" if name.startswith("torch-cpu") else "torch-cpu-bf16"]
     return PRIOR_VERIFY_RATIO["one-pass"]
 
 
