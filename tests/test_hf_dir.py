@@ -55,6 +55,19 @@ def test_dtype_is_chosen_per_device_and_bad_names_are_refused(hf_dir):
         load(str(hf_dir), dtype="int3")
 
 
+def test_a_device_this_machine_lacks_is_refused_before_loading(hf_dir):
+    import torch
+
+    from verispec.errors import InvalidParameter
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(InvalidParameter, match="--device cuda: torch sees 0 CUDA device"):
+        load(str(hf_dir), backend="torch", device="cuda")
+    with pytest.raises(InvalidParameter, match="device must be"):
+        load(str(hf_dir), backend="torch", device="tpu")
+
+
 def test_bf16_on_the_torch_runner_drafts_and_keeps_greedy_equality(hf_dir):
     """--dtype bf16 reaches the target and its draft model; on this tiny, sharp model (logit margins far
     above bf16's rounding) speculative output equals plain output."""

@@ -30,6 +30,25 @@ def dtype_name(dtype) -> str:
     return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(dtype).removeprefix("torch."), str(dtype))
 
 
+def resolve_device(name: str) -> str:
+    """The device a --device value means here ("auto": CUDA if torch sees one); a one-line error for a device
+    this machine does not have, before any weights load."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = str(name).partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise InvalidParameter(f"device must be auto, cpu, cuda or cuda:N, got {name!r}", "device")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= int(index or 0):
+            raise InvalidParameter(f"--device {name}: torch sees {count} CUDA device(s) on this machine"
+                                   + ("" if count else " (no GPU, or a CPU-only torch build); use --device cpu"),
+                                   "device")
+    return name
+
+
 def resolve_dtype(name: str, device: str):
     """The torch dtype a --dtype value means on `device` (a clear error for an unknown name)."""
     import torch
@@ -100,8 +119,7 @@ class TorchRunner(Runner):
 
         if n_threads or os.environ.get("VERISPEC_THREADS"):
             torch.set_num_threads(int(n_threads or os.environ["VERISPEC_THREADS"]))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         if cuda_graphs and not str(device).startswith("cuda"):
             raise InvalidParameter("cuda_graphs needs a CUDA device", "cuda_graphs")
