@@ -68,6 +68,21 @@ def test_a_device_this_machine_lacks_is_refused_before_loading(hf_dir):
         load(str(hf_dir), backend="torch", device="tpu")
 
 
+def test_weights_that_do_not_fit_the_gpu_are_refused_with_their_sizes(hf_dir):
+    import torch
+
+    from verispec.models.files import resolve
+    from verispec.errors import InvalidParameter
+    from verispec.runners.torch import check_weights_fit, parameter_count
+
+    source = resolve(str(hf_dir))
+    params = parameter_count(source)
+    assert params == sum(p.numel() for p in load(str(hf_dir)).target.model.parameters())
+    check_weights_fit(source, torch.bfloat16, "cuda", available=2 * params)  # fits exactly
+    with pytest.raises(InvalidParameter, match=r"needs 0\.00 GiB .* in fp32 but cuda has 0\.00 GiB free"):
+        check_weights_fit(source, torch.float32, "cuda", available=4 * params - 1)
+
+
 def test_bf16_on_the_torch_runner_drafts_and_keeps_greedy_equality(hf_dir):
     """--dtype bf16 reaches the target and its draft model; on this tiny, sharp model (logit margins far
     above bf16's rounding) speculative output equals plain output."""

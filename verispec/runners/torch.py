@@ -123,6 +123,8 @@ class TorchRunner(Runner):
         torch_dtype = resolve_dtype(dtype, device)
         if cuda_graphs and not str(device).startswith("cuda"):
             raise InvalidParameter("cuda_graphs needs a CUDA device", "cuda_graphs")
+        if str(device).startswith("cuda"):
+            check_weights_fit(source, torch_dtype, device)
         if source.kind == "gguf":
             directory, extra = str(source.path.parent), {"gguf_file": source.path.name}
         else:
@@ -287,6 +289,41 @@ class TorchRunner(Runner):
         torch_cache.keep_path(self.cache, self.n_past, cells)
         self.n_past += len(path)
         self._pending = 0
+
+
+def parameter_count(source) -> int | None:
+    """Parameters in a model's files, read from their headers (GGUF tensors, safetensors shapes); None if unknown."""
+    if source.kind == "gguf":
+        from gguf import GGUFReader
+
+        return sum(int(t.n_elements) for t in GGUFReader(str(source.path)).tensors)
+    shards = sorted(source.path.glob("*.safetensors"))
+    if not shards:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            total += sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
+    return total
+
+
+def check_weights_fit(source, dtype, device: str, available: int | None = None) -> None:
+    """Refuse, with the sizes, a model whose weights alone exceed the GPU's free memory, before loading any.
+    (The server's start-up check adds the caches on top: serve/memory.py.)"""
+    import torch
+
+    params = parameter_count(source)
+    if params is None:
+        return
+    need = params * dtype.itemsize
+    available = int(torch.cuda.mem_get_info(torch.device(device))[0]) if available is None else available
+    if need > available:
+        raise InvalidParameter(
+            f"{source.label} needs {need / 2**30:.2f} GiB for its {params / 1e9:.2f}B parameters in {dtype_name(dtype)} "
+            f"but {device} has {available / 2**30:.2f} GiB free: try --dtype bf16, a smaller model, or --device cpu",
+            "device")
 
 
 def kv_shape(config) -> tuple[int, int, int]:
