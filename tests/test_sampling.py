@@ -162,3 +162,15 @@ def test_device_acceptance_is_one_when_p_equals_q(p, seed):
     rows = torch.from_numpy(np.tile(p, (4, 1)))
     verdict = verifier.verify_probs(rows, [int(np.argmax(p))] * 3, rows[:3])
     assert verdict.n_accepted == 3 and p[verdict.next_token] > 0
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999999])  # the last needs more than the top 2,048 candidates
+def test_device_top_p_on_a_large_vocabulary_matches_the_host(top_p):
+    import torch
+
+    from verispec.verify import device
+
+    logits = np.random.default_rng(1).normal(size=(3, 50_000)).astype(np.float32) * 2
+    params = SamplingParams(temperature=0.8, top_p=top_p)
+    host, on_device = logits_to_probs(logits, params), device.logits_to_probs(torch.from_numpy(logits), params).numpy()
+    assert np.array_equal(host > 0, on_device > 0) and np.allclose(host, on_device, rtol=1e-9, atol=1e-15)

@@ -14,7 +14,7 @@ from .errors import InvalidParameter
 
 # The nucleus is searched inside the top candidates first (argpartition, O(V)); a full sort of a
 # 150k vocabulary costs ~10 ms and is needed only when these candidates hold less than top_p.
-_NUCLEUS_CANDIDATES = 2048
+NUCLEUS_CANDIDATES = 2048
 
 
 @dataclass
@@ -92,8 +92,8 @@ def _keep_top_k(weights: np.ndarray, k: int, scratch: np.ndarray | None = None) 
 def _keep_nucleus(row: np.ndarray, top_p: float) -> None:
     """Keep the smallest set of most probable tokens whose mass reaches top_p; renormalise."""
     n = row.shape[0]
-    if n > _NUCLEUS_CANDIDATES:
-        cand = np.argpartition(row, -_NUCLEUS_CANDIDATES)[-_NUCLEUS_CANDIDATES:]
+    if n > NUCLEUS_CANDIDATES:
+        cand = np.argpartition(row, -NUCLEUS_CANDIDATES)[-NUCLEUS_CANDIDATES:]
         if row[cand].sum() < top_p:
             cand = np.arange(n)
     else:
