@@ -21,9 +21,10 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 
 class PreallocatedLayer(DynamicLayer):
-    """One attention layer's keys and values in fixed buffers of `capacity` cells."""
+    """One attention layer's keys and values in fixed buffers of `capacity` cells.
 
-    is_compileable = True
+    Not marked `is_compileable` (StaticLayer's flag): transformers would then build an explicit mask for every
+    one-row pass. The fixed-shape passes compile without it (they bring their own mask)."""
 
     def __init__(self, capacity: int) -> None:
         super().__init__()

@@ -10,6 +10,8 @@ Each step ends in exactly one host sync (a `.tolist()` of a few ints), whatever 
 - trees: greedy trees walk the argmaxes of all nodes (one sync); sampled and relaxed trees copy their rows to the
   host once and walk them with verify/tree.py's numpy rules (a tree's walk is sequential by nature).
 Probabilities are float64, as in the numpy implementation, so both make the same top-k and top-p cuts.
+Greedy steps allocate nothing vocabulary-sized; sampled steps allocate their (K+1) x V temporaries per step (a
+GPU's caching allocator serves them without a malloc), where the numpy path reuses buffers.
 """
 
 from __future__ import annotations
