@@ -343,3 +343,25 @@ def test_a_costly_drafter_that_does_not_pay_is_not_even_prefilled():
     fresh = Engine(TableRunner(vocab=12), drafter, SpeculativeConfig(draft="counting"))
     run(fresh, [1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True))
     assert drafter.prefills == 1  # with nothing measured yet it drafts, so it prefills
+
+
+def test_torch_greedy_equality_past_256_tokens_of_context():
+    """The torch runner's preallocated cache and device verification stay exact at long contexts: a ~400-token
+    prompt (a tiny model with 512 positions), pinned n-gram and draft-model speculation, 64 new tokens."""
+    import torch
+
+    target_model = tiny_llama(5, scale=30)
+    draft_model = copy.deepcopy(target_model)
+    with torch.no_grad():
+        for p in draft_model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    target = TorchRunner(target_model.to(TEST_DEVICE), ByteTokenizer(), "t", 512, device=TEST_DEVICE)
+    draft = TorchRunner(draft_model.to(TEST_DEVICE), ByteTokenizer(), "d", 512, device=TEST_DEVICE)
+    prompt = target.tokenizer.encode("def area(width, height):\n    return width * height\n" * 9)[:400]
+    assert len(prompt) > 256
+    params = SamplingParams(max_tokens=64, ignore_eos=True)
+    plain, plain_stats = run(Engine(target), prompt, params, record=True)
+    for drafter, k in ((NgramDrafter(), 4), (ModelDrafter(draft), 3)):
+        out, stats = run(Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=k)), prompt, params)
+        assert_same_or_tie(plain, plain_stats.margins, out, TORCH_TIE, drafter.name)
+        assert stats.drafted > 0, drafter.name

@@ -18,8 +18,8 @@ from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
 from .runners.base import Runner
-from .token_tree import tree_depths
 from .sampling import PositionNoise, SamplingParams
+from .token_tree import tree_depths
 from .verify import backend
 from .verify.rejection import ChainVerifier
 from .verify.tree import TokenTree, TreeVerifier, build_tree

@@ -52,8 +52,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import InvalidParameter, PromptError
+from ..llama_lib import decode
 from ..runners.base import Runner
-from ..runners.llamacpp import LlamaCppRunner, decode, open_context
+from ..runners.llamacpp import LlamaCppRunner, open_context
 
 
 class PoolFull(RuntimeError):
