@@ -25,11 +25,11 @@ def smol(smol_source):
     model.close()
 
 
-def _pool(smol, cells: int, seqs: int, fuse_rows: int = 3, prefill_chunk: int | None = None):
+def _pool(smol, cells: int, seqs: int, fuse_rows: int = 3, prefill_chunk: int | None = None, prefix_entries: int = 0):
     from verispec.serve.fuser import Fuser
     from verispec.serve.pool import KvPool
 
-    pool = KvPool(smol.target, cells, seqs)
+    pool = KvPool(smol.target, cells, seqs, prefix_entries=prefix_entries)
     return pool, Fuser(pool, fuse_rows, prefill_chunk)
 
 
@@ -119,6 +119,51 @@ def test_a_prompt_prefilled_above_other_cells_equals_it_prefilled_alone(smol):
 
     alone, above = prefill([]), prefill(below)
     assert np.array_equal(alone, above), f"differs by {np.abs(alone - above).max()}"
+
+
+def test_a_cached_prompt_prefix_is_shared_and_changes_no_logit_through_compactions(smol):
+    """A prompt that starts like an earlier request's shares that request's cells for their common whole
+    63-row passes, and its logits (prompt and decode rows) equal those of a pool without a cache; so
+    after a compaction (the entry restored) and after an eviction (a miss, prefilled in full)."""
+    text = smol.prompt_tokens(" ".join(PROMPTS))
+    first, second, other = text[:200], text[:260], text[137:337]
+    assert len(second) == 260 and len(other) == 200
+
+    def request(pool, fuser, prompt) -> np.ndarray:
+        out = []
+
+        def job():
+            assert pool.reserve(0, len(prompt) + 8)
+            out.append(fuser.run(0, prompt, all_logits=False).copy())
+            for token in (11, 12, 13):
+                out.append(pool.decode([0], [token], [True]).copy())
+
+        drive(fuser, [job])
+        pool.release(0)
+        return np.concatenate(out)
+
+    pool, fuser = _pool(smol, 1024, 1)
+    try:
+        cold = request(pool, fuser, second)
+    finally:
+        pool.close()
+    pool, fuser = _pool(smol, 1024, 1, prefix_entries=1)
+    try:
+        request(pool, fuser, first)
+        assert len(pool.prefixes) == 1 and pool.live == [0]
+        hit = request(pool, fuser, second)
+        assert (pool.prefixes.hits, pool.prefixes.tokens_saved) == (1, 189)  # 3 whole passes of 63 rows
+        assert len(pool.prefixes) == 1 and len(pool.prefixes.most_recent_first()[0].tokens) == 252  # replaced
+        pool.compact()
+        after_compaction = request(pool, fuser, second)
+        assert (pool.prefixes.hits, pool.prefixes.tokens_saved, pool.compactions) == (2, 441, 1)
+        request(pool, fuser, other)  # evicts the entry (one entry id)
+        missed = request(pool, fuser, second)
+        assert pool.prefixes.hits == 2 and pool.prefixes.evictions == 2  # each pushed the other out
+    finally:
+        pool.close()
+    for warm in (hit, after_compaction, missed):
+        assert np.array_equal(cold, warm), f"differs by {np.abs(cold - warm).max()}"
 
 
 def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):

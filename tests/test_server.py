@@ -249,6 +249,38 @@ def test_concurrent_pinned_and_seeded_requests_past_256_tokens_equal_alone(runni
     assert running.wait_idle()["active"] == 0
 
 
+def test_multi_turn_chat_hits_the_prefix_cache_and_writes_what_it_writes_without(running):
+    """Turn 2 of a chat re-sends turn 1: it shares turn 1's cached prompt cells (counted in /metrics) and
+    writes exactly what it writes with nothing cached, pinned speculative (it drafts) and seeded."""
+    client = running.client()
+    pinned = {"speculative": {"draft": "ngram", "draft_tokens": 3}}
+    docs = _long_prompts(running, 2, 300)
+
+    def turn(doc: str, turns: int, seeded: bool) -> tuple[str, int]:
+        messages = [{"role": "system", "content": "Answer about this code:\n" + doc},
+                    {"role": "user", "content": "What does it do?"}]
+        if turns == 2:
+            messages += [{"role": "assistant", "content": "It wraps text."}, {"role": "user", "content": "How?"}]
+        sampling = dict(temperature=0.8, seed=5) if seeded else dict(temperature=0, extra_body=pinned)
+        out = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, **sampling)
+        return out.choices[0].message.content, out.model_extra["speculative"]["drafted"]
+
+    def saved() -> float:
+        return running.metric("verispec_prefix_cache_tokens_saved_total", pool="target")
+
+    before = saved()
+    cold = [turn(doc, 2, seeded) for doc, seeded in zip(docs, (False, True))]  # nothing cached starts like them
+    assert saved() == before
+    for doc, seeded in zip(docs, (False, True)):
+        turn(doc, 1, seeded)
+    hits = running.metric("verispec_prefix_cache_hits_total", pool="target")
+    warm = [turn(doc, 2, seeded) for doc, seeded in zip(docs, (False, True))]
+    assert running.metric("verispec_prefix_cache_hits_total", pool="target") == hits + 2
+    assert saved() - before >= 2 * 4 * 63  # turn 1 re-used the cold turn 2's cells, turn 2 turn 1's
+    assert [text for text, _ in warm] == [text for text, _ in cold]
+    assert warm[0][1] > 0  # pinned K drafts
+
+
 # -- bad input ------------------------------------------------------------------------------------------
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -419,7 +451,9 @@ def test_metrics_exposition(running):
                  "verispec_inter_token_latency_seconds_bucket", "verispec_draft_length_bucket",
                  "verispec_speculation_disabled_total", "verispec_speculation_disabled_now", "verispec_draft_budget",
                  "verispec_goodput_predicted_tokens_per_second", "verispec_fused_pass_seconds", "verispec_fused_rows_bucket",
-                 "verispec_kv_pool_cells", "verispec_kv_pool_live_tokens", "verispec_kv_pool_reserved_cells"):
+                 "verispec_kv_pool_cells", "verispec_kv_pool_live_tokens", "verispec_kv_pool_reserved_cells",
+                 "verispec_prefix_cache_lookups_total", "verispec_prefix_cache_hits_total",
+                 "verispec_prefix_cache_tokens_saved_total", "verispec_prefix_cache_entries"):
         assert name in text, name
     assert running.metric("verispec_drafted_at_position_total", position="1") >= running.metric(
         "verispec_accepted_at_position_total", position="1") > 0

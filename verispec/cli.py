@@ -326,6 +326,8 @@ def serve(
     fuse_rows: Optional[int] = typer.Option(None, help="rows per fused target decode (default: the most that keeps outputs "
                                             "bit-identical to solo runs: 3 on llama.cpp, all of a step's rows on torch)"),
     prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per fused step (chunked prefill; default 512)"),
+    prefix_cache: int = typer.Option(8, help="prompt prefixes (system prompts, earlier turns) kept in the llama.cpp KV "
+                                     "pool for later requests, LRU; a hit changes no output token; 0 = off"),
     backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores; with --ray: per replica, "
                                           "this machine's cores split over the replicas)"),
@@ -345,7 +347,8 @@ def serve(
 
     if ray:
         config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
-                             spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk)
+                             spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
+                             prefix_cache=prefix_cache)
         _serve_ray(config, draft, backend, threads, replicas, autoscale, ray_address, host, port)
         return
     try:
@@ -358,7 +361,7 @@ def serve(
         console.print(loaded.draft_choice_note)
     config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
                          spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
-                         verify=verify)
+                         verify=verify, prefix_cache=prefix_cache)
     try:
         run_server(loaded, config, host, port)
     except VerispecError as exc:

@@ -44,6 +44,7 @@ class ServeConfig:
     # (3 on llama.cpp, all of a tick's rows on torch: fuser.py)
     prefill_chunk: int | None = None  # prompt tokens per fused tick (chunked prefill); None = n_batch
     verify: str = "exact"  # "one-pass": fused decodes take all of a tick's rows at once (not bit-identical)
+    prefix_cache: int = 8  # prompt prefixes the shared llama.cpp pool keeps for later requests (serve/pool.py); 0 = off
 
 
 class Server:
@@ -133,7 +134,7 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
             if fuse_rows is None and config.verify == "one-pass":
                 fuse_rows = 1 << 16  # as many as the pool's batch holds
             return PooledScheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics,
-                                   config.kv_pool, fuse_rows, config.prefill_chunk)
+                                   config.kv_pool, fuse_rows, config.prefill_chunk, config.prefix_cache)
         except PoolUnsupported as exc:
             if config.kv_pool is not None:
                 raise

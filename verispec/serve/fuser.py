@@ -18,8 +18,9 @@ verification in Python are done), `tick()` decodes everything pending:
 - a prefill (one logits row) runs alone, one `prefill_chunk` of one prompt (the least advanced) per tick:
   chunked prefill, so a long prompt delays the others' next step by one chunk, not by its whole
   prefill, and requests arriving together get their first tokens one after another. A chunk (by
-  default the pool's n_batch, 512) is decoded in passes of at most the pool's `prefill_rows`: 63 on
-  llama.cpp, where 64+ rows take an attention kernel whose sums depend on the cell layout (pool.py).
+  default the pool's n_batch, 512) is whole passes of the prompt's layout (`pool.prefill_passes`:
+  at most 63 rows on llama.cpp, where 64+ rows take an attention kernel whose sums depend on the
+  cell layout), after the cells of a cached prefix the pool lets it share (`pool.adopt_prefix`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .pool import KvPool
+from .pool import KvPool, chunk_sizes
 
 if TYPE_CHECKING:
     from .paged import PagedPool
@@ -42,19 +43,11 @@ class _Work:
     seq: int
     tokens: list[int]
     all_logits: bool
-    done: int = 0  # tokens decoded so far
+    done: int = 0  # tokens decoded so far (a prompt's shared cached prefix included)
+    passes: list[int] | None = None  # a prompt's decodes still to run, rows each
     out: np.ndarray | None = None
     error: BaseException | None = None
     finished: threading.Event = field(default_factory=threading.Event)
-
-
-def chunk_sizes(n_rows: int, fuse_rows: int) -> list[int]:
-    """Rows per decode: full chunks, but 2 + 2 rather than 3 + 1 (a lone row may need a dummy row, see pool.py)."""
-    sizes = [fuse_rows] * (n_rows // fuse_rows) + ([n_rows % fuse_rows] if n_rows % fuse_rows else [])
-    if len(sizes) > 1 and sizes[-1] == 1 and fuse_rows > 2:
-        sizes[-2] -= 1
-        sizes[-1] += 1
-    return sizes
 
 
 class Fuser:
@@ -66,6 +59,8 @@ class Fuser:
         self.pool = pool
         self.fuse_rows = min(fuse_rows, pool.n_batch)
         self.prefill_chunk = min(prefill_chunk or pool.n_batch, pool.n_batch)
+        # A chunk is whole prompt passes; set before the first prefill, as the cached prefixes' boundaries follow it.
+        pool.pass_rows = min(pool.pass_rows, self.prefill_chunk)
         self._cond = threading.Condition()
         self._pending: dict[int, _Work] = {}
         self._attached: set[int] = set()
@@ -149,18 +144,25 @@ class Fuser:
             w.done = len(w.tokens)
 
     def _prefill_chunk(self, works: list[_Work]) -> None:
+        """Up to `prefill_chunk` rows of a prompt, in the passes its length gives it (pool.prefill_passes),
+        after the cells a cached prefix already holds (which are whole leading passes)."""
         (w,) = works
-        part = w.tokens[w.done : w.done + self.prefill_chunk]
-        last = w.done + len(part) == len(w.tokens)
-        start = 0
-        for size in chunk_sizes(len(part), self.pool.prefill_rows):  # split where the request alone would split
-            rows = part[start : start + size]
-            start += size
-            want_last = last and start == len(part)
-            logits = self.pool.decode([w.seq] * size, rows, [False] * (size - 1) + [want_last])
-        w.done += len(part)
-        if last:
+        if w.passes is None:
+            w.done = self.pool.adopt_prefix(w.seq, w.tokens)
+            passes, skipped = self.pool.prefill_passes(len(w.tokens)), 0
+            while skipped < w.done:
+                skipped += passes.pop(0)
+            w.passes = passes
+        rows_this_tick = 0
+        while w.passes and (rows_this_tick == 0 or rows_this_tick + w.passes[0] <= self.prefill_chunk):
+            size = w.passes.pop(0)
+            rows = w.tokens[w.done : w.done + size]
+            logits = self.pool.decode([w.seq] * size, rows, [False] * (size - 1) + [not w.passes])
+            w.done += size
+            rows_this_tick += size
+        if not w.passes:
             w.out = logits.copy()
+            self.pool.remember_prompt(w.seq, w.tokens)
 
     def _record(self, rows: int, seconds: float) -> None:
         old = self.pass_seconds.get(rows)

@@ -58,6 +58,15 @@ class Metrics:
         self.pool_reserved = Gauge("verispec_kv_pool_reserved_cells", "Cells reserved by admitted requests", registry=r)
         self.pool_compactions = Gauge("verispec_kv_pool_compactions", "Times the pool was compacted", registry=r)
         self.draft_pool_live = Gauge("verispec_kv_draft_pool_live_tokens", "Tokens the draft model holds in its pool", registry=r)
+        self.prefix_lookups = Counter("verispec_prefix_cache_lookups", "Prompts prefilled with the prefix cache "
+                                      "holding entries, by pool", ["pool"], registry=r)
+        self.prefix_hits = Counter("verispec_prefix_cache_hits", "Prompts that shared a cached prefix's KV cells, by pool",
+                                   ["pool"], registry=r)
+        self.prefix_tokens_saved = Counter("verispec_prefix_cache_tokens_saved", "Prompt tokens not prefilled thanks "
+                                           "to the prefix cache, by pool", ["pool"], registry=r)
+        self.prefix_entries = Gauge("verispec_prefix_cache_entries", "Prompt prefixes the pool keeps, by pool", ["pool"],
+                                    registry=r)
+        self._published_prefix: dict[str, tuple[int, int, int]] = {}
         self._lock = threading.Lock()
         self._steps = 0
         self._gained = 0
@@ -84,6 +93,16 @@ class Metrics:
         if self._steps:
             self.mean_accepted_length.set(self._gained / self._steps)
         return len(stats.draft_lengths)
+
+    def publish_prefix_cache(self, pool: str, cache) -> None:
+        """Bring the counters up to a PrefixCache's own (which only grow)."""
+        now = (cache.lookups, cache.hits, cache.tokens_saved)
+        before = self._published_prefix.get(pool, (0, 0, 0))
+        for counter, n in zip((self.prefix_lookups, self.prefix_hits, self.prefix_tokens_saved), (a - b for a, b in zip(now, before))):
+            if n:
+                counter.labels(pool).inc(n)
+        self._published_prefix[pool] = now
+        self.prefix_entries.labels(pool).set(len(cache))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -53,7 +53,8 @@ import numpy as np
 
 from ..errors import InvalidParameter
 from .memory import GiB, MiB, InsufficientMemory, available_bytes
-from .pool import KvPool, PoolFull
+from .pool import KvPool, PoolFull, chunk_sizes
+from .prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
     import torch
@@ -72,13 +73,14 @@ class PoolUnsupported(InvalidParameter):
     """The target cannot run on a shared KV pool (the server falls back to per-slot contexts)."""
 
 
-def open_pool(target: Runner, n_cells: int, n_seqs: int) -> KvPool | PagedPool:
-    """The shared KV pool for a target: a llama.cpp context with a sequence per request, or paged torch blocks."""
+def open_pool(target: Runner, n_cells: int, n_seqs: int, prefix_entries: int = 0) -> KvPool | PagedPool:
+    """The shared KV pool for a target: a llama.cpp context with a sequence per request (and up to
+    `prefix_entries` cached prompt prefixes), or paged torch blocks (no prefix cache yet)."""
     from ..runners.llamacpp import LlamaCppRunner
     from ..runners.torch import TorchRunner
 
     if isinstance(target, LlamaCppRunner):
-        return KvPool(target, n_cells, n_seqs)
+        return KvPool(target, n_cells, n_seqs, prefix_entries=prefix_entries)
     if isinstance(target, TorchRunner):
         return PagedPool(target, n_cells, n_seqs)
     raise PoolUnsupported(f"the shared KV pool cannot hold a {type(target).__name__} target (serve with --kv-pool 0)",
@@ -146,6 +148,7 @@ class PagedPool:
         self.n_batch = n_batch
         self.default_fuse_rows = n_batch  # rows are batch-invariant at any count (see Exactness)
         self.prefill_rows = n_batch  # and so are prompt rows, whatever the cell layout
+        self.pass_rows = n_batch  # rows per prompt pass; a fuser may set fewer, once
         self.n_vocab = base.n_vocab
         self.lock = threading.Lock()  # every pass over the target module runs under it
         self.live = [0] * n_seqs  # committed tokens per sequence
@@ -176,6 +179,19 @@ class PagedPool:
     def release(self, seq: int) -> None:
         self.drop(seq, 0)
         self.reserved[seq] = 0
+
+    # -- prompts: no prefix cache on paged blocks yet (shared blocks would hold it) ----------------
+
+    prefixes = PrefixCache(())
+
+    def prefill_passes(self, n_tokens: int) -> list[int]:
+        return chunk_sizes(n_tokens, self.pass_rows)
+
+    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        return 0
+
+    def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
+        pass
 
     def drop(self, seq: int, from_pos: int) -> None:
         """Forget positions >= from_pos of `seq`; blocks left empty go back to the free list."""

@@ -39,7 +39,20 @@ the fuser prefills in decodes of at most `prefill_rows` = 63 rows, which are lay
 The price: a server request's prompt is not computed as a solo llama.cpp runner computes it (512-row
 batches), so for prompts of 64+ tokens its output equals itself alone on the server bit for bit, and
 a solo runner's only up to near-ties; and prefill is slower (not yet measured by the bench; see the
-README's "Status and limits").
+README's "Status and limits"). The passes of a prompt depend on its length alone (`prefill_passes`:
+63-row passes from position 0, the last ones shorter), whatever was prefilled before.
+
+Prefix cache. When a request leaves, the cells of its prompt's leading full 63-row passes stay in
+the pool under a sequence id of the prefix cache (prefix_cache.py; `llama_memory_seq_cp` only
+tags the cells, nothing is copied). A later prompt that starts with the same tokens shares those
+cells and prefills from there, in the passes its own layout has there. The shared cells were
+computed by the same passes, on the same tokens at the same positions, as its own prefill would
+have computed them, so a hit changes no logit: output with a hit is token for token the output
+without one. Cached cells are never freed while others may sit above them: an evicted entry's
+cells are parked. A compaction keeps the most recently used entries that fit in the cells no
+admitted request has reserved and drops the rest, so the cache never keeps a request waiting.
+A draft model's pool (`exact_prefixes=False`) may share any common prefix: draft numerics do not
+change the output.
 """
 
 from __future__ import annotations
@@ -55,6 +68,18 @@ from ..errors import InvalidParameter, PromptError
 from ..llama_lib import decode
 from ..runners.base import Runner
 from ..runners.llamacpp import LlamaCppRunner, open_context
+from .prefix_cache import CachedPrefix, PrefixCache
+
+LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
+
+
+def chunk_sizes(n_rows: int, fuse_rows: int) -> list[int]:
+    """Rows per decode: full chunks, but 2 + 2 rather than 3 + 1 (a lone row may need a dummy row, see the docstring)."""
+    sizes = [fuse_rows] * (n_rows // fuse_rows) + ([n_rows % fuse_rows] if n_rows % fuse_rows else [])
+    if len(sizes) > 1 and sizes[-1] == 1 and fuse_rows > 2:
+        sizes[-2] -= 1
+        sizes[-1] += 1
+    return sizes
 
 
 class PoolFull(RuntimeError):
@@ -71,7 +96,8 @@ class KvPool:
     prefill_rows = 63
 
     def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512,
-                 lock: threading.Lock | None = None, pad_single_rows: bool | None = None) -> None:
+                 lock: threading.Lock | None = None, pad_single_rows: bool | None = None,
+                 prefix_entries: int = 0, exact_prefixes: bool = True) -> None:
         import llama_cpp as L
 
         self._L = L
@@ -79,13 +105,20 @@ class KvPool:
         self.n_seqs = n_seqs
         self.park = n_seqs  # the sequence holding cells nobody attends to any more
         self.pad = n_seqs + 1  # the dummy second row of a one-row decode
-        self._ctx = open_context(base._model, n_ctx=n_cells, n_batch=n_batch, n_seq_max=n_seqs + 2,
+        if n_seqs + 2 + prefix_entries > LLAMA_MAX_SEQ:
+            raise InvalidParameter(f"{n_seqs} slots and {prefix_entries} cached prefixes exceed llama.cpp's "
+                                   f"{LLAMA_MAX_SEQ} sequences per context", "prefix_cache")
+        self.prefixes = PrefixCache(range(n_seqs + 2, n_seqs + 2 + prefix_entries))
+        self.exact_prefixes = exact_prefixes
+        self._prompts: list[np.ndarray | None] = [None] * n_seqs  # each sequence's prefilled prompt
+        self._ctx = open_context(base._model, n_ctx=n_cells, n_batch=n_batch, n_seq_max=n_seqs + 2 + prefix_entries,
                                  n_threads=base.n_threads)
         if not self._ctx:
             raise InvalidParameter(f"llama.cpp could not create a KV pool of {n_cells} cells", "kv_pool")
         self._mem = L.llama_get_memory(self._ctx)
         self.n_cells = L.llama_n_ctx(self._ctx)
         self.n_batch = n_batch
+        self.pass_rows = min(self.prefill_rows, n_batch)  # rows per prompt pass; a fuser may set fewer, once
         self.n_vocab = base.n_vocab
         self._batch = L.llama_batch_init(n_batch + 1, 0, 1)
         # Every llama.cpp computation of the server runs under it (a draft pool gets the target pool's).
@@ -112,11 +145,76 @@ class KvPool:
         return True
 
     def release(self, seq: int) -> None:
+        self._cache_prompt(seq)
         self.drop(seq, 0)
         self.reserved[seq] = 0
-        if not any(self.live):  # idle: start again from cell 0, as a solo run does
+        if not any(self.live) and not len(self.prefixes):  # idle: start again from cell 0, as a solo run does
             self._L.llama_memory_clear(self._mem, True)
             self.bump = 0
+
+    # -- prompts and the prefix cache -------------------------------------------------------------
+
+    def prefill_passes(self, n_tokens: int) -> list[int]:
+        """Rows per decode of an n-token prompt: a function of its length alone (see the docstring)."""
+        return chunk_sizes(n_tokens, self.pass_rows)
+
+    def shareable_prefix(self, n_tokens: int) -> int:
+        """Leading prompt tokens whose cells another prompt's prefill would compute bit for bit the same:
+        the full `prefill_rows` passes before the last pass (which any longer prompt runs as a full pass too)."""
+        if not self.exact_prefixes:
+            return max(0, n_tokens - 1)
+        shared = 0
+        for size in self.prefill_passes(n_tokens)[:-1]:
+            if size != self.pass_rows:
+                break
+            shared += size
+        return shared
+
+    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        """Share the longest cached prefix of a prompt about to be prefilled on an empty `seq`; return its length."""
+        if not len(self.prefixes) or self.live[seq]:
+            return 0
+        prompt = np.asarray(tokens, dtype=np.int32)
+        entry, length = self.prefixes.match(prompt)
+        reused = min(length, self.shareable_prefix(len(prompt)))
+        if self.exact_prefixes:
+            reused -= reused % self.pass_rows
+        self.prefixes.record_lookup(entry, reused)
+        if reused <= 0:
+            return 0
+        self._L.llama_memory_seq_cp(self._mem, entry.seq, seq, 0, reused)
+        self.live[seq] = reused
+        return reused
+
+    def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
+        """`seq` has prefilled `tokens` from position 0: worth caching when it leaves."""
+        self._prompts[seq] = np.asarray(tokens, dtype=np.int32)
+
+    def _cache_prompt(self, seq: int) -> None:
+        prompt, self._prompts[seq] = self._prompts[seq], None
+        if prompt is None or self.prefixes.capacity == 0:
+            return
+        keep = min(self.shareable_prefix(len(prompt)), self.live[seq])
+        if keep <= 0:
+            return
+        store, redundant = self.prefixes.plan_store(prompt[:keep])
+        if not store:
+            return
+        for entry in redundant:
+            self._evict(entry)
+        entry, evicted = self.prefixes.add(prompt[:keep])
+        if evicted is not None:
+            self._park(evicted.seq)
+        self._L.llama_memory_seq_cp(self._mem, seq, entry.seq, 0, keep)
+
+    def _evict(self, entry: CachedPrefix) -> None:
+        self.prefixes.remove(entry)
+        self._park(entry.seq)
+
+    def _park(self, seq: int) -> None:
+        """Hand all of `seq`'s cells to the park sequence (they stay occupied, see the docstring)."""
+        self._L.llama_memory_seq_cp(self._mem, seq, self.park, 0, -1)
+        self._L.llama_memory_seq_rm(self._mem, seq, -1, -1)
 
     def drop(self, seq: int, from_pos: int) -> None:
         """Forget positions >= from_pos of `seq`, parking their cells.
@@ -126,7 +224,7 @@ class KvPool:
         """
         if from_pos >= self.live[seq]:
             return
-        alone = self.bump == self.live[seq]
+        alone = self.bump == self.live[seq] and not len(self.prefixes)
         if not alone:
             self._L.llama_memory_seq_cp(self._mem, seq, self.park, from_pos, -1)
         self._L.llama_memory_seq_rm(self._mem, seq, from_pos, -1)
@@ -135,21 +233,31 @@ class KvPool:
             self.bump = from_pos
 
     def compact(self) -> None:
-        """Copy the live sequences out, clear every cell (parked ones too), copy them back packed."""
-        L = self._L
-        saved = []
-        for seq in range(self.n_seqs):
-            if self.live[seq]:
-                size = L.llama_state_seq_get_size(self._ctx, seq)
-                buf = (ctypes.c_uint8 * size)()
-                written = L.llama_state_seq_get_data(self._ctx, buf, size, seq)
-                saved.append((seq, buf, written))
-        L.llama_memory_clear(self._mem, True)
-        for seq, buf, size in saved:
-            if L.llama_state_seq_set_data(self._ctx, buf, size, seq) != size:
-                raise RuntimeError(f"llama.cpp could not restore sequence {seq} while compacting the KV pool")
-        self.bump = sum(self.live)
+        """Copy the live sequences out, clear every cell (parked ones too), copy them back packed; then the
+        most recently used cached prefixes that fit in the cells no admitted request has reserved."""
+        saved = [(seq, self._save(seq)) for seq in range(self.n_seqs) if self.live[seq]]
+        room = self.n_cells - sum(max(r, n) for r, n in zip(self.reserved, self.live))
+        kept = []
+        for entry in self.prefixes.most_recent_first():
+            if len(entry.tokens) <= room:
+                room -= len(entry.tokens)
+                kept.append((entry, self._save(entry.seq)))
+        self._L.llama_memory_clear(self._mem, True)
+        for seq, state in saved + [(entry.seq, state) for entry, state in kept]:
+            self._restore(seq, state)
+        self.prefixes.keep_only([entry for entry, _ in kept])
+        self.bump = sum(self.live) + sum(len(entry.tokens) for entry, _ in kept)
         self.compactions += 1
+
+    def _save(self, seq: int):
+        size = self._L.llama_state_seq_get_size(self._ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        return buf, self._L.llama_state_seq_get_data(self._ctx, buf, size, seq)
+
+    def _restore(self, seq: int, state) -> None:
+        buf, size = state
+        if self._L.llama_state_seq_set_data(self._ctx, buf, size, seq) != size:
+            raise RuntimeError(f"llama.cpp could not restore sequence {seq} while compacting the KV pool")
 
     # -- decoding ----------------------------------------------------------------------------------
 
@@ -259,10 +367,15 @@ class DirectSeqRunner(SeqRunner):
     def _run(self, tokens: list[int], all_logits: bool) -> np.ndarray:
         """Batches of n_batch, as a solo runner's. The rows are copied while the lock is held: another
         slot's next draft pass overwrites llama.cpp's logits buffer."""
-        rows = []
+        rows, start = [], 0
         with self.pool.lock:
-            for start in range(0, len(tokens), self.pool.n_batch):
+            prompt = self.n_past == 0 and not all_logits
+            if prompt:
+                start = self.pool.adopt_prefix(self.seq, tokens)
+            for start in range(start, len(tokens), self.pool.n_batch):
                 part = tokens[start : start + self.pool.n_batch]
                 want = [all_logits] * (len(part) - 1) + [all_logits or start + len(part) == len(tokens)]
                 rows.append(self.pool.decode([self.seq] * len(part), part, want).copy())
+            if prompt:
+                self.pool.remember_prompt(self.seq, tokens)
         return rows[0] if len(rows) == 1 else np.concatenate(rows)

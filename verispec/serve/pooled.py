@@ -107,7 +107,7 @@ class PoolSlot:
 class PooledScheduler(Scheduler):
     def __init__(self, base: Model, max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None,
                  spec_off_at: int = 0, metrics: Metrics | None = None, pool_cells: int | None = None,
-                 fuse_rows: int | None = None, prefill_chunk: int | None = None) -> None:
+                 fuse_rows: int | None = None, prefill_chunk: int | None = None, prefix_cache: int = 8) -> None:
         if max_batch < 1:
             raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
         self.n_ctx = position_limit(base.target, n_ctx or base.target.n_ctx)
@@ -122,7 +122,10 @@ class PooledScheduler(Scheduler):
             raise InvalidParameter(f"--kv-pool {cells} is smaller than --ctx {self.n_ctx}: one request could never fit",
                                    "kv_pool")
         self.memory = check_server(base, self.model_drafter, max_batch, self.n_ctx, cells)
-        self.pool = open_pool(base.target, cells, max_batch)  # PoolUnsupported for a model it cannot hold
+        if prefix_cache < 0:
+            raise InvalidParameter(f"--prefix-cache must be >= 0, got {prefix_cache}", "prefix_cache")
+        self.prefix_cache = prefix_cache
+        self.pool = open_pool(base.target, cells, max_batch, prefix_cache)  # PoolUnsupported for a model it cannot hold
         self.fuser = Fuser(self.pool, fuse_rows, prefill_chunk)
         self.policy = GoodputPolicy(self.fuser.fuse_rows)
         self.policy.pass_seconds = self.fuser.pass_seconds
@@ -153,7 +156,8 @@ class PooledScheduler(Scheduler):
         runner = self.model_drafter.runner if self.model_drafter is not None else None
         if not isinstance(runner, LlamaCppRunner):
             return None
-        return KvPool(runner, self.pool.n_cells, slots, lock=self.pool.lock, pad_single_rows=False)
+        return KvPool(runner, self.pool.n_cells, slots, lock=self.pool.lock, pad_single_rows=False,
+                      prefix_entries=self.prefix_cache, exact_prefixes=False)
 
     # -- the scheduler thread ---------------------------------------------------------------------
 
@@ -267,6 +271,9 @@ class PooledScheduler(Scheduler):
         m.pool_reserved.set(sum(pool.reserved))
         m.pool_compactions.set(pool.compactions)
         m.draft_pool_live.set(sum(self.draft_pool.live) if self.draft_pool is not None else 0)
+        m.publish_prefix_cache("target", pool.prefixes)
+        if self.draft_pool is not None:
+            m.publish_prefix_cache("draft", self.draft_pool.prefixes)
 
     # -- slot threads ----------------------------------------------------------------------------------
 
