@@ -382,6 +382,8 @@ def bench_load(
     kv_pool: Optional[int] = typer.Option(None, help="0 = per-slot contexts (no fusion)"),
     fuse_rows: Optional[int] = typer.Option(None, help="default: 3 on llama.cpp, all of a step's rows on torch"),
     threads: Optional[int] = typer.Option(None),
+    conversation: int = typer.Option(4, help="then a chat about a long document, re-sent each turn: TTFT per turn "
+                                     "(what the prefix cache saves); 0 = none"),
     out: str = typer.Option("load.md", help="markdown table (and a .json next to it)"),
 ) -> None:
     """Drive the server at several concurrencies, speculation off and on: tokens/s, TTFT and ITL percentiles."""
@@ -389,7 +391,7 @@ def bench_load(
 
     try:
         run_load(model, draft, [int(c) for c in concurrency.split(",")], requests, max_tokens, out, url, ctx,
-                 threads=threads, kv_pool=kv_pool, fuse_rows=fuse_rows)
+                 threads=threads, conversation_turns=conversation, kv_pool=kv_pool, fuse_rows=fuse_rows)
     except VerispecError as exc:
         fail(exc)
     console.print(Path(out).read_text())

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -41,6 +42,7 @@ class RequestResult:
     drafted: int = 0
     draft_seconds: float = 0.0  # in proposals, catch-up included
     draft_prefill_seconds: float = 0.0  # the draft's prompt prefill (0 when the server did not time it)
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Cell:
     seconds: float
     results: list[RequestResult] = field(default_factory=list)
     errors: int = 0
+    prefix_hits: int = 0  # requests that shared cached prompt cells (the server's /metrics)
+    prefix_tokens_saved: int = 0
 
     @property
     def tokens(self) -> int:
@@ -66,17 +70,21 @@ class Cell:
                 "itl_p95_ms": pct(itl, 95), "mean_accepted_length": float(np.mean(acc)) if acc else float("nan"),
                 "drafted": sum(r.drafted for r in self.results),
                 "draft_seconds": sum(r.draft_seconds for r in self.results),
-                "draft_prefill_seconds": sum(r.draft_prefill_seconds for r in self.results)}
+                "draft_prefill_seconds": sum(r.draft_prefill_seconds for r in self.results),
+                "prefix_hits": self.prefix_hits, "prefix_tokens_saved": self.prefix_tokens_saved}
 
 
-async def _one(client, url: str, model: str, prompt: str, max_tokens: int, spec: dict | None) -> RequestResult:
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+async def _one(client, url: str, model: str, prompt: str | list[dict], max_tokens: int, spec: dict | None,
+               answer: list[str] | None = None) -> RequestResult:
+    """One streamed chat request (a prompt, or the messages so far); the answer's text goes to `answer`."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if spec is not None:
         body["speculative"] = spec
     start = time.perf_counter()
     first = last = None
-    tokens, spec_stats = 0, {}
+    tokens, prompt_tokens, spec_stats = 0, 0, {}
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
@@ -89,14 +97,30 @@ async def _one(client, url: str, model: str, prompt: str, max_tokens: int, spec:
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
+                if answer is not None:
+                    answer.append(chunk["choices"][0]["delta"]["content"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
+                prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
                 spec_stats = chunk.get("speculative") or {}
     first = first or time.perf_counter()
     itl = (last - first) / (tokens - 1) if last is not None and tokens > 1 else None
     return RequestResult(first - start, itl, tokens, spec_stats.get("mean_accepted_length", 0.0),
                          spec_stats.get("drafted", 0), spec_stats.get("draft_seconds", 0.0),
-                         spec_stats.get("draft_prefill_seconds") or 0.0)
+                         spec_stats.get("draft_prefill_seconds") or 0.0, prompt_tokens)
+
+
+async def _prefix_counters(client, url: str) -> tuple[float, float]:
+    """(hits, tokens saved) of the server's target prefix cache so far; zeros from a server without them."""
+    try:
+        text = (await client.get(url + "/metrics")).text
+    except Exception:  # noqa: BLE001 - a peer without /metrics
+        return 0.0, 0.0
+    found = {}
+    for name in ("verispec_prefix_cache_hits_total", "verispec_prefix_cache_tokens_saved_total"):
+        m = re.search(rf'^{name}{{pool="target"}} (\S+)$', text, re.M)
+        found[name] = float(m.group(1)) if m else 0.0
+    return found["verispec_prefix_cache_hits_total"], found["verispec_prefix_cache_tokens_saved_total"]
 
 
 async def _cell(url: str, model: str, prompts: list[str], concurrency: int, n_requests: int, max_tokens: int,
@@ -115,24 +139,78 @@ async def _cell(url: str, model: str, prompts: list[str], concurrency: int, n_re
                 except Exception:  # noqa: BLE001 - counted and reported, the run goes on
                     cell.errors += 1
 
+        hits, saved = await _prefix_counters(client, url)
         t0 = time.perf_counter()
         await asyncio.gather(*(run(i) for i in range(n_requests)))
         cell.seconds = time.perf_counter() - t0
+        hits_after, saved_after = await _prefix_counters(client, url)
+        cell.prefix_hits, cell.prefix_tokens_saved = int(hits_after - hits), int(saved_after - saved)
     return cell
+
+
+FOLLOW_UPS = ("Which part of it matters most, and why?", "Show a short example of using it.",
+              "Name two edge cases it handles.")
+
+
+@dataclass
+class ConversationTurn:
+    result: RequestResult
+    prefix_tokens_saved: int
+
+
+async def _conversation(url: str, model: str, first_turn: str, turns: int, max_tokens: int,
+                        timeout: float) -> list[ConversationTurn]:
+    """A chat that re-sends the whole conversation each turn, as chat clients do: turn 1 asks about a long
+    document, later turns follow up; what the prefix cache saves shows in the later turns' TTFT."""
+    import httpx
+
+    messages = [{"role": "user", "content": first_turn}]
+    out = []
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        for i in range(turns):
+            answer: list[str] = []
+            _, saved = await _prefix_counters(client, url)
+            result = await _one(client, url, model, messages, max_tokens, None, answer)
+            _, saved_after = await _prefix_counters(client, url)
+            out.append(ConversationTurn(result, int(saved_after - saved)))
+            messages = messages + [{"role": "assistant", "content": "".join(answer)},
+                                   {"role": "user", "content": FOLLOW_UPS[i % len(FOLLOW_UPS)]}]
+    return out
+
+
+def conversation_markdown(turns: list[ConversationTurn]) -> str:
+    first = turns[0].result.ttft
+    lines = ["| turn | prompt tokens | prompt tokens reused (prefix cache) | TTFT (ms) | TTFT / turn 1 |",
+             "|---|---|---|---|---|"]
+    for i, t in enumerate(turns, 1):
+        lines.append(f"| {i} | {t.result.prompt_tokens} | {t.prefix_tokens_saved} | {t.result.ttft * 1000:.0f} "
+                     f"| {t.result.ttft / first:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def conversation_document(prompts_source: str, room: int) -> str:
+    """The first turn of the longest long-context bench prompt that leaves `room` characters' worth of
+    context; the shortest one if none is that short."""
+    long = sorted((p.turns[0] for p in load_prompts(prompts_source) if p.category == "long-context"), key=len)
+    if not long:
+        raise ValueError("the bench prompts have no long-context prompt for the conversation")
+    fitting = [t for t in long if len(t) <= room]
+    return fitting[-1] if fitting else long[0]
 
 
 def markdown(cells: list[Cell], header: str) -> str:
     lines = [header, "",
              "| concurrency | speculation | requests | output tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) "
-             "| ITL p95 (ms) | mean accepted length | drafted (draft + draft prefill s) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p95 (ms) | mean accepted length | drafted (draft + draft prefill s) | prefix cache hits (tokens) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         r = cell.row()
         errors = f" ({r['errors']} failed)" if r["errors"] else ""
         lines.append(f"| {r['concurrency']} | {r['speculation']} | {r['requests']}{errors} | {r['tokens_per_second']:.1f} "
                      f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p95_ms']:.1f} "
                      f"| {r['mean_accepted_length']:.2f} "
-                     f"| {r['drafted']} ({r['draft_seconds']:.1f} + {r['draft_prefill_seconds']:.1f} s) |")
+                     f"| {r['drafted']} ({r['draft_seconds']:.1f} + {r['draft_prefill_seconds']:.1f} s) "
+                     f"| {r['prefix_hits']} ({r['prefix_tokens_saved']}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -170,12 +248,14 @@ class _LocalServer:
 
 def run_load(model: str, draft: str | None, concurrency: list[int], requests: int, max_tokens: int, out: str | None,
              url: str | None = None, ctx: int = 2048, max_batch: int | None = None, threads: int | None = None,
-             prompts_source: str = "builtin", timeout: float = 600.0, **serve_options) -> list[Cell]:
+             prompts_source: str = "builtin", timeout: float = 600.0, conversation_turns: int = 0,
+             **serve_options) -> list[Cell]:
     prompts = [p.turns[0] for p in load_prompts(prompts_source)]
     local = None if url else _LocalServer(model, draft, ctx, max_batch or max(concurrency), threads, **serve_options)
     target = url or local.url
     load_before = os.getloadavg()
     cells: list[Cell] = []
+    chat: list[ConversationTurn] = []
     try:
         asyncio.run(_cell(target, model, prompts, 1, 1, 8, "on", timeout))  # warm-up
         for c in concurrency:
@@ -183,6 +263,11 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
                 cell = asyncio.run(_cell(target, model, prompts, c, max(requests, c), max_tokens, mode, timeout))
                 cells.append(cell)
                 print(markdown([cell], "").strip().splitlines()[-1], flush=True)
+        if conversation_turns:
+            # ~3.5 characters a token; the answers and follow-ups need room too
+            document = conversation_document(prompts_source, int(3.5 * (ctx - conversation_turns * (max_tokens + 40))))
+            chat = asyncio.run(_conversation(target, model, document, conversation_turns, max_tokens, timeout))
+            print(conversation_markdown(chat), flush=True)
     finally:
         if local is not None:
             local.close()
@@ -193,11 +278,16 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
               + (f", server options {serve_options}" if serve_options else "") + ".")
     table = markdown(cells, header)
+    if chat:
+        table += (f"\nA {len(chat)}-turn chat about a long document, each turn re-sending the conversation "
+                  f"(server default drafter, greedy, {max_tokens} tokens at most per answer):\n\n"
+                  + conversation_markdown(chat))
     if out:
         with open(out, "w") as f:
             f.write(table)
         with open(os.path.splitext(out)[0] + ".json", "w") as f:
             json.dump({"header": header, "cells": [c.row() for c in cells],
+                       "conversation": [asdict(t) for t in chat],
                        "requests": [[asdict(r) for r in c.results] for c in cells]}, f, indent=1)
     return cells
 
@@ -215,10 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kv-pool", type=int, default=None, help="0 = per-slot contexts (no fusion)")
     ap.add_argument("--fuse-rows", type=int, default=None, help="default: 3 on llama.cpp, all rows on torch")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--conversation", type=int, default=4, help="turns of a long-document chat after the cells (0 = none)")
     ap.add_argument("--out", default="load.md")
     a = ap.parse_args(argv)
     run_load(a.model, a.draft, [int(c) for c in a.concurrency.split(",")], a.requests, a.max_tokens, a.out, a.url,
-             a.ctx, a.max_batch, a.threads, kv_pool=a.kv_pool, fuse_rows=a.fuse_rows)
+             a.ctx, a.max_batch, a.threads, conversation_turns=a.conversation, kv_pool=a.kv_pool, fuse_rows=a.fuse_rows)
     print(open(a.out).read())
 
 
