@@ -144,7 +144,7 @@ def test_load_cells_sum_the_draft_work_of_their_requests():
     row = cell.row()
     assert (row["drafted"], row["draft_seconds"], row["draft_prefill_seconds"]) == (37, 2.1, 0.5)
     assert row["mean_accepted_length"] == 1.25  # the existing keys stay
-    assert markdown([cell], "").splitlines()[-1].endswith("| 1.25 | 37 (2.1 + 0.5 s) |")
+    assert markdown([cell], "").splitlines()[-1].endswith("| 1.25 | 37 (2.1 + 0.5 s) | 0 (0) |")
 
 
 # -- end to end ---------------------------------------------------------------------------------
