@@ -1,27 +1,38 @@
-"""Driving a Fuser from a test: each request in its own thread, the test's thread ticking."""
+"""Running request coroutines together on a pool from a test, through the stepper (verispec/stepper.py)."""
 
-import threading
+from verispec.engine import Forward
+from verispec.stepper import Stepper
 
 
-def drive(fuser, jobs) -> None:
-    """Run each job (a function of nothing) in its own thread while this thread ticks the fuser."""
-    errors = []
+def run_together(pool, runs: dict, prefill_chunk: int | None = None) -> dict[int, list[int]]:
+    """Step coroutines (sequence -> a generator of Forwards and token lists, such as Engine.steps) together
+    until all finish; return each one's emitted tokens. A coroutine's error is raised here."""
+    stepper = Stepper(pool, prefill_chunk)
+    for seq, run in runs.items():
+        stepper.add(seq, run)
+    out = {seq: [] for seq in runs}
+    while stepper.members:
+        for member in stepper.step():
+            out[member.seq] += member.out
+            member.out = []
+            if member.error is not None:
+                raise member.error
+            if member.finished:
+                stepper.remove(member.seq)
+    return out
 
-    def wrap(seq, job):
+
+def collecting(run, into: list):
+    """Pass a step coroutine's Forwards through, keeping the tokens it emits in `into` (several requests
+    one after another on one sequence)."""
+    reply = None
+    while True:
         try:
-            job()
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
-        finally:
-            fuser.detach(seq)
-
-    threads = []
-    for seq, job in enumerate(jobs):
-        fuser.attach(seq)
-        threads.append(threading.Thread(target=wrap, args=(seq, job)))
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        fuser.tick(0.01)
-    if errors:
-        raise errors[0]
+            event = run.send(reply)
+        except StopIteration:
+            return
+        if isinstance(event, Forward):
+            reply = yield event
+        else:
+            into.extend(event)
+            reply = None

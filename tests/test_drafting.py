@@ -1,8 +1,9 @@
-"""Drafters and the adaptive draft length."""
+"""Drafters, the adaptive draft length and the cost model both K choosers ask."""
 
 import pytest
 
-from verispec.draft_length import DraftLengthChooser, best_k, expected_rate, expected_tokens, prior_ratio
+from verispec.cost_model import best_k, expected_rate, expected_tokens, prior_ratio
+from verispec.draft_length import DraftLengthChooser
 from verispec.drafters.ngram import NgramDrafter
 
 
@@ -122,3 +123,27 @@ def test_each_runner_names_its_own_prior_curve():
     chooser = DraftLengthChooser(k_max=12, cost_curve=runner.cost_curve)
     chooser.record_verify(1, 0.25)
     assert chooser.verify_table()[13] == pytest.approx(0.25 * prior_ratio(13, "torch-cpu-fp32"))
+
+
+def test_the_goodput_planner_extrapolates_with_its_runners_curve():
+    """One measured size: every other size is that one scaled by the runner's prior, not llama.cpp's exact one."""
+    from verispec.serve.goodput import GoodputPolicy
+
+    policy = GoodputPolicy(3, cost_curve="torch-cpu-bf16")
+    policy.pass_seconds[1] = 0.2
+    assert policy.t(16) / policy.t(1) == pytest.approx(prior_ratio(16, "torch-cpu-bf16"))
+    assert policy.t(16) / policy.t(1) < prior_ratio(16, "exact") / 5
+    assert GoodputPolicy(3).t(16) == pytest.approx(prior_ratio(16, "exact"))  # nothing measured: the unitless prior
+
+
+@pytest.mark.parametrize("curve", ["exact", "one-pass", "torch-cpu-fp32", "torch-cpu-bf16"])
+def test_the_chooser_and_the_goodput_planner_price_a_pass_alike(curve):
+    from verispec.serve.goodput import GoodputPolicy
+
+    measured = {2: 0.3, 5: 0.55, 9: 0.8}
+    chooser = DraftLengthChooser(k_max=15, cost_curve=curve, verify_seconds=dict(measured))
+    policy = GoodputPolicy(3, cost_curve=curve)
+    policy.pass_seconds = dict(measured)
+    table = chooser.verify_table()
+    assert sorted(table) == list(range(1, 17))
+    assert table == pytest.approx({n: policy.t(n) for n in table})

@@ -1,13 +1,13 @@
 """The paged KV pool of a torch target (serve/paged.py) on tiny random models: fused rows equal rows
-decoded alone bit for bit, rollback, block accounting, speculative decoding through a SeqRunner, the
-PooledScheduler on a torch target, and the models it refuses."""
+decoded alone bit for bit, rollback, block accounting, speculative decoding through the stepper, the
+scheduler on a torch target, and the models it refuses."""
 
 import threading
 
 import numpy as np
 import pytest
 
-from tests.fused import drive
+from tests.fused import run_together
 from tests.prompts import PROMPTS
 from tests.toy import ByteTokenizer, tiny_llama
 from verispec.drafters.ngram import NgramDrafter
@@ -149,39 +149,31 @@ def test_reservations_take_whole_blocks(runner):
     assert pool.free_cells() == 2 * BLOCK
 
 
-# -- through the fuser and the scheduler ----------------------------------------------------------------
+# -- through the stepper and the scheduler --------------------------------------------------------------
 
 
-def test_speculative_through_a_seq_runner_equals_plain_greedy(runner):
+def test_speculative_through_the_stepper_equals_plain_greedy(runner):
     """Plain and n-gram speculative greedy requests on one pool, fused: the same tokens, and the same
     as the solo runner's plain greedy."""
-    from verispec.serve.fuser import Fuser
-    from verispec.serve.pool import SeqRunner
+    from verispec.serve.pool import SequenceView
 
     pool = PagedPool(runner, 512, 3)
-    fuser = Fuser(pool)
-    assert fuser.fuse_rows == pool.n_batch  # the torch pool's default: all of a tick's rows in one decode
+    assert pool.fuse_rows == pool.n_batch  # the torch pool's default: all of a step's rows in one decode
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     prompt = runner.tokenizer.encode("abc abc abc abc")
     specs = [(None, SpeculativeConfig()), (NgramDrafter(), SpeculativeConfig(draft="ngram", draft_tokens=4)),
              (NgramDrafter(), SpeculativeConfig(draft="ngram", draft_tokens=2))]
-    outs: dict[int, tuple[list[int], Stats]] = {}
-
-    def job(seq: int):
-        def run():
-            assert pool.reserve(seq, 128)
-            stats = Stats()
-            engine = Engine(SeqRunner(pool, seq, fuser, 512), *specs[seq])
-            outs[seq] = ([t for new in engine.generate(prompt, params, stats) for t in new], stats)
-        return run
-
-    drive(fuser, [job(seq) for seq in range(3)])
+    stats = [Stats() for _ in specs]
+    for seq in range(3):
+        assert pool.reserve(seq, 128)
+    outs = run_together(pool, {seq: Engine(SequenceView(pool, seq, 512), *specs[seq]).steps(prompt, params, stats[seq])
+                               for seq in range(3)})
     runner.reset()
     solo = [t for new in Engine(runner).generate(prompt, params) for t in new]
-    assert outs[0][0] == solo
-    assert outs[1][0] == solo and outs[2][0] == solo
-    assert outs[1][1].accepted > 0 and outs[2][1].accepted > 0
-    assert max(fuser.pass_seconds) > 5  # rows of several requests went into one decode
+    assert outs[0] == solo
+    assert outs[1] == solo and outs[2] == solo
+    assert stats[1].accepted > 0 and stats[2].accepted > 0
+    assert max(pool.pass_seconds) > 5  # rows of several requests went into one decode
 
 
 def _collect(scheduler, jobs) -> list[str]:
@@ -205,12 +197,11 @@ def _collect(scheduler, jobs) -> list[str]:
 
 
 def test_pooled_scheduler_on_a_torch_target_equals_alone(runner):
-    """Concurrent greedy requests (plain and pinned n-gram drafting) on the PooledScheduler of a torch
+    """Concurrent greedy requests (plain and pinned n-gram drafting) on the scheduler's pool of a torch
     target: each streams the text it streams alone, which is the solo runner's text."""
-    from verispec.api import Model
     from verispec.serve.paged import PagedPool as Pool
-    from verispec.serve.pooled import PooledScheduler
-    from verispec.serve.scheduler import Job
+    from verispec.serve.scheduler import Scheduler
+    from verispec.serve.scheduler import Sequence as Job
 
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     prompts = [runner.tokenizer.encode(p) for p in (PROMPTS[0], "abc abc abc abc", PROMPTS[7], PROMPTS[12])]
@@ -221,12 +212,12 @@ def test_pooled_scheduler_on_a_torch_target_equals_alone(runner):
         return [Job(tokens=p, params=params, spec=spec, draft=draft, pinned=True)
                 for p, (draft, spec) in zip(prompts, specs)]
 
-    scheduler = PooledScheduler(Model(target=runner, backend="torch"), max_batch=4, n_ctx=256)
+    scheduler = Scheduler(runner, SpeculativeConfig(), None, max_batch=4, n_ctx=256)
     try:
-        assert isinstance(scheduler.pool, Pool) and scheduler.fuser.fuse_rows == scheduler.pool.n_batch
+        assert isinstance(scheduler.pool, Pool) and scheduler.pool.fuse_rows == scheduler.pool.n_batch
         alone = [_collect(scheduler, [job])[0] for job in jobs()]
         together = _collect(scheduler, jobs())
-        assert max(scheduler.fuser.pass_seconds) > 4  # more rows in one decode than any request sends
+        assert max(scheduler.pool.pass_seconds) > 4  # more rows in one decode than any request sends
         assert sum(scheduler.pool.live) == 0 and scheduler.pool.used_cells() == 0  # all released
     finally:
         scheduler.close()
@@ -267,7 +258,7 @@ def test_sliding_window_models_are_refused(make):
     from verispec.serve import ServeConfig
     from verispec.serve.app import _scheduler
     from verispec.serve.metrics import Metrics
-    from verispec.serve.pooled import PooledScheduler
+    from verispec.serve.scheduler import ContextPool
 
     runner = _runner(make(), "sliding")
     with pytest.raises(InvalidParameter, match="sliding"):
@@ -277,7 +268,7 @@ def test_sliding_window_models_are_refused(make):
         _scheduler(base, ServeConfig(model="sliding", max_batch=1, ctx=256, kv_pool=256), Metrics())
     fallback = _scheduler(base, ServeConfig(model="sliding", max_batch=1, ctx=256), Metrics())
     try:
-        assert not isinstance(fallback, PooledScheduler)  # per-slot contexts, as with --kv-pool 0
+        assert isinstance(fallback.pool, ContextPool)  # per-slot contexts, as with --kv-pool 0
     finally:
         fallback.close()
 
@@ -309,18 +300,16 @@ def test_on_a_gpu_the_gpus_free_memory_is_what_counts(monkeypatch):
 def test_a_torch_draft_models_cache_is_counted_before_the_server_starts(runner, monkeypatch, kv_pool):
     """A torch draft keeps a cache per slot beside the target's pool (or beside each slot's context):
     the start-up check counts it, so a server that fits the target alone but not the draft is refused."""
-    from verispec.api import Model
     from verispec.drafters.draft_model import ModelDrafter
     from verispec.serve.memory import InsufficientMemory
-    from verispec.serve.pooled import PooledScheduler
     from verispec.serve.scheduler import Scheduler
 
     per_token = 2 * 2 * 16 * 2 * 4  # tiny_llama: 2 layers x 2 KV heads x 16 dims x K+V x fp32
-    draft = _runner(tiny_llama(1), "tiny-draft")
-    base = Model(target=runner, backend="torch", spec=SpeculativeConfig(draft="tiny-draft"),
-                 _drafters={"tiny-draft": ModelDrafter(draft)})
-    make = (lambda: PooledScheduler(base, max_batch=2, n_ctx=256)) if kv_pool else (
-        lambda: Scheduler(base, max_batch=2, n_ctx=256))
+    draft = ModelDrafter(_runner(tiny_llama(1), "tiny-draft"))
+    spec = SpeculativeConfig(draft="tiny-draft")
+
+    def make():
+        return Scheduler(runner, spec, draft, max_batch=2, n_ctx=256, pool_cells=None if kv_pool else 0)
     target_alone = 2 * 256 * per_token  # a 512-cell pool, or 2 contexts of 256
     monkeypatch.setenv("VERISPEC_MEMORY_AVAILABLE", str(target_alone + per_token * 256))
     with pytest.raises(InsufficientMemory, match=r"draft KV \(2 x 256 tokens x 0\.5 KiB\) 0 MiB") as err:

@@ -6,9 +6,9 @@ import time
 import numpy as np
 import pytest
 
-from tests.fused import drive
+from tests.fused import collecting, run_together
 from tests.prompts import PROMPTS
-from verispec.engine import Engine, SpeculativeConfig, Stats
+from verispec.engine import Engine, Forward, SpeculativeConfig, Stats
 from verispec.sampling import SamplingParams
 
 pytestmark = pytest.mark.real
@@ -25,12 +25,16 @@ def smol(smol_source):
     model.close()
 
 
-def _pool(smol, cells: int, seqs: int, fuse_rows: int = 3, prefill_chunk: int | None = None, prefix_entries: int = 0):
-    from verispec.serve.fuser import Fuser
+def _pool(smol, cells: int, seqs: int, prefix_entries: int = 0):
     from verispec.serve.pool import KvPool
 
-    pool = KvPool(smol.target, cells, seqs, prefix_entries=prefix_entries)
-    return pool, Fuser(pool, fuse_rows, prefill_chunk)
+    return KvPool(smol.target, cells, seqs, prefix_entries=prefix_entries)
+
+
+def _passes(forwards, into: list):
+    """A request that only runs these target passes, keeping copies of their logits."""
+    for forward in forwards:
+        into.append((yield forward).copy())
 
 
 # -- exactness ---------------------------------------------------------------------------------------
@@ -54,7 +58,7 @@ def test_a_request_alone_decodes_like_plain_llama_cpp_past_256_tokens_without_du
     runner.reset()
     runner.forward(prompt, all_logits=False)
     solo = run(lambda t: runner.forward(t)[0], runner.rollback, lambda: runner.n_past)
-    pool, _ = _pool(smol, 1024, 2)
+    pool = _pool(smol, 1024, 2)
     try:
         pool.reserve(0, 512)
         pool.decode([0] * len(prompt), prompt, [False] * (len(prompt) - 1) + [True])
@@ -80,7 +84,7 @@ def test_rows_of_different_requests_in_one_decode_equal_solo_rows(smol):
         runner.reset()
         runner.forward(prompt, all_logits=False)
         solo.append(runner.forward([tok]).copy())
-    pool, _ = _pool(smol, 1024, 3)
+    pool = _pool(smol, 1024, 3)
     try:
         for seq, prompt in enumerate(prompts):
             pool.reserve(seq, 512)
@@ -94,25 +98,21 @@ def test_rows_of_different_requests_in_one_decode_equal_solo_rows(smol):
 
 def test_a_prompt_prefilled_above_other_cells_equals_it_prefilled_alone(smol):
     """64+ prompt rows in one llama.cpp decode take ggml's tiled attention, whose sums depend on where
-    the prompt's cells lie (10 cells of another request below shifted logits by ~0.6); the fuser
+    the prompt's cells lie (10 cells of another request below shifted logits by ~0.6); the stepper
     prefills in passes of at most 63 rows, which do not."""
     prompt = smol.prompt_tokens(PROMPTS[2] * 2)[:72]
     below = smol.prompt_tokens(PROMPTS[7])[:10]
     assert len(prompt) == 72 and len(below) == 10
 
     def prefill(other: list[int]) -> np.ndarray:
-        pool, fuser = _pool(smol, 1024, 2)
+        pool = _pool(smol, 1024, 2)
         out = []
-
-        def job():
-            pool.reserve(0, 128)
-            out.append(fuser.run(0, prompt, all_logits=False).copy())
-
         try:
             if other:
                 pool.reserve(1, 64)
                 pool.decode([1] * len(other), other, [False] * len(other))
-            drive(fuser, [job])
+            pool.reserve(0, 128)
+            run_together(pool, {0: _passes([Forward(prompt, all_logits=False)], out)})
         finally:
             pool.close()
         return out[0]
@@ -129,36 +129,30 @@ def test_a_cached_prompt_prefix_is_shared_and_changes_no_logit_through_compactio
     first, second, other = text[:200], text[:260], text[137:337]
     assert len(second) == 260 and len(other) == 200
 
-    def request(pool, fuser, prompt) -> np.ndarray:
+    def request(pool, prompt) -> np.ndarray:
         out = []
-
-        def job():
-            assert pool.reserve(0, len(prompt) + 8)
-            out.append(fuser.run(0, prompt, all_logits=False).copy())
-            for token in (11, 12, 13):
-                out.append(pool.decode([0], [token], [True]).copy())
-
-        drive(fuser, [job])
+        assert pool.reserve(0, len(prompt) + 8)
+        run_together(pool, {0: _passes([Forward(prompt, all_logits=False)] + [Forward([t]) for t in (11, 12, 13)], out)})
         pool.release(0)
         return np.concatenate(out)
 
-    pool, fuser = _pool(smol, 1024, 1)
+    pool = _pool(smol, 1024, 1)
     try:
-        cold = request(pool, fuser, second)
+        cold = request(pool, second)
     finally:
         pool.close()
-    pool, fuser = _pool(smol, 1024, 1, prefix_entries=1)
+    pool = _pool(smol, 1024, 1, prefix_entries=1)
     try:
-        request(pool, fuser, first)
+        request(pool, first)
         assert len(pool.prefixes) == 1 and pool.live == [0]
-        hit = request(pool, fuser, second)
+        hit = request(pool, second)
         assert (pool.prefixes.hits, pool.prefixes.tokens_saved) == (1, 189)  # 3 whole passes of 63 rows
         assert len(pool.prefixes) == 1 and len(pool.prefixes.most_recent_first()[0].tokens) == 252  # replaced
         pool.compact()
-        after_compaction = request(pool, fuser, second)
+        after_compaction = request(pool, second)
         assert (pool.prefixes.hits, pool.prefixes.tokens_saved, pool.compactions) == (2, 441, 1)
-        request(pool, fuser, other)  # evicts the entry (one entry id)
-        missed = request(pool, fuser, second)
+        request(pool, other)  # evicts the entry (one entry id)
+        missed = request(pool, second)
         assert pool.prefixes.hits == 2 and pool.prefixes.evictions == 2  # each pushed the other out
     finally:
         pool.close()
@@ -171,34 +165,32 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     cells without compaction (sequence 3 serves three requests in a row, the others hold theirs): each
     greedy output equals its solo plain output, through compactions and one-row decodes at 512+ cells."""
     from verispec.drafters.ngram import NgramDrafter
-    from verispec.serve.pool import SeqRunner
+    from verispec.serve.pool import SequenceView
 
     params = SamplingParams(max_tokens=64)
     texts = [[PROMPTS[2]], [PROMPTS[0] * 6], [PROMPTS[4]], [PROMPTS[7], PROMPTS[8], PROMPTS[9]]]
     prompts = [[smol.prompt_tokens(t) for t in seq_texts] for seq_texts in texts]
     ks = [0, 3, 2, 0]
     solo = [[[t for new in Engine(smol.target).generate(p, params) for t in new] for p in ps] for ps in prompts]
-    pool, fuser = _pool(smol, 512, 4)
+    pool = _pool(smol, 512, 4)
     runner_exact = smol.target.exact_attention
     outs: list = [[] for _ in range(4)]
 
-    def job(seq: int):
-        def run():
-            runner = SeqRunner(pool, seq, fuser, 1024)
-            for prompt in prompts[seq]:
-                assert pool.reserve(seq, max(len(p) for p in prompts[seq]) + 72)
-                drafter = NgramDrafter() if ks[seq] else None
-                spec = SpeculativeConfig(draft="ngram" if ks[seq] else None, draft_tokens=ks[seq])
-                outs[seq].append([t for new in Engine(runner, drafter, spec).generate(prompt, params) for t in new])
-                with pool.lock:
-                    pool.drop(seq, 0)
-        return run
+    def requests(seq: int):
+        view = SequenceView(pool, seq, 1024)
+        for prompt in prompts[seq]:
+            assert pool.reserve(seq, max(len(p) for p in prompts[seq]) + 72)
+            drafter = NgramDrafter() if ks[seq] else None
+            spec = SpeculativeConfig(draft="ngram" if ks[seq] else None, draft_tokens=ks[seq])
+            outs[seq].append([])
+            yield from collecting(Engine(view, drafter, spec).steps(prompt, params), outs[seq][-1])
+            pool.drop(seq, 0)
 
     try:
-        drive(fuser, [job(i) for i in range(4)])
+        run_together(pool, {seq: requests(seq) for seq in range(4)})
         assert pool.compactions > 0  # compaction was exercised
         assert (pool.padded == 0) == runner_exact  # one-row passes padded only without the split-KV switch
-        assert max(fuser.pass_seconds) <= 3  # never more than 3 rows per decode
+        assert max(pool.pass_seconds) <= 3  # never more than 3 rows per decode
     finally:
         pool.close()
     assert outs == solo
@@ -206,25 +198,25 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
 
 def test_chunked_prefill_lets_others_decode(smol):
     """A long prompt prefilled in 32-token chunks: a short request decodes several tokens meanwhile."""
-    pool, fuser = _pool(smol, 2048, 2, prefill_chunk=32)
+    pool = _pool(smol, 2048, 2)
     long_prompt = smol.prompt_tokens(PROMPTS[0] * 12)
     assert len(long_prompt) > 6 * 32
     events = []
 
     def long_job():
-        pool.reserve(0, 1024)
-        fuser.run(0, long_prompt, all_logits=False)
+        yield Forward(long_prompt, all_logits=False)
         events.append("long prefilled")
 
     def short_job():
-        pool.reserve(1, 1024)
-        fuser.run(1, smol.prompt_tokens(PROMPTS[1]), all_logits=False)
+        yield Forward(smol.prompt_tokens(PROMPTS[1]), all_logits=False)
         for tok in (5, 6, 7, 8):
-            fuser.run(1, [tok], all_logits=True)
+            yield Forward([tok])
             events.append("short step")
 
     try:
-        drive(fuser, [long_job, short_job])
+        pool.reserve(0, 1024)
+        pool.reserve(1, 1024)
+        run_together(pool, {0: long_job(), 1: short_job()}, prefill_chunk=32)
     finally:
         pool.close()
     assert events.index("long prefilled") >= 3, events
@@ -243,11 +235,17 @@ def drafting(smol_source):
     model.close()
 
 
+def _scheduler(model, max_batch: int, n_ctx: int = 512):
+    from verispec.serve.scheduler import Scheduler
+
+    return Scheduler(model.target, model.spec, model.drafter(model.spec.draft), max_batch=max_batch, n_ctx=n_ctx)
+
+
 def _submit(scheduler, base, text: str, max_tokens: int):
     """A greedy request drafting with the model (K = 4); returns the job and the list its events go to."""
     from dataclasses import replace
 
-    from verispec.serve.scheduler import Job
+    from verispec.serve.scheduler import Sequence as Job
 
     events = []
     spec = replace(base.spec, draft=MODEL, draft_tokens=4)
@@ -302,17 +300,14 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
     draft is a sequence of one draft pool, every output equals the solo plain output, and both pools
     are empty afterwards."""
     from verispec.serve.pool import DirectSeqRunner
-    from verispec.serve.pooled import PooledScheduler
 
     texts, n = [PROMPTS[0], PROMPTS[4], PROMPTS[7]], 40
     solo = [drafting.generate(t, SamplingParams(max_tokens=n), spec=SpeculativeConfig()).text for t in texts]
-    scheduler = PooledScheduler(drafting, max_batch=2, n_ctx=512)
+    scheduler = _scheduler(drafting, 2)
     try:
         draft_pool = scheduler.draft_pool
         assert draft_pool is not None and draft_pool.n_cells == scheduler.pool.n_cells
-        assert draft_pool.lock is scheduler.pool.lock
-        assert all(isinstance(s.model_drafter.runner, DirectSeqRunner) and s.model_drafter.runner.pool is draft_pool
-                   for s in scheduler.slots)
+        assert all(isinstance(d.runner, DirectSeqRunner) and d.runner.pool is draft_pool for d in scheduler._drafters)
         runs = [_submit(scheduler, drafting, t, n) for t in texts]
         assert all(_until(lambda: events and events[-1].kind != "text") for _, events in runs)
         assert _until(lambda: not any(draft_pool.reserved) and not any(scheduler.pool.reserved))
@@ -326,36 +321,42 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
 
 
 def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting):
-    from verispec.serve.pooled import PooledScheduler
-
-    scheduler = PooledScheduler(drafting, max_batch=2, n_ctx=512)
+    scheduler = _scheduler(drafting, 2)
     try:
         assert scheduler._initial_cap() is None  # alone: its own chooser decides
-        scheduler.slots[0].job = object()  # another request is running
+        scheduler.slots[0] = object()  # another request is running
         assert scheduler._initial_cap() == 0
-        scheduler.slots[0].job = None
+        scheduler.slots[0] = None
     finally:
         scheduler.close()
 
 
-def test_a_costly_drafter_whose_prefill_was_skipped_takes_no_cap_but_zero():
+def test_a_costly_drafter_whose_prefill_a_cap_of_zero_skipped_stays_off(smol):
+    """Engine.cap 0 at the start of a gated request skips a costly drafter's prefill: it then never drafts,
+    whatever cap comes later (its first draft would catch up on the whole context). Without the cap it drafts."""
     from verispec.drafters.base import Draft, Drafter
-    from verispec.serve.scheduler import Switchable
 
     class Costly(Drafter):
         name, costly = "model", True
+        prefilled = False
+
+        def prefill(self, prompt):
+            self.prefilled = True
 
         def propose(self, context, k):
             return Draft([1] * k, None, self.name)
 
-    rng = np.random.default_rng(0)
-    skipped, prefilled = Switchable(Costly()), Switchable(Costly())
-    for gate, cap in ((skipped, 0), (prefilled, None)):
-        gate.cap = cap
-        gate.begin([1, 2], SamplingParams(), rng)
-        gate.prefill([1, 2])
-    assert skipped.allowed(None) == 0 and skipped.allowed(4) == 0
-    assert prefilled.allowed(None) is None and prefilled.allowed(4) == 4
+    prompt = smol.prompt_tokens(PROMPTS[0])
+    for cap, drafts in ((0, False), (None, True)):
+        drafter, stats = Costly(), Stats()
+        engine = Engine(smol.target, drafter, SpeculativeConfig(draft="model", draft_tokens=None))
+        engine.gated, engine.cap = True, cap
+        run = engine.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True), stats)
+        next(run)
+        engine.cap = None  # the planner lifts the cap
+        list(run)
+        assert engine.draft_stays_off is not drafts and drafter.prefilled is drafts
+        assert (stats.drafted > 0) is drafts and (stats.capped_steps >= 5) is not drafts
 
 
 def test_a_draft_model_skipped_at_the_start_stays_off_when_the_request_is_left_alone(drafting):
@@ -364,8 +365,7 @@ def test_a_draft_model_skipped_at_the_start_stays_off_when_the_request_is_left_a
     generated tokens: it must not. The first request, admitted alone, is prefilled and drafts."""
     from dataclasses import replace
 
-    from verispec.serve.pooled import PooledScheduler
-    from verispec.serve.scheduler import Job
+    from verispec.serve.scheduler import Sequence as Job
 
     def submit(text: str, max_tokens: int):
         events = []
@@ -375,7 +375,7 @@ def test_a_draft_model_skipped_at_the_start_stays_off_when_the_request_is_left_a
         scheduler.submit(job)
         return job, events
 
-    scheduler = PooledScheduler(drafting, max_batch=2, n_ctx=512)
+    scheduler = _scheduler(drafting, 2)
     try:
         first, first_events = submit(PROMPTS[0], 12)
         assert _until(lambda: first_events)  # decoding
@@ -386,16 +386,14 @@ def test_a_draft_model_skipped_at_the_start_stays_off_when_the_request_is_left_a
     finally:
         scheduler.close()
     assert joiner_events[-1].kind == "done", joiner_events[-1]
-    assert first.stats.drafted > 0 and first._gate.prefill_seconds > 0
+    assert first.stats.drafted > 0 and first.stats.draft_prefill_seconds > 0
     assert left_alone_at < 40 and joiner.stats.generated == 48  # it ran alone for a while
-    assert joiner._gate.stays_off and joiner._gate.prefill_seconds == 0
+    assert joiner.engine.draft_stays_off and joiner.stats.draft_prefill_seconds == 0
     assert joiner.stats.drafted == 0 and joiner.disabled_steps >= joiner.stats.target_passes
 
 
 def test_cancelled_request_releases_its_draft_cells(drafting):
-    from verispec.serve.pooled import PooledScheduler
-
-    scheduler = PooledScheduler(drafting, max_batch=1, n_ctx=512)
+    scheduler = _scheduler(drafting, 1)
     try:
         draft_pool = scheduler.draft_pool
         job, events = _submit(scheduler, drafting, PROMPTS[7], 400)
@@ -471,7 +469,7 @@ def test_memory_check_counts_the_draft_and_says_what_fits(smol_source):
         check(plan.with_(slots=slots), available)  # the suggestion passes
         pooled = MemoryPlan(target, None, 8, 8192, pool=8 * 8192)
         assert pooled.needed() < without  # one set of compute buffers instead of eight
-        served = plan_server(base, base.drafter(MODEL), 8, 8192, pool=8 * 8192)
+        served = plan_server(base.target, base.drafter(MODEL), 8, 8192, pool=8 * 8192)
         draft_parts = {name: size for name, size in served.parts().items() if name.startswith("draft")}
         assert list(draft_parts) == [f"draft KV pool ({8 * 8192} tokens x {served.draft.kv_per_token / 1024:.1f} KiB)",
                                      "draft compute buffers (1 context)"]

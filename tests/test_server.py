@@ -179,7 +179,7 @@ def test_speculative_per_request_is_lossless(running):
     assert s["draft"] == "ngram" and s["drafted"] > 0 and s["accepted"] > 0
     assert s["mean_accepted_length"] > 1.0 and s["target_passes"] < p["target_passes"]
     assert p["draft"] == "none" and p["drafted"] == 0 and p["mean_accepted_length"] == 1.0
-    assert s["draft_prefill_seconds"] is None and p["draft_prefill_seconds"] == 0.0  # pinned: not timed
+    assert s["draft_prefill_seconds"] >= 0.0 and p["draft_prefill_seconds"] == 0.0  # the engine times it
 
 
 # -- concurrency ------------------------------------------------------------------------------------
@@ -405,7 +405,8 @@ def test_client_disconnect_cancels_and_frees_slot(running):
     assert health["active"] == 0
     assert running.metric("verispec_requests_total", outcome="cancelled") == cancelled + 1
     assert running.metric("verispec_generated_tokens_total") - generated < 1000  # it did not run to the end
-    assert all(slot.job is None and slot.model.target.n_past == 0 for slot in running.server.scheduler.slots)
+    scheduler = running.server.scheduler
+    assert scheduler.slots == [None] * 4 and sum(scheduler.pool.live) == 0 and sum(scheduler.pool.reserved) == 0
     out = running.client().completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=8, temperature=0)
     assert out.choices[0].text == alone(running, PROMPTS[1], 8)
 
@@ -474,7 +475,7 @@ def test_model_drafter_gets_a_context_per_slot(smol_source):
     base = verispec.load(MODEL, n_ctx=512, draft=MODEL, n_threads=1)
     server = Server(base, ServeConfig(model=MODEL, max_batch=2, ctx=512))
     try:
-        drafters = [slot.model_drafter for slot in server.scheduler.slots]
+        drafters = server.scheduler._drafters
         assert all(drafters) and len({id(d.runner) for d in drafters} | {id(base.drafter(MODEL).runner)}) == 3
         with TestClient(create_app(server)) as http:
             body = {"model": MODEL, "prompt": PROMPTS[7], "max_tokens": 16, "temperature": 0}
@@ -496,12 +497,12 @@ def test_per_slot_contexts_without_pool(smol_source):
 
     import verispec
     from verispec.serve import ServeConfig, Server, create_app
-    from verispec.serve.scheduler import Scheduler
+    from verispec.serve.scheduler import ContextPool
 
     base = verispec.load(MODEL, n_ctx=512, draft="ngram", n_threads=1)
     server = Server(base, ServeConfig(model=MODEL, max_batch=2, ctx=512, kv_pool=0))
     try:
-        assert type(server.scheduler) is Scheduler
+        assert isinstance(server.scheduler.pool, ContextPool)
         with TestClient(create_app(server)) as http:
             def complete(prompt: str) -> str:
                 body = {"model": MODEL, "prompt": prompt, "max_tokens": 12, "temperature": 0}

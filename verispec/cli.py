@@ -242,7 +242,7 @@ def print_demo(results: dict) -> None:
 
 def _why_line(results: dict, names: dict[str, str]) -> str:
     """Why the best speculative mode came out as it did: what its drafting steps kept against what they cost."""
-    from .draft_length import ratio_at
+    from .cost_model import ratio_at
 
     r = {int(k): v for k, v in results["verify_cost"]["ratio"].items()}
     measured = ", ".join(f"T({n})/T(1) = {v:.2f}" for n, v in sorted(r.items()) if n > 1)
@@ -384,6 +384,8 @@ def bench_load(
     threads: Optional[int] = typer.Option(None),
     conversation: int = typer.Option(4, help="then a chat about a long document, re-sent each turn: TTFT per turn "
                                      "(what the prefix cache saves); 0 = none"),
+    peer: Optional[str] = typer.Option(None, help="llama-server: llama.cpp's own server on the same prompts, same run "
+                                       "(plain decoding, -np = the highest concurrency; `make llama-tools` builds it)"),
     out: str = typer.Option("load.md", help="markdown table (and a .json next to it)"),
 ) -> None:
     """Drive the server at several concurrencies, speculation off and on: tokens/s, TTFT and ITL percentiles."""
@@ -391,7 +393,7 @@ def bench_load(
 
     try:
         run_load(model, draft, [int(c) for c in concurrency.split(",")], requests, max_tokens, out, url, ctx,
-                 threads=threads, conversation_turns=conversation, kv_pool=kv_pool, fuse_rows=fuse_rows)
+                 threads=threads, conversation_turns=conversation, peer=peer, kv_pool=kv_pool, fuse_rows=fuse_rows)
     except VerispecError as exc:
         fail(exc)
     console.print(Path(out).read_text())

@@ -1,9 +1,10 @@
-"""Where the draft length K is chosen: the K that maximises expected tokens per second.
+"""Where the draft length K is chosen for one request: the K that maximises its expected tokens per second.
 
-With per-token acceptance a, drafting K tokens yields on average 1 + a + a^2 + ... + a^K tokens
-per target pass (the target's own token always counts). A step costs the verify pass over K+1
-tokens plus K draft steps. Verify costs are measured per batch size as the run goes; sizes not
-yet seen are extrapolated from a prior curve T(n)/T(1) scaled to what was measured.
+DraftLengthChooser picks a chain's K from the acceptance and the verify and draft costs it measures
+as the request runs; CarriedCosts hands those measurements from one request to the next;
+TreeBudgetChooser picks a tree's node budget by measuring each budget directly. The arithmetic
+(T(n) with its prior curve, expected tokens, the acceptance estimate) is cost_model.py's, shared
+with the server's plan across requests (serve/goodput.py).
 """
 
 from __future__ import annotations
@@ -11,76 +12,10 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-# T(n)/T(1) for one llama.cpp pass over n rows, per verify mode: the Qwen2.5-Coder-1.5B Q4_K_M target through
-# the runner (verispec's GGML_OPENMP=OFF build, 2 threads, a 121-token context), as `verispec bench` measured it
-# on 2026-12-06 (docs/bench-2026-12-06, "Verify cost"; n = 3 from the one-pass run beside it: the same pass).
-# "exact" scores in chunks of <= 3 rows, so its cost grows about linearly from 4 rows on; "one-pass" is one
-# batch, where ggml's repacked gemm takes over at 4 rows (4 rows cost less than 3; up to 3 rows both modes run
-# the same pass). Interpolated between sizes, extrapolated linearly beyond; measurements replace it as a run goes.
-# "torch-cpu-*": the torch runner's pass (runners/torch.py) over the Qwen2.5-Coder-1.5B shapes, 2 threads, a
-# 121-200-token context, on this Xeon (AVX-512 and AMX), 2026-12-06 (docs/bench-2026-12-06-torch-fp32 and
-# -bf16, "Verify cost", and random weights of the same shapes for n = 32). fp32: MKL's one- to three-row path reads each
-# weight once, from 4 rows a gemm runs compute-bound. bf16: oneDNN's AMX tiles keep a pass up to 32 rows within
-# 22% of one row, and one row is itself faster than fp32's (196 against 232 ms). A CPU without AMX would see
-# bf16 far steeper; the measurements replace the prior as a run goes. CUDA has no measured curve yet (see
-# scripts/device_check.py) and borrows the bf16 one, the flattest: a GPU's passes are flatter still.
-PRIOR_VERIFY_RATIO = {
-    "exact": {1: 1.0, 2: 1.55, 3: 1.94, 4: 2.95, 8: 5.27, 16: 10.65},
-    "one-pass": {1: 1.0, 2: 1.54, 3: 1.94, 4: 1.69, 8: 3.09, 16: 3.81},
-    "torch-cpu-fp32": {1: 1.0, 2: 1.08, 3: 1.08, 4: 1.97, 8: 2.64, 16: 2.62, 32: 3.35},
-    "torch-cpu-bf16": {1: 1.0, 2: 1.04, 3: 1.03, 4: 1.08, 8: 1.06, 16: 1.13, 32: 1.22},
-}
+from .cost_model import VerifyCosts, acceptance_observations, best_k, ema
 
-
-def prior_ratio(n: int, curve: str = "exact") -> float:
-    """The prior T(n)/T(1) of a cost curve named by a runner's `cost_curve` (unknown names: the one-pass curve)."""
-    return ratio_at(prior_curve(curve), n)
-
-
-def prior_curve(name: str) -> dict[int, float]:
-    """A curve by name; an unmeasured torch device/dtype borrows the nearest: a GPU the flattest (bf16 here),
-    another CPU dtype (fp16) the steeper fp32 one, anything else the one-pass curve."""
-    if name in PRIOR_VERIFY_RATIO:
-        return PRIOR_VERIFY_RATIO[name]
-    if name.startswith("torch-"):
-        return PRIOR_VERIFY_RATIO["torch-cpu-fp32" if name.startswith("torch-cpu") else "torch-cpu-bf16"]
-    return PRIOR_VERIFY_RATIO["one-pass"]
-
-
-def ratio_at(curve: dict[int, float], n: int) -> float:
-    """curve[n] of a T(n)/T(1) curve known at some sizes: linear between them, linear from the largest beyond it."""
-    keys = sorted(curve)
-    if n in curve:
-        return curve[n]
-    if n > keys[-1]:
-        return curve[keys[-1]] * n / keys[-1]
-    if n < keys[0]:
-        return curve[keys[0]]
-    lo = max(k for k in keys if k < n)
-    hi = min(k for k in keys if k > n)
-    w = (n - lo) / (hi - lo)
-    return curve[lo] * (1 - w) + curve[hi] * w
-
-
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Mean tokens per target pass with K drafted tokens each accepted with probability `acceptance`."""
-    return sum(acceptance**i for i in range(k + 1))
-
-
-def expected_rate(acceptance: float, k: int, verify_time: float, draft_time_per_token: float) -> float:
-    return expected_tokens(acceptance, k) / (verify_time + k * draft_time_per_token)
-
-
-def best_k(acceptance: float, verify_times: dict[int, float], draft_time_per_token: float, k_max: int,
-           min_gain: float = 1.0) -> int:
-    """argmax_K of expected tokens/s over 0..k_max; K>0 only if it beats K=0 by `min_gain`."""
-    rates = {k: expected_rate(acceptance, k, verify_times[k + 1], draft_time_per_token) for k in range(k_max + 1)}
-    k = max(rates, key=rates.get)
-    return k if rates[k] >= min_gain * rates[0] else 0
-
-
-def _ema(old: float | None, new: float, weight: float) -> float:
-    return new if old is None else (1 - weight) * old + weight * new
+# Re-exported: they lived here before cost_model.py, and older importers still ask for them here.
+from .cost_model import PRIOR_VERIFY_RATIO, expected_rate, expected_tokens, prior_curve, prior_ratio, ratio_at  # noqa: F401
 
 
 @dataclass
@@ -124,20 +59,17 @@ class DraftLengthChooser:
         return self.probe_every is not None or best_k(self.acceptance, self.verify_table(),
                                                        self.draft_seconds_per_token or 0.0, self.k_max, self.min_gain) > 0
 
+    @property
+    def verify_costs(self) -> VerifyCosts:
+        """A view over `verify_seconds` (shared, not copied) with this runner's prior curve."""
+        return VerifyCosts(self.verify_seconds, self.cost_curve)
+
     def verify_table(self) -> dict[int, float]:
         """Measured seconds per verify size; unmeasured sizes from the prior curve, scaled by the nearest measured size."""
-        table = {}
-        measured = sorted(self.verify_seconds)
-        for n in range(1, self.k_max + 2):
-            if n in self.verify_seconds:
-                table[n] = self.verify_seconds[n]
-                continue
-            ref = min(measured, key=lambda m: abs(m - n))
-            table[n] = self.verify_seconds[ref] * prior_ratio(n, self.cost_curve) / prior_ratio(ref, self.cost_curve)
-        return table
+        return self.verify_costs.table(self.k_max + 1)
 
     def record_verify(self, n_tokens: int, seconds: float) -> None:
-        self.verify_seconds[n_tokens] = _ema(self.verify_seconds.get(n_tokens), seconds, 0.3)
+        self.verify_costs.record(n_tokens, seconds, 0.3)
 
     def record_draft(self, n_drafted: int, seconds: float) -> None:
         """Learn a costly drafter's seconds per drafted token. Called every step, drafted or not.
@@ -148,16 +80,15 @@ class DraftLengthChooser:
         """
         in_step, self.drafted_last_step = self.drafted_last_step, n_drafted > 0
         if n_drafted and in_step:
-            self.draft_seconds_per_token = _ema(self.draft_seconds_per_token, seconds / n_drafted, 0.3)
+            self.draft_seconds_per_token = ema(self.draft_seconds_per_token, seconds / n_drafted, 0.3)
 
     def record_acceptance(self, n_drafted: int, n_accepted: int) -> None:
         """Update the per-token acceptance from one step: the accepted prefix, then the first miss."""
         if n_drafted == 0:
             return
-        # Each drafted token up to and including the first rejection is one Bernoulli observation.
-        observed = n_accepted + (1 if n_accepted < n_drafted else 0)
-        rate = n_accepted / observed
-        self.acceptance = min(0.99, max(0.01, _ema(self.acceptance, rate, self.ema_weight * min(observed, 4) / 2)))
+        accepted, observed = acceptance_observations(n_drafted, n_accepted)
+        rate = accepted / observed
+        self.acceptance = min(0.99, max(0.01, ema(self.acceptance, rate, self.ema_weight * min(observed, 4) / 2)))
 
 
 class CarriedCosts:
@@ -203,10 +134,10 @@ class CarriedCosts:
         w = self.carry_weight
         with self._lock:
             for n_tokens, seconds in chooser.verify_seconds.items():
-                self._verify_seconds[n_tokens] = _ema(self._verify_seconds.get(n_tokens), seconds, w)
+                self._verify_seconds[n_tokens] = ema(self._verify_seconds.get(n_tokens), seconds, w)
             if chooser.draft_seconds_per_token is not None:
-                self._draft_seconds_per_token = _ema(self._draft_seconds_per_token, chooser.draft_seconds_per_token, w)
-            self._acceptance = _ema(self._acceptance, chooser.acceptance, w)
+                self._draft_seconds_per_token = ema(self._draft_seconds_per_token, chooser.draft_seconds_per_token, w)
+            self._acceptance = ema(self._acceptance, chooser.acceptance, w)
 
 
 TREE_BUDGETS = (0, 4, 8, 16, 32)  # 0 = no tree: a chain with its own adaptive K
@@ -267,5 +198,5 @@ class TreeBudgetChooser:
 
     def record(self, budget: int, tokens: int, seconds: float) -> None:
         self.tries[budget] = self.tries.get(budget, 0) + 1
-        self.tokens[budget] = _ema(self.tokens.get(budget), float(tokens), self.ema_weight)
-        self.seconds[budget] = _ema(self.seconds.get(budget), seconds, self.ema_weight)
+        self.tokens[budget] = ema(self.tokens.get(budget), float(tokens), self.ema_weight)
+        self.seconds[budget] = ema(self.seconds.get(budget), seconds, self.ema_weight)

@@ -8,7 +8,7 @@ rolled back past the rejected tokens. K = 0 is plain autoregressive decoding thr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,6 +81,23 @@ class SpeculativeConfig:
 
 
 @dataclass
+class Forward:
+    """A target pass a request's steps need: whoever drives them runs it and sends back its rows' logits.
+
+    Engine.generate runs it at once on the engine's own target; the server's scheduler gathers the
+    passes of all its requests and runs them fused (serve/scheduler.py). Either way the steps are
+    the same code."""
+
+    tokens: list[int]
+    parents: list[int] | None = None  # a token tree's parent per node (None: a chain)
+    all_logits: bool = True  # False: a prompt prefill, only the last row's logits
+
+
+# What Engine.steps yields: a target pass to run (send back its logits), or the tokens a step emitted.
+StepEvent = Forward | list[int]
+
+
+@dataclass
 class Stats:
     prompt_tokens: int = 0
     generated: int = 0
@@ -99,6 +116,8 @@ class Stats:
     drafted_by_source: dict[str, int] = field(default_factory=dict)  # which drafter (cascade level) proposed what
     accepted_by_source: dict[str, int] = field(default_factory=dict)
     tree_budgets: list[int] = field(default_factory=list)  # budget used per step, when trees are grown
+    draft_prefill_seconds: float = 0.0  # the drafter's share of prefill_seconds
+    capped_steps: int = 0  # steps a scheduler's cap of 0 kept from drafting (Engine.cap)
     finish_reason: str = "length"
 
     @property
@@ -192,6 +211,13 @@ class Engine:
         self.tree_shape = TreeShape.parse(self.config.tree) if self.config.tree else None
         self.relaxed = relaxed_tau(self.config.acceptance)
         self.verify_backend = backend.for_runner(target)  # numpy on the host, or torch where the logits stay
+        # A scheduler's limit on K for the next step, set between steps (None: none; 0: no drafting). A costly
+        # drafter whose prompt prefill a cap of 0 (or its own chooser) skipped stays off for the request
+        # (`draft_stays_off`) while `gated`: its first proposal would first catch up on the whole context,
+        # stalling every request the scheduler runs with it.
+        self.cap: int | None = None
+        self.gated = False
+        self.draft_stays_off = False
         # Tree budgets are measured per engine, not per request: their costs are facts of the hardware.
         self.budget_chooser = None
         if self.tree_shape:
@@ -201,6 +227,26 @@ class Engine:
     def generate(self, prompt: Sequence[int], params: SamplingParams, stats: Stats | None = None,
                  record_margins: bool = False, rng: np.random.Generator | None = None) -> Iterator[list[int]]:
         """Yield the new tokens of each step; fill `stats` as it goes. EOS ends the request and is not yielded.
+
+        The steps (`steps`) with their target passes run at once on this engine's target."""
+        run = self.steps(prompt, params, stats, record_margins, rng)
+        try:
+            event = next(run)
+            while True:
+                if isinstance(event, Forward):
+                    event = run.send(self.target.forward_native(event.tokens, event.parents, event.all_logits))
+                else:
+                    yield event
+                    event = next(run)
+        except StopIteration:
+            return
+        finally:
+            run.close()
+
+    def steps(self, prompt: Sequence[int], params: SamplingParams, stats: Stats | None = None,
+              record_margins: bool = False, rng: np.random.Generator | None = None) -> Generator[StepEvent, object, None]:
+        """The request's steps as a coroutine: it yields a Forward when it needs a target pass (send its
+        logits back) and a token list when a step emitted tokens (send None). EOS is not emitted.
 
         A seeded request samples with noise keyed by token position (sampling.PositionNoise), so it
         writes the same tokens however it is drafted; an unseeded one goes through the rejection
@@ -228,9 +274,12 @@ class Engine:
         if self.drafter:
             self.drafter.begin(prompt, params, rng, noise)
             chooser.drafted_last_step = chooser.would_draft() or self.budget_chooser is not None
-            if chooser.drafted_last_step:
+            prefill_draft = chooser.drafted_last_step and self.cap != 0
+            self.draft_stays_off = self.gated and self.drafter.costly and not prefill_draft
+            if prefill_draft:
                 self.drafter.prefill(prompt)
-        rows = self.target.forward_native(prompt, all_logits=False)
+                stats.draft_prefill_seconds = time.perf_counter() - t0
+        rows = yield Forward(prompt, all_logits=False)
         row = rows[-1]
         if self.drafter:
             self.drafter.accepted(len(rows) - 1)
@@ -248,7 +297,7 @@ class Engine:
 
     def _decode(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
                 tree_verifier: TreeVerifier | None, stats: Stats, params: SamplingParams, record_margins: bool,
-                t_decode: float) -> Iterator[list[int]]:
+                t_decode: float) -> Generator[StepEvent, object, None]:
         eos = frozenset() if params.ignore_eos else self.target.tokenizer.eos_ids
         new = [last]
         while True:
@@ -261,20 +310,25 @@ class Engine:
             if self.target.n_past + 2 > self.target.n_ctx:
                 stats.finish_reason = "context"
                 return
-            new = self._step(context, last, chooser, verifier, tree_verifier, stats, record_margins)
+            new = yield from self._step(context, last, chooser, verifier, tree_verifier, stats, record_margins)
             context.extend(new)
             last = new[-1]
 
     def _step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
-              tree_verifier: TreeVerifier | None, stats: Stats, record_margins: bool) -> list[int]:
+              tree_verifier: TreeVerifier | None, stats: Stats, record_margins: bool) -> Generator[StepEvent, object, list[int]]:
+        cap = 0 if self.draft_stays_off else self.cap
+        if cap == 0 and self.drafter is not None:
+            stats.capped_steps += 1
+            chooser.choose()  # its probe counter runs as if it had been asked
+            return (yield from self._chain_step(context, last, 0, chooser, verifier, stats, record_margins))
         if self.budget_chooser is not None and self.drafter is not None:
-            return self._budgeted_step(context, last, chooser, verifier, tree_verifier, stats, record_margins)
-        k = min(chooser.choose(), self._draft_room()) if self.drafter else 0
+            return (yield from self._budgeted_step(context, last, chooser, verifier, tree_verifier, stats, record_margins))
+        k = min(chooser.choose(), self._draft_room(), 64 if cap is None else cap) if self.drafter else 0
         if k > 0 and tree_verifier is not None:
             width = max(self.config.tree_width, PREFIX_WIDTH if self.config.acceptance != "exact" else 1)
-            return self._tree_step(lambda: self._branch_tree(context, last, k, width), k, chooser, tree_verifier, stats,
-                                   len(context))
-        return self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
+            return (yield from self._tree_step(lambda: self._branch_tree(context, last, k, width), k, chooser,
+                                               tree_verifier, stats, len(context)))
+        return (yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins))
 
     def _draft_room(self) -> int:
         """Tokens a chain step may draft. Its pass holds the last token and the draft, and a fully accepted
@@ -283,34 +337,35 @@ class Engine:
         return max(0, self.target.n_ctx - self.target.n_past - 2)
 
     def _budgeted_step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
-                       tree_verifier: TreeVerifier, stats: Stats, record_margins: bool) -> list[int]:
+                       tree_verifier: TreeVerifier, stats: Stats, record_margins: bool) -> Generator[StepEvent, object, list[int]]:
         """A grown tree of the chosen budget, or (budget 0) a chain step; the budget chooser learns from both."""
         budget = self.budget_chooser.choose()
         stats.tree_budgets.append(budget)
         t0 = time.perf_counter()
         if budget > 0:
             expansions = max(1, budget // 2) if self.drafter.costly else budget
-            new = self._tree_step(lambda: grow_tree(self.drafter, context, self.tree_shape, budget, expansions,
+            new = yield from self._tree_step(lambda: grow_tree(self.drafter, context, self.tree_shape, budget, expansions,
                                                     self.config.draft_max), expansions, None, tree_verifier, stats,
                                    len(context))
         else:
             k = min(chooser.choose(), self._draft_room())
-            new = self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
+            new = yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
         self.budget_chooser.record(budget, len(new), time.perf_counter() - t0)
         return new
 
     def _chain_step(self, context: list[int], last: int, k: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
-                    stats: Stats, record_margins: bool) -> list[int]:
+                    stats: Stats, record_margins: bool) -> Generator[StepEvent, object, list[int]]:
         t0 = time.perf_counter()
         draft = self.drafter.propose(context, k) if k > 0 else None
         drafted = draft.tokens[:k] if draft else []
         shadow = None
-        if not drafted and self.drafter and not self.drafter.costly and self.config.draft_tokens is None:
+        if (not drafted and self.drafter and not self.drafter.costly and self.config.draft_tokens is None
+                and self.cap != 0 and not self.draft_stays_off):
             # Taken before the target pass: drafters that read the target's state see it as it is now.
             shadow = self.drafter.propose(context, 1).tokens
         t1 = time.perf_counter()
         base = self.target.n_past
-        rows = self.target.forward_native([last] + drafted)
+        rows = yield Forward([last] + drafted)
         verdict = verifier.verify(rows, drafted, draft.probs if draft else None, len(context))
         if record_margins:
             stats.margins.extend(self.verify_backend.margin(r) for r in rows[: verdict.n_accepted + 1])
@@ -337,7 +392,7 @@ class Engine:
         return build_tree(last, branches, sources)
 
     def _tree_step(self, make_tree: Callable[[], TokenTree], k: int, chooser: DraftLengthChooser | None,
-                   verifier: TreeVerifier, stats: Stats, position: int) -> list[int]:
+                   verifier: TreeVerifier, stats: Stats, position: int) -> Generator[StepEvent, object, list[int]]:
         """Verify a token tree (root = last token) in one pass; keep the accepted path in the cache.
 
         `chooser` (the chain's draft-length chooser) learns from branch trees, whose first branch is
@@ -350,7 +405,7 @@ class Engine:
         room = self.target.n_ctx - self.target.n_past - 1
         if len(tree) > room:
             tree = build_tree(last, [])
-        rows = self.target.forward_native(tree.tokens, tree.parents)
+        rows = yield Forward(list(tree.tokens), list(tree.parents))
         verdict = verifier.verify(tree, rows, position)
         self.target.keep_path(verdict.path)
         self.drafter.accepted(verdict.path[-1])

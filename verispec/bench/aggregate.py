@@ -269,20 +269,16 @@ def peer_summary(records: list[dict], variants: tuple[str, ...]) -> list[dict]:
 def speedup_bound(recs: list[dict], verify_seconds: dict[int, float]) -> dict:
     """The best speedup any fixed K could give with this method's measured acceptance and draft cost.
 
-    Uses the chooser's model (draft_length.py): per-token acceptance a (each drafted token up to
+    Uses the choosers' model (cost_model.py): per-token acceptance a (each drafted token up to
     the first rejection is one observation), K draft steps at the measured cost per token, and one
     verify pass over K+1 tokens at the measured T(K+1), interpolated between measured sizes. Plain
     decoding costs T(1) per token. K runs up to the largest measured size minus one.
     """
-    from ..draft_length import expected_tokens
+    from ..cost_model import acceptance_observations, expected_tokens
 
-    accepted = observed = 0
-    for r in recs:
-        for drafted, gained in zip(r["draft_lengths"], r["accepted_lengths"]):
-            if drafted:
-                n = gained - 1
-                accepted += n
-                observed += n + (n < drafted)
+    trials = [acceptance_observations(drafted, gained - 1)
+              for r in recs for drafted, gained in zip(r["draft_lengths"], r["accepted_lengths"]) if drafted]
+    accepted, observed = sum(a for a, _ in trials), sum(o for _, o in trials)
     drafted = sum(r["drafted"] for r in recs)
     if not observed or not verify_seconds:
         return {"bound_speedup": None, "bound_k": None, "acceptance_per_token": None}

@@ -6,6 +6,12 @@ with that many requests in flight. "off" pins `speculative: {"draft": "none"}`; 
 server's default drafter and its goodput planner in charge. Modes alternate per concurrency level
 after one warm-up request, so slow drift of the machine hits both.
 
+With `--peer llama-server`, llama.cpp's own server (plain decoding, -np = the highest concurrency,
+the same model file and threads, built by `make llama-tools`) runs the same prompts as a third cell
+at each concurrency, in the same run; each cell also says how many of its outputs differ from the
+same mode's outputs at concurrency 1 (llama-server puts all rows in one decode and is not
+batch-invariant; verispec's exact fusion is).
+
 Reported per cell: output tokens/s over the cell's wall time (all requests), time to first token
 (arrival to first streamed text) p50/p95, and inter-token latency p50/p95, where a request's ITL is
 (last text - first text) / (completion tokens - 1) (vLLM's TPOT); and the draft model's work: tokens
@@ -43,6 +49,7 @@ class RequestResult:
     draft_seconds: float = 0.0  # in proposals, catch-up included
     draft_prefill_seconds: float = 0.0  # the draft's prompt prefill (0 when the server did not time it)
     prompt_tokens: int = 0
+    text: str = ""
 
 
 @dataclass
@@ -52,8 +59,10 @@ class Cell:
     seconds: float
     results: list[RequestResult] = field(default_factory=list)
     errors: int = 0
+    texts: dict[int, str] = field(default_factory=dict, repr=False)  # output per prompt index (first request)
     prefix_hits: int = 0  # requests that shared cached prompt cells (the server's /metrics)
     prefix_tokens_saved: int = 0
+    differ_from_solo: int | None = None  # outputs unlike the same mode's at concurrency 1 (None: not compared)
 
     @property
     def tokens(self) -> int:
@@ -71,13 +80,15 @@ class Cell:
                 "drafted": sum(r.drafted for r in self.results),
                 "draft_seconds": sum(r.draft_seconds for r in self.results),
                 "draft_prefill_seconds": sum(r.draft_prefill_seconds for r in self.results),
-                "prefix_hits": self.prefix_hits, "prefix_tokens_saved": self.prefix_tokens_saved}
+                "prefix_hits": self.prefix_hits, "prefix_tokens_saved": self.prefix_tokens_saved,
+                "differ_from_solo": self.differ_from_solo}
 
 
 async def _one(client, url: str, model: str, prompt: str | list[dict], max_tokens: int, spec: dict | None,
                answer: list[str] | None = None) -> RequestResult:
     """One streamed chat request (a prompt, or the messages so far); the answer's text goes to `answer`."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    answer = [] if answer is None else answer
     body = {"model": model, "messages": messages, "max_tokens": max_tokens,
             "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     if spec is not None:
@@ -97,8 +108,7 @@ async def _one(client, url: str, model: str, prompt: str | list[dict], max_token
             if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
-                if answer is not None:
-                    answer.append(chunk["choices"][0]["delta"]["content"])
+                answer.append(chunk["choices"][0]["delta"]["content"])
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
                 prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
@@ -107,7 +117,7 @@ async def _one(client, url: str, model: str, prompt: str | list[dict], max_token
     itl = (last - first) / (tokens - 1) if last is not None and tokens > 1 else None
     return RequestResult(first - start, itl, tokens, spec_stats.get("mean_accepted_length", 0.0),
                          spec_stats.get("drafted", 0), spec_stats.get("draft_seconds", 0.0),
-                         spec_stats.get("draft_prefill_seconds") or 0.0, prompt_tokens)
+                         spec_stats.get("draft_prefill_seconds") or 0.0, prompt_tokens, "".join(answer))
 
 
 async def _prefix_counters(client, url: str) -> tuple[float, float]:
@@ -130,12 +140,15 @@ async def _cell(url: str, model: str, prompts: list[str], concurrency: int, n_re
     spec = {"draft": "none"} if mode == "off" else None
     gate = asyncio.Semaphore(concurrency)
     cell = Cell(concurrency, mode, 0.0)
+    by_prompt: dict[int, RequestResult] = {}
 
     async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
         async def run(i: int) -> None:
             async with gate:
                 try:
-                    cell.results.append(await _one(client, url, model, prompts[i % len(prompts)], max_tokens, spec))
+                    result = await _one(client, url, model, prompts[i % len(prompts)], max_tokens, spec)
+                    cell.results.append(result)
+                    by_prompt.setdefault(i % len(prompts), result)
                 except Exception:  # noqa: BLE001 - counted and reported, the run goes on
                     cell.errors += 1
 
@@ -145,7 +158,17 @@ async def _cell(url: str, model: str, prompts: list[str], concurrency: int, n_re
         cell.seconds = time.perf_counter() - t0
         hits_after, saved_after = await _prefix_counters(client, url)
         cell.prefix_hits, cell.prefix_tokens_saved = int(hits_after - hits), int(saved_after - saved)
+    cell.texts = {i: r.text for i, r in by_prompt.items()}
     return cell
+
+
+def compare_with_solo(cells: list[Cell]) -> None:
+    """Set each cell's `differ_from_solo`: its outputs unlike the same mode's at concurrency 1, per prompt."""
+    solo = {c.mode: c.texts for c in cells if c.concurrency == 1}
+    for cell in cells:
+        alone = solo.get(cell.mode)
+        if alone is not None and cell.concurrency > 1:
+            cell.differ_from_solo = sum(text != alone[i] for i, text in cell.texts.items() if i in alone)
 
 
 FOLLOW_UPS = ("Which part of it matters most, and why?", "Show a short example of using it.",
@@ -201,8 +224,9 @@ def conversation_document(prompts_source: str, room: int) -> str:
 def markdown(cells: list[Cell], header: str) -> str:
     lines = [header, "",
              "| concurrency | speculation | requests | output tokens/s | TTFT p50 (ms) | TTFT p95 (ms) | ITL p50 (ms) "
-             "| ITL p95 (ms) | mean accepted length | drafted (draft + draft prefill s) | prefix cache hits (tokens) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| ITL p95 (ms) | mean accepted length | drafted (draft + draft prefill s) | prefix cache hits (tokens) "
+             "| outputs unlike c=1 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         r = cell.row()
         errors = f" ({r['errors']} failed)" if r["errors"] else ""
@@ -210,8 +234,19 @@ def markdown(cells: list[Cell], header: str) -> str:
                      f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p95_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p95_ms']:.1f} "
                      f"| {r['mean_accepted_length']:.2f} "
                      f"| {r['drafted']} ({r['draft_seconds']:.1f} + {r['draft_prefill_seconds']:.1f} s) "
-                     f"| {r['prefix_hits']} ({r['prefix_tokens_saved']}) |")
+                     f"| {r['prefix_hits']} ({r['prefix_tokens_saved']}) "
+                     f"| {'-' if r['differ_from_solo'] is None else r['differ_from_solo']} |")
     return "\n".join(lines) + "\n"
+
+
+def _peer(name: str, model: str, ctx: int, slots: int, threads: int | None):
+    """llama.cpp's own server on the same model file: -np slots, each with the same context as ours."""
+    from ..models import files
+    from .peers import LlamaServerProcess
+
+    if name != "llama-server":
+        raise ValueError(f"unknown load-bench peer {name!r}: llama-server is the one offered")
+    return LlamaServerProcess(files.resolve(model).path, threads or os.cpu_count() or 1, ctx * slots, slots)
 
 
 class _LocalServer:
@@ -249,20 +284,25 @@ class _LocalServer:
 def run_load(model: str, draft: str | None, concurrency: list[int], requests: int, max_tokens: int, out: str | None,
              url: str | None = None, ctx: int = 2048, max_batch: int | None = None, threads: int | None = None,
              prompts_source: str = "builtin", timeout: float = 600.0, conversation_turns: int = 0,
-             **serve_options) -> list[Cell]:
+             peer: str | None = None, **serve_options) -> list[Cell]:
     prompts = [p.turns[0] for p in load_prompts(prompts_source)]
-    local = None if url else _LocalServer(model, draft, ctx, max_batch or max(concurrency), threads, **serve_options)
+    slots = max_batch or max(concurrency)
+    local = None if url else _LocalServer(model, draft, ctx, slots, threads, **serve_options)
     target = url or local.url
+    peer_server = _peer(peer, model, ctx, slots, threads) if peer else None
+    modes = [("off", target), ("on", target)] + ([(peer, peer_server.url)] if peer_server else [])
     load_before = os.getloadavg()
     cells: list[Cell] = []
     chat: list[ConversationTurn] = []
     try:
-        asyncio.run(_cell(target, model, prompts, 1, 1, 8, "on", timeout))  # warm-up
+        for _, url_of_mode in modes[1:]:
+            asyncio.run(_cell(url_of_mode, model, prompts, 1, 1, 8, "on", timeout))  # warm-up
         for c in concurrency:
-            for mode in ("off", "on"):
-                cell = asyncio.run(_cell(target, model, prompts, c, max(requests, c), max_tokens, mode, timeout))
+            for mode, url_of_mode in modes:
+                cell = asyncio.run(_cell(url_of_mode, model, prompts, c, max(requests, c), max_tokens, mode, timeout))
                 cells.append(cell)
                 print(markdown([cell], "").strip().splitlines()[-1], flush=True)
+                time.sleep(2)  # let the last cell's threads go idle before the next server starts
         if conversation_turns:
             # ~3.5 characters a token; the answers and follow-ups need room too
             document = conversation_document(prompts_source, int(3.5 * (ctx - conversation_turns * (max_tokens + 40))))
@@ -271,12 +311,16 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
     finally:
         if local is not None:
             local.close()
+        if peer_server is not None:
+            peer_server.close()
+    compare_with_solo(cells)
     load_after = os.getloadavg()
     header = (f"Load benchmark: {model}, draft {draft or 'server default'}, {max(requests, 1)}+ requests per cell "
               f"({max_tokens} tokens at most, greedy, bench prompts as chat), {os.cpu_count()} CPUs, load average "
               f"{load_before[0]:.2f} before / {load_after[0]:.2f} after, "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
-              + (f", server options {serve_options}" if serve_options else "") + ".")
+              + (f", server options {serve_options}" if serve_options else "")
+              + (f"; peer `{peer_server.command_line()}`" if peer_server else "") + ".")
     table = markdown(cells, header)
     if chat:
         table += (f"\nA {len(chat)}-turn chat about a long document, each turn re-sending the conversation "
@@ -306,10 +350,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fuse-rows", type=int, default=None, help="default: 3 on llama.cpp, all rows on torch")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--conversation", type=int, default=4, help="turns of a long-document chat after the cells (0 = none)")
+    ap.add_argument("--peer", default=None, choices=["llama-server"], help="llama.cpp's own server on the same prompts")
     ap.add_argument("--out", default="load.md")
     a = ap.parse_args(argv)
     run_load(a.model, a.draft, [int(c) for c in a.concurrency.split(",")], a.requests, a.max_tokens, a.out, a.url,
-             a.ctx, a.max_batch, a.threads, conversation_turns=a.conversation, kv_pool=a.kv_pool, fuse_rows=a.fuse_rows)
+             a.ctx, a.max_batch, a.threads, conversation_turns=a.conversation, peer=a.peer, kv_pool=a.kv_pool,
+             fuse_rows=a.fuse_rows)
     print(open(a.out).read())
 
 

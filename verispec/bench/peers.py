@@ -295,6 +295,57 @@ def llama_cpp_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GGML_CPU_USE_REF")}
 
 
+class LlamaServerProcess:
+    """llama.cpp's `llama-server` on a free loopback port, as users run it (its own OpenMP wait policy)."""
+
+    def __init__(self, model_path: Path, threads: int, n_ctx: int, slots: int = 1, bin_dir: str | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        import socket
+
+        import httpx
+
+        exe = llama_cpp_tool("llama-server", bin_dir)
+        if exe is None:
+            raise PeerUnavailable("llama-server not built: run `make llama-tools` (or pass --llama-cpp-bin)")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.cmd = [exe, "-m", str(model_path), "-t", str(threads), "-tb", str(threads), "-c", str(n_ctx),
+                    "-np", str(slots), "--host", "127.0.0.1", "--port", str(port), "--no-webui", *extra]
+        self._log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(self.cmd, env=llama_cpp_env(), stdout=self._log, stderr=subprocess.STDOUT)
+        self.client = httpx.Client(base_url=self.url, timeout=1800)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PeerUnavailable(f"llama-server exited with {self.proc.returncode}: {self.tail()}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise PeerUnavailable(f"llama-server did not become ready in 180 s: {self.tail()}")
+
+    def command_line(self) -> str:
+        return " ".join(Path(c).name if i in (0, 2) else c for i, c in enumerate(self.cmd))
+
+    def tail(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode("utf-8", "replace").strip()[-400:]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.client.close()
+
+
 class LlamaServer(Peer):
     """llama.cpp's own server, plain decoding: what users get from llama.cpp itself, the reference every
     method is also measured against. Token ids in and out, so outputs are compared token for token."""
@@ -304,41 +355,12 @@ class LlamaServer(Peer):
     timing = "decode"
 
     def open(self) -> None:
-        import socket
-
-        import httpx
-
-        exe = llama_cpp_tool("llama-server", self.ctx.llama_cpp_bin)
-        if exe is None:
-            raise PeerUnavailable("llama-server not built: run `make llama-tools` (or pass --llama-cpp-bin)")
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.exe, self.url = exe, f"http://127.0.0.1:{port}"
-        self.cmd = [exe, "-m", str(self.ctx.target_path), "-t", str(self.ctx.threads), "-tb", str(self.ctx.threads),
-                    "-c", str(self.ctx.n_ctx), "-np", "1", "--host", "127.0.0.1", "--port", str(port), "--no-webui",
-                    "--no-cache-prompt"]
-        self._log = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(self.cmd, env=llama_cpp_env(), stdout=self._log, stderr=subprocess.STDOUT)
-        self._client = httpx.Client(base_url=self.url, timeout=1800)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise PeerUnavailable(f"llama-server exited with {self.proc.returncode}: {self._tail()}")
-            try:
-                if self._client.get("/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise PeerUnavailable(f"llama-server did not become ready in 180 s: {self._tail()}")
-
-    def _tail(self) -> str:
-        self._log.seek(0)
-        return self._log.read().decode("utf-8", "replace").strip()[-400:]
+        self.server = LlamaServerProcess(self.ctx.target_path, self.ctx.threads, self.ctx.n_ctx, 1,
+                                         self.ctx.llama_cpp_bin, ("--no-cache-prompt",))
+        self.cmd, self._client = self.server.cmd, self.server.client
 
     def describe(self) -> str:
-        return (f"`{' '.join(Path(c).name if i in (0, 2) else c for i, c in enumerate(self.cmd))}` (built from the "
+        return (f"`{self.server.command_line()}` (built from the "
                 "llama-cpp-python sdist's vendored llama.cpp, OpenMP and its default wait policy), `/completion` with the "
                 "prompt as token ids, `cache_prompt: false`; tokens/s is its own `timings.predicted_per_second` "
                 "(prefill excluded), its time to first token `timings.prompt_ms`.")
@@ -366,15 +388,8 @@ class LlamaServer(Peer):
         return generate
 
     def close(self) -> None:
-        proc = getattr(self, "proc", None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        if getattr(self, "_client", None) is not None:
-            self._client.close()
+        if getattr(self, "server", None) is not None:
+            self.server.close()
 
 
 PEERS: dict[str, type[Peer]] = {p.name: p for p in (LlamaCppPromptLookup, HFAssisted, LlamaSpeculativeBinary,

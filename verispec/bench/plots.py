@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from ..draft_length import prior_ratio  # noqa: E402
+from ..cost_model import prior_ratio  # noqa: E402
 from .methods import BASELINE  # noqa: E402
 
 
@@ -112,7 +112,7 @@ def verify_cost(results: dict, out: Path) -> str | None:
     ax.plot(ks, [_get(v["ratio"], k) for k in ks], marker="o", label="as verification runs it")
     if "single_pass_ratio" in v:
         ax.plot(ks, [_get(v["single_pass_ratio"], k) for k in ks], marker="s", label="one unchunked pass")
-    ax.plot(ks, [prior_ratio(k) for k in ks], linestyle=":", label="prior: Qwen 1.5B, llama-bench (draft_length.py)")
+    ax.plot(ks, [prior_ratio(k) for k in ks], linestyle=":", label="prior: Qwen 1.5B, llama-bench (cost_model.py)")
     ax.plot(ks, ks, color="gray", linewidth=0.8, label="K sequential passes")
     ax.set_xlabel("tokens per pass K")
     ax.set_ylabel("T(K) / T(1)")

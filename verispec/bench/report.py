@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..draft_length import prior_ratio
+from ..cost_model import prior_ratio
 from . import formats
 from .methods import BASELINE
 
@@ -94,7 +94,7 @@ def _seeds_table(results: dict) -> list[str]:
     if bounds:
         out += ["Bound: the best speedup any fixed K could give with the method's measured per-token acceptance a "
                 "and draft cost per token, and the measured verify costs T(K+1) below (the draft-length chooser's "
-                "model, draft_length.py).", "",
+                "model, cost_model.py).", "",
                 "| method | per-token acceptance a | draft ms/token | best K | bound | reached |", "|---|---|---|---|---|---|"]
         for r in bounds:
             reached = r["speedup"] / r["bound_speedup"] if r["speedup"] else None
@@ -194,7 +194,7 @@ def _verify_cost(results: dict) -> list[str]:
                               if single else ""),
            "",
            "| K | T(K) ms | T(K)/T(1) |" + (" one pass T(K) ms | one pass T(K)/T(1) |" if single else "")
-           + f" prior T(K)/T(1), {mode} (draft_length.py) |",
+           + f" prior T(K)/T(1), {mode} (cost_model.py) |",
            "|---|---|---|" + ("---|---|" if single else "") + "---|"]
     for k in v["ks"]:
         row = f"| {k} | {_get(v['seconds'], k) * 1e3:.1f} | {_get(v['ratio'], k):.2f} |"

@@ -68,7 +68,7 @@ class Runner(ABC):
 
     @property
     def cost_curve(self) -> str:
-        """The name of this runner's prior T(n)/T(1) curve in draft_length.PRIOR_VERIFY_RATIO."""
+        """The name of this runner's prior T(n)/T(1) curve in cost_model.PRIOR_VERIFY_RATIO."""
         return "one-pass"
 
     def reset(self) -> None:

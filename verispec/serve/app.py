@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncio
 import logging
 import secrets
@@ -17,16 +19,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from ..api import Model
 from ..engine import SpeculativeConfig
 from ..errors import InvalidParameter, ModelNotFound, VerispecError
 from ..sampling import SamplingParams
 from . import protocol
 from .metrics import Metrics
 from .protocol import ApiError, ChatRequest, CompletionRequest, Shape, SpeculativeOptions
-from .scheduler import Event, Job, QueueFull, Scheduler
+from .scheduler import Event, QueueFull, Scheduler
+from .scheduler import Sequence as Job
 
 DISCONNECT_POLL_SECONDS = 0.25
+if TYPE_CHECKING:
+    from ..api import Model  # the loaded model the server is handed (the API layer sits above this one)
+
 log = logging.getLogger("verispec.serve")
 
 
@@ -41,9 +46,9 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     kv_pool: int | None = None  # cells of the shared KV pool; None = ctx x max_batch; 0 = per-slot contexts
     fuse_rows: int | None = None  # rows per fused decode; None = the most that stays bit-identical to solo runs
-    # (3 on llama.cpp, all of a tick's rows on torch: fuser.py)
-    prefill_chunk: int | None = None  # prompt tokens per fused tick (chunked prefill); None = n_batch
-    verify: str = "exact"  # "one-pass": fused decodes take all of a tick's rows at once (not bit-identical)
+    # (3 on llama.cpp, all of a step's rows on torch: pool.FusedScoring)
+    prefill_chunk: int | None = None  # prompt tokens per step (chunked prefill); None = n_batch
+    verify: str = "exact"  # "one-pass": fused decodes take all of a step's rows at once (not bit-identical)
     prefix_cache: int = 8  # prompt prefixes the shared llama.cpp pool keeps for later requests (serve/pool.py); 0 = off
 
 
@@ -123,23 +128,28 @@ class Server:
 
 
 def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
-    """The pooled, fused scheduler unless --kv-pool 0; per-slot contexts otherwise, and for a target the
-    pool cannot hold (e.g. sliding-window attention on torch) unless --kv-pool was asked for explicitly."""
-    if config.kv_pool != 0:
-        from .paged import PoolUnsupported
-        from .pooled import PooledScheduler
+    """One shared KV pool unless --kv-pool 0; per-slot contexts otherwise, and for a target the pool
+    cannot hold (e.g. sliding-window attention on torch) unless --kv-pool was asked for explicitly."""
+    from ..drafters.draft_model import ModelDrafter
+    from .paged import PoolUnsupported
 
-        try:
-            fuse_rows = config.fuse_rows
-            if fuse_rows is None and config.verify == "one-pass":
-                fuse_rows = 1 << 16  # as many as the pool's batch holds
-            return PooledScheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics,
-                                   config.kv_pool, fuse_rows, config.prefill_chunk, config.prefix_cache)
-        except PoolUnsupported as exc:
-            if config.kv_pool is not None:
-                raise
-            log.warning("%s. Falling back to one context per slot: passes are not fused.", exc)
-    return Scheduler(base, config.max_batch, config.max_queue, config.ctx, config.spec_off_at, metrics)
+    default = base.drafter(base.spec.draft)
+    model_drafter = default if isinstance(default, ModelDrafter) else None
+    fuse_rows = config.fuse_rows
+    if fuse_rows is None and config.verify == "one-pass":
+        fuse_rows = 1 << 16  # as many as the pool's batch holds
+
+    def make(cells: int | None) -> Scheduler:
+        return Scheduler(base.target, base.spec, model_drafter, config.max_batch, config.max_queue, config.ctx,
+                         config.spec_off_at, metrics, cells, fuse_rows, config.prefill_chunk, config.prefix_cache)
+
+    try:
+        return make(config.kv_pool)
+    except PoolUnsupported as exc:
+        if config.kv_pool is not None:
+            raise
+        log.warning("%s. Falling back to one context per slot: passes are not fused.", exc)
+    return make(0)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -243,8 +253,7 @@ async def _parse(server: Server, request: Request, chat: bool) -> tuple[Completi
 
 
 def _spec_stats(job: Job) -> dict:
-    # The gate times the draft prefill: unseen (None) for a pinned drafter, 0 without a drafter.
-    prefill = job._gate.prefill_seconds if job._gate is not None else None if job.draft else 0.0
+    prefill = job.stats.draft_prefill_seconds if job.draft else 0.0
     return protocol.speculative(job.stats, job.spec.draft or "none", job.disabled_steps, prefill)
 
 

@@ -10,7 +10,7 @@ What a server allocates on top of the loaded weights, per llama.cpp context:
 Per-slot contexts (--kv-pool 0) pay all of it once per slot, for the target and for the draft; the
 shared pool pays the target's KV for the pool's cells and one set of compute buffers, and the same
 again for a llama.cpp draft, whose pool has as many cells (pool.py). Any other draft keeps a cache
-per slot beside the pool (pooled.py), so it is counted per slot.
+per slot beside the pool (scheduler.py), so it is counted per slot.
 
 A transformers (torch) model counts its KV cache only (layers x KV heads x head dim x K and V x
 the weights' element size per token): torch allocates its activations per pass, with no buffers
@@ -172,24 +172,22 @@ def _what_fits(plan: MemoryPlan, available: int) -> str:
     return "What would fit: " + "; or ".join(options) + "."
 
 
-def plan_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
-    """The memory plan of a server on `base` (None when the target's backend is not known here: not checked)."""
+def plan_server(target, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
+    """The memory plan of a server on `target` (None when its backend is not known here: not checked)."""
     from ..runners.llamacpp import LlamaCppRunner
 
-    target = base.target
     target_cost = measure(target, slots + 1 if pool else getattr(target, "max_tree_leaves", 0) + 1)
     if target_cost is None:
         return None
     draft = model_drafter.runner if model_drafter is not None else None
-    draft = getattr(draft, "inner", draft)
     draft_pooled = isinstance(draft, LlamaCppRunner)  # with the pool, a llama.cpp draft gets one like the target's
     n_seq = slots + 1 if pool and draft_pooled else getattr(draft, "max_tree_leaves", 0) + 1
     draft_cost = measure(draft, n_seq) if draft is not None else None
     return MemoryPlan(target_cost, draft_cost, slots, ctx, pool, draft_pooled)
 
 
-def check_server(base, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
-    plan = plan_server(base, model_drafter, slots, ctx, pool)
+def check_server(target, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
+    plan = plan_server(target, model_drafter, slots, ctx, pool)
     if plan is not None:
-        check(plan, available_bytes(getattr(base.target, "device", None)))
+        check(plan, available_bytes(getattr(target, "device", None)))
     return plan

@@ -31,19 +31,18 @@ dummy rows (token 0 at position 0, attending only to themselves, never cached; c
 `padded`), and so are the rows given to the lm_head. Attention is per sequence, so a request's
 logits are bit-identical whether its rows are decoded alone or fused with other requests' rows
 (tests/test_paged_pool.py, which fails without the padding). Hence `default_fuse_rows` = n_batch:
-a tick's scoring rows go into one forward, where llama.cpp's pool is exact only up to 3 rows per
-decode. (The Fuser splits a tick's rows only beyond n_batch rows; a request split across two
+a step's scoring rows go into one forward, where llama.cpp's pool is exact only up to 3 rows per
+decode. (FusedScoring splits a step's rows only beyond n_batch rows; a request split across two
 decodes would attend in two segments and could differ in rounding.)
 
 Not supported (`PoolUnsupported` at construction, serve with --kv-pool 0): sliding-window or other
 non-full attention layers (Gemma 2/3, Mistral v0.1), attention logit soft-capping, attention sinks.
-Trees: chains only, like KvPool (SeqRunner rejects parents).
+Trees: chains only, like KvPool (FusedScoring.score rejects parents).
 """
 
 from __future__ import annotations
 
 import heapq
-import threading
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ import numpy as np
 
 from ..errors import InvalidParameter
 from .memory import GiB, MiB, InsufficientMemory, available_bytes
-from .pool import KvPool, PoolFull, chunk_sizes
+from .pool import FusedScoring, KvPool, PoolFull, chunk_sizes
 from .prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
@@ -115,9 +114,9 @@ class _Plan:
     calls: int = 0  # layers that ran paged_attention
 
 
-class PagedPool:
-    """The shared paged cache of a TorchRunner's model. Not thread-safe: the fuser (or a caller holding
-    `lock`) drives it."""
+class PagedPool(FusedScoring):
+    """The shared paged cache of a TorchRunner's model. Not thread-safe: one thread drives it (the server's
+    scheduler thread)."""
 
     block_size = BLOCK
 
@@ -148,9 +147,11 @@ class PagedPool:
         self.n_batch = n_batch
         self.default_fuse_rows = n_batch  # rows are batch-invariant at any count (see Exactness)
         self.prefill_rows = n_batch  # and so are prompt rows, whatever the cell layout
-        self.pass_rows = n_batch  # rows per prompt pass; a fuser may set fewer, once
+        self.pass_rows = n_batch  # rows per prompt pass; a stepper may set fewer, once
+        self.fuse_rows = self.default_fuse_rows
+        self.pass_seconds: dict[int, float] = {}
+        self.rows_per_decode: list[int] = []
         self.n_vocab = base.n_vocab
-        self.lock = threading.Lock()  # every pass over the target module runs under it
         self.live = [0] * n_seqs  # committed tokens per sequence
         self.reserved = [0] * n_seqs
         self.compactions = 0

@@ -1,6 +1,6 @@
 """One KV cache for every request: a llama.cpp context with a sequence id per slot, and a Runner view per sequence.
 
-(paged.py is the same for a transformers target: paged KV blocks; SeqRunner serves both.)
+(paged.py is the same for a transformers target: paged KV blocks; SequenceView serves both.)
 
 Memory is one pool of `n_cells` KV cells shared by all requests, so it is sized for the tokens in
 flight, not for context x slots; a request reserves the cells it can use at most when it is admitted
@@ -35,7 +35,7 @@ model's pool never pads (`pad_single_rows=False`): draft numerics do not change 
 Prompts. A decode of 64+ rows takes ggml's tiled flash attention, whose sums depend on the cell
 layout: a prompt prefilled above another request's cells got logits up to ~1 apart from the same
 prompt prefilled alone (a chat prompt of 72 tokens flipped a greedy token in the server test). So
-the fuser prefills in decodes of at most `prefill_rows` = 63 rows, which are layout-independent.
+the stepper prefills in decodes of at most `prefill_rows` = 63 rows, which are layout-independent.
 The price: a server request's prompt is not computed as a solo llama.cpp runner computes it (512-row
 batches), so for prompts of 64+ tokens its output equals itself alone on the server bit for bit, and
 a solo runner's only up to near-ties; and prefill is slower (not yet measured by the bench; see the
@@ -58,17 +58,21 @@ change the output.
 from __future__ import annotations
 
 import ctypes
-import os
-import threading
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..cost_model import ema
 from ..errors import InvalidParameter, PromptError
 from ..llama_lib import decode
 from ..runners.base import Runner
 from ..runners.llamacpp import LlamaCppRunner, open_context
 from .prefix_cache import CachedPrefix, PrefixCache
+
+if TYPE_CHECKING:
+    from ..engine import Forward
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
 
@@ -86,17 +90,76 @@ class PoolFull(RuntimeError):
     pass
 
 
-class KvPool:
-    """The shared context. Not thread-safe: the fuser (or a caller holding `lock`) drives it."""
+class PassTimes:
+    """What a pool's scoring decodes cost, by rows: the goodput planner's measured T(n), and the metrics."""
 
-    default_fuse_rows = 3  # ggml's matmul is row-independent only below 4 rows (fuser.py)
+    pass_seconds: dict[int, float]  # EMA of one scoring decode's seconds, by rows
+    rows_per_decode: list[int]  # scoring decodes since the last take_rows()
+
+    def _record(self, rows: int, seconds: float) -> None:
+        self.pass_seconds[rows] = ema(self.pass_seconds.get(rows), seconds, 0.2)
+        self.rows_per_decode.append(rows)
+
+    def take_rows(self) -> list[int]:
+        rows, self.rows_per_decode = self.rows_per_decode, []
+        return rows
+
+
+class FusedScoring(PassTimes):
+    """How a shared pool runs the target passes of many sequences at once (stepper.py asks it).
+
+    Scoring rows (verification passes, all logits) of all sequences are packed into decodes of at
+    most `fuse_rows` rows: by default `default_fuse_rows`, the most that keeps a sequence's logits
+    bit-identical to its rows decoded alone however they are packed with other sequences' rows.
+    On llama.cpp that is 3: ggml's CPU matmul is row-independent only below 4 rows (4+ rows take
+    another kernel path whose logits differ by up to ~0.5; tests/test_scheduler_pool.py checks the
+    3). A larger `fuse_rows` there is faster per row but not batch-invariant: greedy output may then
+    differ from a solo run at near-ties (the server's --verify one-pass). The torch pool pads every
+    decode to a multiple of 4 rows, where torch's matmul is row-independent, so its default is all
+    of a step's rows in one decode. Prompt passes run alone, in the pool's own pass sizes.
+    """
+
+    n_vocab: int
+    fuse_rows: int
+
+    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool]) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, works: Sequence[tuple[int, "Forward"]]) -> list[np.ndarray]:
+        """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness allows."""
+        if any(f.parents is not None for _, f in works):
+            raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",
+                                   "tree_width")
+        rows = [(w, i) for w, (_, f) in enumerate(works) for i in range(len(f.tokens))]
+        outs = [np.empty((len(f.tokens), self.n_vocab), dtype=np.float32) for _, f in works]
+        start = 0
+        for size in chunk_sizes(len(rows), self.fuse_rows):
+            part = rows[start : start + size]
+            start += size
+            t0 = time.perf_counter()
+            logits = self.decode([works[w][0] for w, _ in part], [works[w][1].tokens[i] for w, i in part], [True] * size)
+            for j, (w, i) in enumerate(part):
+                outs[w][i] = logits[j]
+            self._record(size, time.perf_counter() - t0)
+        return outs
+
+    def prefill_pass(self, seq: int, tokens: Sequence[int], last: bool) -> np.ndarray | None:
+        """One prompt pass; the logits of its last row when `last` (a copy: the next decode overwrites them)."""
+        logits = self.decode([seq] * len(tokens), tokens, [False] * (len(tokens) - 1) + [last])
+        return logits.copy() if last else None
+
+
+class KvPool(FusedScoring):
+    """The shared context. Not thread-safe: one thread drives it (the server's scheduler thread)."""
+
+    default_fuse_rows = 3  # ggml's matmul is row-independent only below 4 rows (FusedScoring)
     # ggml's CPU flash attention takes its tiled kernel for 64+ query rows: 64-cell KV tiles at fixed
     # cell offsets, so a prompt's rows depend on where its cells lie and which other cells share its
     # tiles. Below 64 rows the per-row kernel visits the sequence's own cells in order, wherever they lie.
     prefill_rows = 63
 
     def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512,
-                 lock: threading.Lock | None = None, pad_single_rows: bool | None = None,
+                 pad_single_rows: bool | None = None,
                  prefix_entries: int = 0, exact_prefixes: bool = True) -> None:
         import llama_cpp as L
 
@@ -118,11 +181,12 @@ class KvPool:
         self._mem = L.llama_get_memory(self._ctx)
         self.n_cells = L.llama_n_ctx(self._ctx)
         self.n_batch = n_batch
-        self.pass_rows = min(self.prefill_rows, n_batch)  # rows per prompt pass; a fuser may set fewer, once
+        self.pass_rows = min(self.prefill_rows, n_batch)  # rows per prompt pass; a stepper may set fewer, once
+        self.fuse_rows = self.default_fuse_rows
+        self.pass_seconds: dict[int, float] = {}
+        self.rows_per_decode: list[int] = []
         self.n_vocab = base.n_vocab
         self._batch = L.llama_batch_init(n_batch + 1, 0, 1)
-        # Every llama.cpp computation of the server runs under it (a draft pool gets the target pool's).
-        self.lock = lock if lock is not None else threading.Lock()
         self.bump = 0  # cells handed out since the last compaction; every cell below it is occupied
         self.live = [0] * n_seqs  # committed tokens per sequence
         self.reserved = [0] * n_seqs
@@ -312,13 +376,13 @@ class KvPool:
             self._ctx = None
 
 
-class SeqRunner(Runner):
-    """A request's target runner on one sequence of the pool (a KvPool, or paged.py's PagedPool for a
-    torch target). forward() goes through `fuser`, which may decode these rows in one pool decode with
-    other requests' rows."""
+class SequenceView(Runner):
+    """A request's target as its engine sees it: one sequence of a shared pool (a KvPool, or paged.py's
+    PagedPool). The engine's passes do not come here: its steps yield them (Engine.steps) and the
+    stepper runs them fused with other requests' passes. Rollbacks drop the sequence's cells."""
 
-    def __init__(self, pool: KvPool, seq: int, fuser, n_ctx: int) -> None:
-        self.pool, self.seq, self.fuser = pool, seq, fuser
+    def __init__(self, pool, seq: int, n_ctx: int) -> None:
+        self.pool, self.seq = pool, seq
         self.name = pool.base.name
         self.source = getattr(pool.base, "source", None)  # a TorchRunner has none
         self.n_ctx = n_ctx
@@ -335,20 +399,10 @@ class SeqRunner(Runner):
         return self.pool.base.cost_curve
 
     def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
-        if parents is not None:
-            raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",
-                                   "tree_width")
-        self.check_fits(len(tokens))
-        if len(tokens) + self.n_past > self.pool.reserved[self.seq]:
-            raise PromptError(f"request outgrew its {self.pool.reserved[self.seq]} reserved KV cells", "max_tokens")
-        return self._run(list(tokens), all_logits)
-
-    def _run(self, tokens: list[int], all_logits: bool) -> np.ndarray:
-        return self.fuser.run(self.seq, tokens, all_logits)
+        raise RuntimeError("a pool sequence's passes run through the stepper (verispec/stepper.py)")
 
     def rollback(self, n_past: int) -> None:
-        with self.pool.lock:
-            self.pool.drop(self.seq, n_past)
+        self.pool.drop(self.seq, n_past)
 
     def keep_path(self, path: Sequence[int]) -> None:
         raise RuntimeError("keep_path() needs a tree forward, which the pool does not run")
@@ -357,25 +411,29 @@ class SeqRunner(Runner):
         self.rollback(0)
 
 
-class DirectSeqRunner(SeqRunner):
-    """A slot's draft model on one sequence of the draft pool. Its passes are not fused (each request
-    drafts on its own schedule): they decode at once, under the pool's lock."""
+class DirectSeqRunner(SequenceView):
+    """A request's draft model on one sequence of the draft pool. Its passes are its own (each request
+    drafts on its own schedule) and decode at once; a prompt shares a cached prefix where it can."""
 
-    def __init__(self, pool: KvPool, seq: int, n_ctx: int) -> None:
-        super().__init__(pool, seq, None, n_ctx)
+    def check_fits(self, n_tokens: int) -> None:
+        super().check_fits(n_tokens)
+        if n_tokens + self.n_past > self.pool.reserved[self.seq]:
+            raise PromptError(f"request outgrew its {self.pool.reserved[self.seq]} reserved KV cells", "max_tokens")
 
-    def _run(self, tokens: list[int], all_logits: bool) -> np.ndarray:
-        """Batches of n_batch, as a solo runner's. The rows are copied while the lock is held: another
-        slot's next draft pass overwrites llama.cpp's logits buffer."""
+    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
+        """Batches of n_batch, as a solo runner's; the rows are copied (the next pass overwrites llama.cpp's buffer)."""
+        if parents is not None:
+            raise InvalidParameter("token trees are not supported on the shared KV pool", "tree_width")
+        tokens = list(tokens)
+        self.check_fits(len(tokens))
         rows, start = [], 0
-        with self.pool.lock:
-            prompt = self.n_past == 0 and not all_logits
-            if prompt:
-                start = self.pool.adopt_prefix(self.seq, tokens)
-            for start in range(start, len(tokens), self.pool.n_batch):
-                part = tokens[start : start + self.pool.n_batch]
-                want = [all_logits] * (len(part) - 1) + [all_logits or start + len(part) == len(tokens)]
-                rows.append(self.pool.decode([self.seq] * len(part), part, want).copy())
-            if prompt:
-                self.pool.remember_prompt(self.seq, tokens)
+        prompt = self.n_past == 0 and not all_logits
+        if prompt:
+            start = self.pool.adopt_prefix(self.seq, tokens)
+        for start in range(start, len(tokens), self.pool.n_batch):
+            part = tokens[start : start + self.pool.n_batch]
+            want = [all_logits] * (len(part) - 1) + [all_logits or start + len(part) == len(tokens)]
+            rows.append(self.pool.decode([self.seq] * len(part), part, want).copy())
+        if prompt:
+            self.pool.remember_prompt(self.seq, tokens)
         return rows[0] if len(rows) == 1 else np.concatenate(rows)

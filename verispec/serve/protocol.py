@@ -137,7 +137,7 @@ def usage(stats: Stats) -> dict:
 def speculative(stats: Stats, draft: str, disabled_steps: int, draft_prefill_seconds: float | None = None) -> dict:
     """The response's `speculative` block. `draft_seconds`: time in the drafter's proposals, a draft
     model's catch-up on skipped tokens included; `draft_prefill_seconds`: its prompt prefill (None
-    when the scheduler did not see it: the client pinned the drafter)."""
+    when not known)."""
     return {
         "draft": draft,
         "drafted": stats.drafted,

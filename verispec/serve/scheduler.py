@@ -1,28 +1,25 @@
-"""Where requests wait, get a slot, advance one step at a time and leave: the server's scheduler.
+"""Where requests wait, get a sequence, step together and leave: the server's one scheduler thread.
 
-Two schedulers share this file's request plumbing (Job, Event, Switchable, submit/cancel/finish):
+Every model pass of the server runs on this thread: admission, prompt prefill chunks, draft-model
+passes, the fused verification decode, and emission to the asyncio side. No thread per request,
+no barrier, no polling. Each request is a `Sequence` whose engine steps (Engine.steps, the same
+code as `verispec generate`) run in the stepper (verispec/stepper.py), which fuses all target
+passes of a step into as few exact pool decodes as it can.
 
-- `PooledScheduler` (pooled.py), the default: every request is a sequence of one shared KV pool
-  (pool.py: a llama.cpp context; paged.py: paged blocks for a torch target), each slot's engine
-  runs in its own thread, and the target passes of all active requests are fused (fuser.py) into
-  decodes small enough to keep every request's logits bit-identical to a solo run (<= 3 rows on
-  llama.cpp; any number on torch, padded to a multiple of 4, where "solo" means alone on the
-  pool). Draft caps come from the goodput planner (goodput.py). Prompts are prefilled in chunks
-  between the others' steps.
-- `Scheduler` below (`--kv-pool 0`, and torch models the paged pool cannot hold, e.g. with
-  sliding-window attention): `max_batch` slots, each a target runner with its own KV cache (a
-  llama.cpp sibling context, or a TorchRunner on the shared module) plus its own drafters. One
-  worker thread admits waiting requests into free slots and advances every active request's
-  engine generator by one step, round-robin. Passes are not fused, so throughput is that of one
-  stream shared fairly; a request's extra verify rows cost only its own pass, so the engine's
-  per-request adaptive K is already the goodput rule there and drafting is only turned off by
-  `spec_off_at` (active requests at which unpinned requests step with K = 0; 0 = never). Such
-  steps are counted in `verispec_speculation_disabled_total`. In both, a draft model whose prompt
-  prefill a request skipped stays off for that request (`Switchable.stays_off`): catching up
-  later would stall every other request.
+The KV cache is one pool shared by all requests (serve/pool.py, a llama.cpp context with a
+sequence per request and a prefix cache; serve/paged.py, paged blocks for a torch target), or,
+with --kv-pool 0 and for torch models the paged pool cannot hold, one context per slot
+(`ContextPool`: nothing fused, token trees allowed). A llama.cpp draft model has a pool of its
+own with a sequence per slot; another draft runner gets a context per slot.
 
-Both check at start-up that --ctx x --max-batch (target KV, draft KV, compute buffers) fits in the
-available memory (memory.py; the torch pool checks its own KV in paged.py).
+A request is admitted when the pools can reserve the cells it can use at most: prompt +
+max_tokens + draft_max + 2, capped by --ctx. Until then it waits in the queue (first come, first
+served). Draft caps come from the goodput planner (goodput.py) once two or more requests share the
+passes; alone, a request's own chooser decides. A request that joins a running batch does not
+draft until planned for, and a draft model whose prompt prefill it skipped stays off for it
+(Engine.cap, Engine.draft_stays_off): catching up later would stall every other request.
+
+The start-up check of --ctx x --max-batch against the available memory is memory.py's.
 """
 
 from __future__ import annotations
@@ -31,19 +28,27 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence as Seq
 from dataclasses import dataclass, field
 
-from ..api import Model, TextAssembler
-from ..drafters.base import Draft, Drafter
+
+from ..drafters.base import Drafter
 from ..drafters.draft_model import ModelDrafter
+from ..drafters.ngram import NgramDrafter
 from ..draft_length import CarriedCosts
-from ..engine import Engine, SpeculativeConfig, Stats
+from ..engine import Engine, Forward, SpeculativeConfig, Stats
 from ..errors import InvalidParameter, VerispecError
 from ..runners.base import Runner
+from ..runners.llamacpp import LlamaCppRunner
 from ..sampling import SamplingParams
+from ..stepper import Member, Stepper
+from ..text import TextAssembler
+from .goodput import Candidate, GoodputPolicy
 from .memory import check_server
 from .metrics import Metrics
+from .paged import open_pool, position_limit
+from .pool import DirectSeqRunner, KvPool, PassTimes, SequenceView, chunk_sizes
+from .prefix_cache import PrefixCache
 
 log = logging.getLogger("verispec.serve")
 
@@ -61,93 +66,39 @@ class Event:
 
 
 @dataclass
-class Job:
-    """One request as the scheduler sees it. `sink` receives Events from the worker thread."""
+class Sequence:
+    """One request: what the client asked for, and its decoding state on the scheduler thread.
+    `sink` receives Events on the scheduler thread."""
 
     tokens: list[int]
     params: SamplingParams
     spec: SpeculativeConfig
     draft: str | None  # "ngram", "model" or None
-    pinned: bool  # the client chose the drafter: the load threshold does not turn it off
+    pinned: bool  # the client chose the drafter or K: the planner does not cap it
     sink: Callable[[Event], None] = lambda event: None
     endpoint: str = "completions"
     stats: Stats = field(default_factory=Stats)
     arrived: float = field(default_factory=time.perf_counter)
-    disabled_steps: int = 0
     checked_at: float = 0.0  # when the handler last checked that the client is still connected
     cancelled: bool = False
     finished: bool = False
-    # worker-side state
-    _gen: Iterator[list[int]] | None = None
-    _gate: "Switchable | None" = None
-    _decoder: TextAssembler | None = None
-    _last_token_at: float | None = None
-    _seen_steps: int = 0
+    # scheduler-thread state
+    slot: int = -1
+    engine: Engine | None = None
+    decoder: TextAssembler | None = None
+    last_token_at: float | None = None
+    seen_steps: int = 0
+    seen_capped: int = 0
+
+    @property
+    def disabled_steps(self) -> int:
+        return self.stats.capped_steps
 
     def emit(self, event: Event) -> None:
         try:
             self.sink(event)
         except RuntimeError:  # the client's event loop is gone (server shutting down)
             pass
-
-
-class Switchable(Drafter):
-    """A drafter the scheduler can cap between steps: `cap` limits K (0 = off: it proposes nothing).
-
-    `stays_off`: a costly drafter (a draft model) whose prompt prefill was skipped, because the
-    request started with cap 0 or its chooser did not mean to draft. Its first proposal would have
-    to catch up on the whole context (prompt + generated) first, stalling every other request
-    (Scheduler._step keeps its cap at 0). `prefill_seconds`: the draft prefill it let through,
-    which the engine counts in Stats.prefill_seconds with the target's.
-    """
-
-    def __init__(self, inner: Drafter) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.costly = inner.costly
-        self.cap: int | None = None
-        self.stays_off = False
-        self.prefill_seconds = 0.0
-
-    @property
-    def enabled(self) -> bool:
-        return self.cap != 0
-
-    def allowed(self, cap: int | None) -> int | None:
-        """The cap in force when the scheduler asks for `cap`: 0 for good once the draft stays off.
-
-        The one place that rule lives; both schedulers and the planner ask here."""
-        return 0 if self.stays_off else cap
-
-    def begin(self, prompt, params, rng, noise=None) -> None:
-        self.inner.begin(prompt, params, rng, noise)
-        self.stays_off = self.costly  # until prefill() lets the prompt through
-
-    def prefill(self, prompt: Sequence[int]) -> None:
-        if self.cap != 0:
-            t0 = time.perf_counter()
-            self.inner.prefill(prompt)
-            self.prefill_seconds += time.perf_counter() - t0
-            self.stays_off = False
-
-    def propose(self, context: Sequence[int], k: int) -> Draft:
-        if self.cap == 0:
-            return Draft([], None, self.name)
-        return self.inner.propose(context, k if self.cap is None else min(k, self.cap))
-
-    def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
-        if self.cap == 0:
-            return []
-        return self.inner.propose_branches(context, k if self.cap is None else min(k, self.cap), width)
-
-    def accepted(self, row: int) -> None:
-        self.inner.accepted(row)
-
-
-def drop_cancelled(waiting: deque[Job], metrics: Metrics) -> None:
-    """Drop requests cancelled while they waited from the head of the queue, counting them."""
-    while waiting and waiting[0].cancelled:
-        metrics.requests.labels(waiting.popleft().endpoint, "cancelled").inc()
 
 
 def clone_runner(runner: Runner, n_ctx: int) -> Runner:
@@ -161,62 +112,139 @@ def clone_runner(runner: Runner, n_ctx: int) -> Runner:
     raise InvalidParameter(f"the server cannot open per-request contexts on a {type(runner).__name__}", "backend")
 
 
-class Slot:
-    """A target context and its drafters; holds at most one request."""
+class ContextPool(PassTimes):
+    """One context per slot (--kv-pool 0, or a torch model the paged pool cannot hold), behind the pool
+    interface the stepper uses. Nothing is fused: each sequence's pass runs on its own context, so its
+    throughput is that of one stream shared fairly. Token trees work here (a context runs them)."""
 
-    def __init__(self, base: Model, n_ctx: int, model_drafter: ModelDrafter | None) -> None:
-        self.model = Model(target=clone_runner(base.target, n_ctx), backend=base.backend, spec=base.spec,
-                           runner_options=base.runner_options)
-        self.model_drafter = None
-        if model_drafter is not None:
-            runner = clone_runner(model_drafter.runner, n_ctx)
-            self.model_drafter = ModelDrafter(runner, model_drafter.min_prob, base.spec.draft_max)
-        self.job: Job | None = None
+    default_fuse_rows = 1
 
-    def drafter(self, key: str | None) -> Drafter | None:
-        if key == "model":
-            return self.model_drafter
-        return self.model.drafter(key)  # "ngram" (made once per slot) or None
+    def __init__(self, base: Runner, n_ctx: int, n_seqs: int) -> None:
+        self.base = base
+        self.runners: list[Runner] = []
+        try:
+            for _ in range(n_seqs):
+                self.runners.append(clone_runner(base, n_ctx))
+        except BaseException:
+            self.close()
+            raise
+        self.n_ctx = self.runners[0].n_ctx
+        self.n_cells = self.n_ctx * n_seqs
+        self.n_vocab = base.n_vocab
+        self.n_batch = self.pass_rows = getattr(self.runners[0], "n_batch", 512)
+        self.fuse_rows = 1
+        self.reserved = [0] * n_seqs
+        self.pass_seconds: dict[int, float] = {}
+        self.rows_per_decode: list[int] = []
+        self.prefixes = PrefixCache(())
+        self.compactions = 0
+
+    @property
+    def live(self) -> list[int]:
+        return [r.n_past for r in self.runners]
+
+    def view(self, seq: int, n_ctx: int) -> Runner:
+        return self.runners[seq]
+
+    def reserve(self, seq: int, n: int) -> bool:
+        self.reserved[seq] = n
+        return True  # the slot's context holds --ctx; the engine stops a request at its end
+
+    def release(self, seq: int) -> None:
+        self.runners[seq].reset()
+        self.reserved[seq] = 0
+
+    def score(self, works: Seq[tuple[int, Forward]]) -> list:
+        outs = []
+        for seq, f in works:
+            t0 = time.perf_counter()
+            outs.append(self.runners[seq].forward_native(f.tokens, f.parents))
+            self._record(len(f.tokens), time.perf_counter() - t0)
+        return outs
+
+    def prefill_passes(self, n_tokens: int) -> list[int]:
+        return chunk_sizes(n_tokens, self.pass_rows)
+
+    def prefill_pass(self, seq: int, tokens: Seq[int], last: bool):
+        rows = self.runners[seq].forward_native(list(tokens), all_logits=False)
+        return rows[-1:] if last else None
+
+    def adopt_prefix(self, seq: int, tokens: Seq[int]) -> int:
+        return 0
+
+    def remember_prompt(self, seq: int, tokens: Seq[int]) -> None:
+        pass
 
     def close(self) -> None:
-        if self.model_drafter is not None:
-            self.model_drafter.close()
-        self.model.close()  # siblings only: the base model owns the weights and is closed by its owner
+        for runner in self.runners:
+            runner.close()  # siblings only: the base runner owns the weights and is closed by its owner
+        self.runners = []
 
 
 class Scheduler:
-    def __init__(self, base: Model, max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None,
-                 spec_off_at: int = 2, metrics: Metrics | None = None) -> None:
+    def __init__(self, target: Runner, spec: SpeculativeConfig, model_drafter: ModelDrafter | None,
+                 max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None, spec_off_at: int = 0,
+                 metrics: Metrics | None = None, pool_cells: int | None = None, fuse_rows: int | None = None,
+                 prefill_chunk: int | None = None, prefix_cache: int = 8) -> None:
         if max_batch < 1:
             raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
         if max_queue < 0:
             raise InvalidParameter(f"max_queue must be >= 0, got {max_queue}", "max_queue")
-        self.n_ctx = n_ctx or base.target.n_ctx
-        self.max_queue = max_queue
-        self.spec_off_at = spec_off_at
+        if prefix_cache < 0:
+            raise InvalidParameter(f"--prefix-cache must be >= 0, got {prefix_cache}", "prefix_cache")
+        self.target, self.spec, self.model_drafter = target, spec, model_drafter
+        self.n_ctx = position_limit(target, n_ctx or target.n_ctx)
+        self.max_queue, self.spec_off_at = max_queue, spec_off_at
         self.metrics = metrics or Metrics()
-        self.carried: dict[str | None, CarriedCosts] = {}  # per drafter key, shared by the slots
-        default = base.drafter(base.spec.draft)
-        self.model_drafter = default if isinstance(default, ModelDrafter) else None
-        self.memory = check_server(base, self.model_drafter, max_batch, self.n_ctx)
-        self.slots: list[Slot] = []
+        self.carried: dict[str | None, CarriedCosts] = {}  # the adaptive K's measurements per drafter key
+        cells = self.n_ctx * max_batch if pool_cells is None else pool_cells
+        if 0 < cells < self.n_ctx:
+            raise InvalidParameter(f"--kv-pool {cells} is smaller than --ctx {self.n_ctx}: one request could never fit",
+                                   "kv_pool")
+        self.memory = check_server(target, model_drafter, max_batch, self.n_ctx, cells)
+        self.pool = self.draft_pool = None
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self._drafters: list[ModelDrafter | None] = [None] * max_batch
         try:
-            for _ in range(max_batch):
-                self.slots.append(Slot(base, self.n_ctx, self.model_drafter))
+            self.pool = (ContextPool(target, self.n_ctx, max_batch) if cells == 0
+                         else open_pool(target, cells, max_batch, prefix_cache))  # PoolUnsupported: see app.py
+            self.n_ctx = min(self.n_ctx, getattr(self.pool, "n_ctx", self.n_ctx))
+            if fuse_rows is not None:
+                if fuse_rows < 1:
+                    raise InvalidParameter(f"fuse_rows must be >= 1, got {fuse_rows}", "fuse_rows")
+                self.pool.fuse_rows = min(fuse_rows, self.pool.n_batch)
+            self._open_drafters(max_batch, prefix_cache)
         except BaseException:
             self.close()
             raise
-        self.n_ctx = self.slots[0].model.target.n_ctx
+        self.stepper = Stepper(self.pool, prefill_chunk)
+        self.policy = GoodputPolicy(self.pool.fuse_rows, cost_curve=target.cost_curve)
+        self.policy.pass_seconds = self.pool.pass_seconds
         self.metrics.slots.set(max_batch)
-        self._waiting: deque[Job] = deque()
+        self.metrics.pool_cells.set(0 if cells == 0 else self.pool.n_cells)
+        self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="verispec-scheduler", daemon=True)
         self._thread.start()
 
+    def _open_drafters(self, slots: int, prefix_cache: int) -> None:
+        """A draft model per slot: on a sequence of one draft pool when it runs on llama.cpp and the target
+        shares a pool, else on a context of its own."""
+        if self.model_drafter is None:
+            return
+        runner = self.model_drafter.runner
+        if isinstance(runner, LlamaCppRunner) and not isinstance(self.pool, ContextPool):
+            self.draft_pool = KvPool(runner, self.pool.n_cells, slots, pad_single_rows=False,
+                                     prefix_entries=prefix_cache, exact_prefixes=False)
+        for seq in range(slots):
+            view = (DirectSeqRunner(self.draft_pool, seq, self.n_ctx) if self.draft_pool is not None
+                    else clone_runner(runner, self.n_ctx))
+            self._drafters[seq] = ModelDrafter(view, self.model_drafter.min_prob, self.spec.draft_max)
+
     # -- called from request handlers -----------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Sequence) -> None:
         with self._cond:
             if self._stop:
                 raise QueueFull("the server is shutting down")
@@ -226,7 +254,7 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify_all()
 
-    def cancel(self, job: Job) -> None:
+    def cancel(self, job: Sequence) -> None:
         with self._cond:
             job.cancelled = True
             self._cond.notify_all()
@@ -234,7 +262,7 @@ class Scheduler:
     def counts(self) -> tuple[int, int]:
         """(active, waiting)"""
         with self._cond:
-            return sum(s.job is not None for s in self.slots), len(self._waiting)
+            return sum(s is not None for s in self.slots), len(self._waiting)
 
     def close(self) -> None:
         thread = getattr(self, "_thread", None)
@@ -243,111 +271,182 @@ class Scheduler:
                 self._stop = True
                 self._cond.notify_all()
             thread.join()
-        for slot in self.slots:
-            slot.close()
-        self.slots = []
+        for drafter in self._drafters:
+            if drafter is not None and self.draft_pool is None:
+                drafter.runner.close()
+        self._drafters = []
+        for pool in (self.pool, self.draft_pool):
+            if pool is not None:
+                pool.close()
+        self.pool = self.draft_pool = None
 
-    # -- the worker thread ------------------------------------------------------------------------
+    # -- the scheduler thread ---------------------------------------------------------------------
 
     def _free_slots(self) -> int:
-        return sum(s.job is None for s in self.slots)
+        return sum(s is None for s in self.slots)
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stop and not self._waiting and all(s.job is None for s in self.slots):
-                    self._cond.wait()
-                if self._stop:
-                    break
-                self._admit()
-            active = [s for s in self.slots if s.job is not None]
-            speculate = self.spec_off_at <= 0 or len(active) < self.spec_off_at
-            self.metrics.spec_disabled.set(0 if speculate else 1)
-            for slot in active:
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop and not self._waiting and not self.stepper.members:
+                        self._cond.wait()
+                    if self._stop:
+                        break
+                    self._admit()
+                self._drop_cancelled()
+                self._plan()
                 try:
-                    self._step(slot, None if speculate else 0)
-                except Exception:  # never let one request kill the worker
+                    members = self.stepper.step()
+                except Exception:  # never let one step kill the thread
                     log.exception("scheduler step failed")
-                    if slot.job is not None:
-                        self._finish(slot, "error", Event("error", error=RuntimeError("internal error while decoding")))
-        for slot in self.slots:
-            if slot.job is not None:
-                self._finish(slot, "cancelled", Event("error", error=RuntimeError("the server is shutting down")))
-        for job in self._waiting:
-            job.emit(Event("error", error=RuntimeError("the server is shutting down")))
+                    members = []
+                    for job in [j for j in self.slots if j is not None]:
+                        self._finish(job, "error", Event("error", error=RuntimeError("internal error while decoding")))
+                for member in members:
+                    self._deliver(member)
+                self._publish()
+        finally:
+            shutting = RuntimeError("the server is shutting down")
+            for job in [j for j in self.slots if j is not None]:
+                self._finish(job, "cancelled", Event("error", error=shutting))
+            for job in self._waiting:
+                job.emit(Event("error", error=shutting))
 
     def _admit(self) -> None:
-        """Move waiting requests into free slots (called with the lock held)."""
-        for slot in self.slots:
-            if slot.job is not None:
+        """Give free slots to waiting requests whose cells the pools can reserve (lock held)."""
+        for seq, held in enumerate(self.slots):
+            if held is not None:
                 continue
-            drop_cancelled(self._waiting, self.metrics)
+            while self._waiting and self._waiting[0].cancelled:
+                self.metrics.requests.labels(self._waiting.popleft().endpoint, "cancelled").inc()
             if not self._waiting:
                 break
-            job = self._waiting.popleft()
-            drafter = slot.drafter(job.draft)
-            if drafter is not None and not job.pinned:
-                job._gate = drafter = Switchable(drafter)
-            job._gen = self._engine(slot.model.target, drafter, job).generate(job.tokens, job.params, job.stats)
-            job._decoder = TextAssembler(slot.model.tokenizer, job.params.stop)
-            slot.job = job
-            self.metrics.prompt_tokens.inc(len(job.tokens))
+            job = self._waiting[0]
+            need = min(self.n_ctx, len(job.tokens) + job.params.max_tokens + job.spec.draft_max + 2)
+            if not self.pool.reserve(seq, need):
+                break  # first come, first served: the head waits for cells
+            if self.draft_pool is not None and not self.draft_pool.reserve(seq, need):
+                self.pool.release(seq)
+                break
+            self._waiting.popleft()
+            self._start(job, seq, need)
         self.metrics.queue_depth.set(len(self._waiting))
-        self.metrics.active.set(sum(s.job is not None for s in self.slots))
+        self.metrics.active.set(sum(s is not None for s in self.slots))
 
-    def _engine(self, target: Runner, drafter: Drafter | None, job: Job) -> Engine:
-        """An engine whose adaptive K starts from what earlier requests on the same drafter measured."""
-        carried = self.carried.setdefault(job.draft, CarriedCosts())
-        return Engine(target, drafter, job.spec, carried)
+    def _start(self, job: Sequence, seq: int, need: int) -> None:
+        target = self.pool.view(seq, need) if isinstance(self.pool, ContextPool) else SequenceView(self.pool, seq, need)
+        drafter = self._drafter(job.draft, seq)
+        job.engine = Engine(target, drafter, job.spec, self.carried.setdefault(job.draft, CarriedCosts()))
+        if drafter is not None and not job.pinned:
+            job.engine.gated = True
+            job.engine.cap = self._initial_cap()
+        job.decoder = TextAssembler(self.target.tokenizer, job.params.stop)
+        job.slot = seq
+        self.slots[seq] = job
+        self.stepper.add(seq, job.engine.steps(job.tokens, job.params, job.stats))
+        self.metrics.prompt_tokens.inc(len(job.tokens))
 
-    def _step(self, slot: Slot, cap: int | None) -> None:
-        """One engine step of the slot's request; `cap` limits an unpinned request's K (None = no limit;
-        0 while its draft model stays off)."""
-        job = slot.job
-        if job.cancelled:
-            self._finish(slot, "cancelled")
+    def _drafter(self, key: str | None, seq: int) -> Drafter | None:
+        if key == "model":
+            return self._drafters[seq]
+        if key == "ngram":
+            return NgramDrafter(self.spec.ngram_min, self.spec.ngram_max)
+        return None
+
+    def _initial_cap(self) -> int | None:
+        """No drafting for a request that joins a running batch until the planner has planned for it.
+
+        Its chooser would otherwise decide alone, from pass times measured while others shared the
+        step, and a draft model's prefill would stall every request. Alone, the request's own chooser
+        decides (None: no cap). A draft model whose prefill was skipped never drafts for the request
+        (Engine.draft_stays_off): its first draft would catch up on prompt + generated tokens while
+        every other request waits, a one-time cost that only the tokens still to come could repay,
+        and the server does not know how many will come.
+        """
+        others = sum(s is not None for s in self.slots)  # before this request takes its slot
+        if self.spec_off_at > 0 and 1 + others >= self.spec_off_at:
+            return 0
+        return 0 if others else None
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self.slots if j is not None and j.cancelled]:
+            self._finish(job, "cancelled")
+
+    def _plan(self) -> None:
+        """Re-plan every unpinned request's draft cap from the measured pass costs (goodput.py)."""
+        active = [j for j in self.slots if j is not None]
+        if not active:
             return
-        if job._gate is not None:
-            job._gate.cap = cap = job._gate.allowed(cap)
-            if cap == 0 and job._last_token_at is not None:  # a decode step, not the prefill
-                job.disabled_steps += 1
-                self.metrics.spec_disabled_steps.inc()
-        generated = job.stats.generated
-        try:
-            new = next(job._gen)
-        except StopIteration:
-            self._finish(slot, job.stats.finish_reason)
+        if self.spec_off_at > 0:
+            caps = [0 if len(active) >= self.spec_off_at else None] * len(active)
+        elif len(active) == 1:  # nothing shares the pass: the engine's own chooser is the goodput rule
+            caps = [None]
+        else:
+            caps = self.policy.plan([self._candidate(job) for job in active])
+        gated = [(job, cap) for job, cap in zip(active, caps) if job.engine.gated]
+        for job, cap in gated:
+            if self.stepper.members[job.slot].started:  # a joiner's first step runs with its initial cap
+                job.engine.cap = cap
+        self.metrics.spec_disabled.set(1 if gated and all(cap == 0 or j.engine.draft_stays_off for j, cap in gated) else 0)
+        self.metrics.draft_budget.set(sum(cap or 0 for j, cap in gated if not j.engine.draft_stays_off))
+
+    def _candidate(self, job: Sequence) -> Candidate:
+        """The request as the planner sees it, with its drafter's carried measurements as priors."""
+        k_max = 0 if not job.draft or job.engine.draft_stays_off else job.spec.draft_max
+        candidate = Candidate(job.stats, k_max, not job.engine.gated)
+        carried = self.carried.get(job.draft)
+        if carried is not None and carried.acceptance is not None:
+            candidate.prior_acceptance = carried.acceptance
+            candidate.prior_draft_seconds = carried.draft_seconds_per_token or 0.0
+        return candidate
+
+    def _deliver(self, member: Member) -> None:
+        """Emit what a request's step wrote; finish it if it is done."""
+        job = self.slots[member.seq]
+        if job is None:
             return
-        except VerispecError as exc:
-            self._finish(slot, "invalid", Event("error", error=exc))
-            return
-        now = time.perf_counter()
-        n = job.stats.generated - generated
+        if member.out:
+            self._emit_tokens(job, member.out)
+            member.out = []
+        if job.decoder.stopped:
+            job.stats.finish_reason = "stop"
+            self._finish(job, "stop")
+        elif member.error is not None:
+            if isinstance(member.error, VerispecError):
+                self._finish(job, "invalid", Event("error", error=member.error))
+            else:
+                log.error("request failed", exc_info=member.error)
+                self._finish(job, "error", Event("error", error=RuntimeError("internal error while decoding")))
+        elif member.finished:
+            self._finish(job, job.stats.finish_reason)
+
+    def _emit_tokens(self, job: Sequence, tokens: list[int]) -> None:
+        now, n = time.perf_counter(), len(tokens)
         self.metrics.generated_tokens.inc(n)
-        if job._last_token_at is None:
+        if job.last_token_at is None:
             self.metrics.ttft.observe(now - job.arrived)
-        elif n:
+        else:
             for _ in range(n):
-                self.metrics.inter_token.observe((now - job._last_token_at) / n)
-        job._last_token_at = now
-        job._seen_steps = self.metrics.record_steps(job.stats, job._seen_steps)
-        text = job._decoder.add(new)
+                self.metrics.inter_token.observe((now - job.last_token_at) / n)
+        job.last_token_at = now
+        job.seen_steps = self.metrics.record_steps(job.stats, job.seen_steps)
+        if job.stats.capped_steps > job.seen_capped:
+            self.metrics.spec_disabled_steps.inc(job.stats.capped_steps - job.seen_capped)
+            job.seen_capped = job.stats.capped_steps
+        text = job.decoder.add(tokens)
         if text:
             job.emit(Event("text", text))
-        if job._decoder.stopped:
-            job.stats.finish_reason = "stop"
-            self._finish(slot, "stop")
 
-    def _finish(self, slot: Slot, outcome: str, event: Event | None = None) -> None:
-        """Close the generator, free the slot's KV cache, tell the client, and only then free the slot:
-        another thread may hand a free slot to the next request at once (the pooled scheduler does)."""
-        job = slot.job
+    def _finish(self, job: Sequence, outcome: str, event: Event | None = None) -> None:
+        """Stop the request's steps, free its cells, tell the client, free the slot."""
         job.finished = True
-        if job._gen is not None:
-            job._gen.close()
-        self._release(slot)
+        self.stepper.remove(job.slot)
+        self.pool.release(job.slot)
+        if self.draft_pool is not None:
+            self.draft_pool.release(job.slot)
         if event is None and outcome != "cancelled":
-            tail = "" if job._decoder.stopped else job._decoder.flush()
+            tail = "" if job.decoder.stopped else job.decoder.flush()
             if tail:
                 job.emit(Event("text", tail))
             event = Event("done", finish_reason=outcome)
@@ -355,9 +454,21 @@ class Scheduler:
             job.emit(event)
         self.metrics.requests.labels(job.endpoint, outcome).inc()
         with self._cond:
-            slot.job = None
-            self.metrics.active.set(sum(s.job is not None for s in self.slots))
-            self._cond.notify_all()
+            self.slots[job.slot] = None
+            self.metrics.active.set(sum(s is not None for s in self.slots))
 
-    def _release(self, slot: Slot) -> None:
-        slot.model.target.reset()
+    def _publish(self) -> None:
+        m, pool = self.metrics, self.pool
+        for rows in pool.take_rows():
+            m.fused_rows.observe(rows)
+        for rows, seconds in list(pool.pass_seconds.items()):
+            m.pass_seconds.labels(str(rows)).set(seconds)
+        m.goodput.set(self.policy.predicted)
+        m.pool_live.set(sum(pool.live))
+        m.pool_reserved.set(sum(pool.reserved))
+        m.pool_compactions.set(pool.compactions)
+        m.draft_pool_live.set(sum(self.draft_pool.live) if self.draft_pool is not None else 0)
+        m.publish_prefix_cache("target", pool.prefixes)
+        if self.draft_pool is not None:
+            m.publish_prefix_cache("draft", self.draft_pool.prefixes)
+
