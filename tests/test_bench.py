@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from verispec.bench import lossless
 from verispec.bench.methods import parse_methods
-from verispec.bench.prompts import HUMANEVAL_INSTRUCTION, load_prompts
+from verispec.prompts import HUMANEVAL_INSTRUCTION, load_prompts
 from verispec.errors import InvalidParameter, PromptError
 
 
@@ -144,7 +144,17 @@ def test_load_cells_sum_the_draft_work_of_their_requests():
     row = cell.row()
     assert (row["drafted"], row["draft_seconds"], row["draft_prefill_seconds"]) == (37, 2.1, 0.5)
     assert row["mean_accepted_length"] == 1.25  # the existing keys stay
-    assert markdown([cell], "").splitlines()[-1].endswith("| 1.25 | 37 (2.1 + 0.5 s) | 0 (0) |")
+    assert markdown([cell], "").splitlines()[-1].endswith("| 1.25 | 37 (2.1 + 0.5 s) | 0 (0) | - |")
+
+
+def test_load_cells_count_outputs_unlike_the_same_modes_solo_outputs():
+    from verispec.bench.load import Cell, compare_with_solo, markdown
+
+    cells = [Cell(1, "off", 1.0, texts={0: "a", 1: "b"}), Cell(1, "llama-server", 1.0, texts={0: "a", 1: "b"}),
+             Cell(4, "off", 1.0, texts={0: "a", 1: "b"}), Cell(4, "llama-server", 1.0, texts={0: "a", 1: "c"})]
+    compare_with_solo(cells)
+    assert [c.differ_from_solo for c in cells] == [None, None, 0, 1]
+    assert markdown(cells[3:], "").splitlines()[-1].endswith("| 1 |")
 
 
 # -- end to end ---------------------------------------------------------------------------------

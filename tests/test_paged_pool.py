@@ -1,4 +1,4 @@
-"""The paged KV pool of a torch target (serve/paged.py) on tiny random models: fused rows equal rows
+"""The paged KV pool of a torch target (runners/torch_pool.py) on tiny random models: fused rows equal rows
 decoded alone bit for bit, rollback, block accounting, speculative decoding through the stepper, the
 scheduler on a torch target, and the models it refuses."""
 
@@ -15,8 +15,9 @@ from verispec.engine import Engine, SpeculativeConfig, Stats
 from verispec.errors import InvalidParameter
 from verispec.runners.torch import TorchRunner
 from verispec.sampling import SamplingParams
-from verispec.serve.paged import BLOCK, PagedPool, PoolUnsupported
-from verispec.serve.pool import PoolFull
+from verispec.runners.pool import PoolUnsupported
+from verispec.runners.torch_pool import BLOCK, PagedPool
+from verispec.runners.pool import PoolFull
 
 
 def tiny_qwen2(seed: int = 0, **config):
@@ -155,7 +156,7 @@ def test_reservations_take_whole_blocks(runner):
 def test_speculative_through_the_stepper_equals_plain_greedy(runner):
     """Plain and n-gram speculative greedy requests on one pool, fused: the same tokens, and the same
     as the solo runner's plain greedy."""
-    from verispec.serve.pool import SequenceView
+    from verispec.runners.pool import SequenceView
 
     pool = PagedPool(runner, 512, 3)
     assert pool.fuse_rows == pool.n_batch  # the torch pool's default: all of a step's rows in one decode
@@ -199,7 +200,7 @@ def _collect(scheduler, jobs) -> list[str]:
 def test_pooled_scheduler_on_a_torch_target_equals_alone(runner):
     """Concurrent greedy requests (plain and pinned n-gram drafting) on the scheduler's pool of a torch
     target: each streams the text it streams alone, which is the solo runner's text."""
-    from verispec.serve.paged import PagedPool as Pool
+    from verispec.runners.torch_pool import PagedPool as Pool
     from verispec.serve.scheduler import Scheduler
     from verispec.serve.scheduler import Sequence as Job
 
@@ -258,7 +259,7 @@ def test_sliding_window_models_are_refused(make):
     from verispec.serve import ServeConfig
     from verispec.serve.app import _scheduler
     from verispec.serve.metrics import Metrics
-    from verispec.serve.scheduler import ContextPool
+    from verispec.runners.context_pool import ContextPool
 
     runner = _runner(make(), "sliding")
     with pytest.raises(InvalidParameter, match="sliding"):

@@ -26,7 +26,7 @@ def smol(smol_source):
 
 
 def _pool(smol, cells: int, seqs: int, prefix_entries: int = 0):
-    from verispec.serve.pool import KvPool
+    from verispec.runners.llamacpp_pool import KvPool
 
     return KvPool(smol.target, cells, seqs, prefix_entries=prefix_entries)
 
@@ -165,7 +165,7 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     cells without compaction (sequence 3 serves three requests in a row, the others hold theirs): each
     greedy output equals its solo plain output, through compactions and one-row decodes at 512+ cells."""
     from verispec.drafters.ngram import NgramDrafter
-    from verispec.serve.pool import SequenceView
+    from verispec.runners.pool import SequenceView
 
     params = SamplingParams(max_tokens=64)
     texts = [[PROMPTS[2]], [PROMPTS[0] * 6], [PROMPTS[4]], [PROMPTS[7], PROMPTS[8], PROMPTS[9]]]
@@ -268,7 +268,7 @@ def test_draft_sequence_is_refed_after_its_cells_are_released(smol):
     context with the same batches proposes, and again after the sequence's cells were released between
     requests (the drafter must not trust its record of what the cache held)."""
     from verispec.drafters.draft_model import ModelDrafter
-    from verispec.serve.pool import DirectSeqRunner, KvPool
+    from verispec.runners.llamacpp_pool import DirectSeqRunner, KvPool
 
     prompt = smol.prompt_tokens(PROMPTS[2])
     assert len(prompt) > 16
@@ -299,7 +299,7 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
     """Three greedy requests drafting with the model on two slots (the third reuses a slot): each slot's
     draft is a sequence of one draft pool, every output equals the solo plain output, and both pools
     are empty afterwards."""
-    from verispec.serve.pool import DirectSeqRunner
+    from verispec.runners.llamacpp_pool import DirectSeqRunner
 
     texts, n = [PROMPTS[0], PROMPTS[4], PROMPTS[7]], 40
     solo = [drafting.generate(t, SamplingParams(max_tokens=n), spec=SpeculativeConfig()).text for t in texts]

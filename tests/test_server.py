@@ -281,6 +281,19 @@ def test_multi_turn_chat_hits_the_prefix_cache_and_writes_what_it_writes_without
     assert warm[0][1] > 0  # pinned K drafts
 
 
+def test_a_soak_run_loses_nothing_and_leaks_no_cells(running):
+    """bench-load --soak: random completions and chats, streamed and whole, clients leaving mid-stream and
+    bad requests, 4 in flight: no good request lost, no 5xx, every bad one a 4xx, no KV cell left behind."""
+    import asyncio
+
+    from verispec.bench.soak import soak
+
+    report = asyncio.run(soak(running.url, MODEL, 24, concurrency=4, seed=3, api_key=KEY))
+    assert set(report.kinds) == {"stream", "whole", "disconnect", "bad"}, report.kinds
+    assert report.ok(), report.markdown("soak")
+    assert report.leaked_cells == 0 and running.wait_idle()["active"] == 0
+
+
 # -- bad input ------------------------------------------------------------------------------------------
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -497,7 +510,7 @@ def test_per_slot_contexts_without_pool(smol_source):
 
     import verispec
     from verispec.serve import ServeConfig, Server, create_app
-    from verispec.serve.scheduler import ContextPool
+    from verispec.runners.context_pool import ContextPool
 
     base = verispec.load(MODEL, n_ctx=512, draft="ngram", n_threads=1)
     server = Server(base, ServeConfig(model=MODEL, max_batch=2, ctx=512, kv_pool=0))

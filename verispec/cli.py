@@ -386,14 +386,28 @@ def bench_load(
                                      "(what the prefix cache saves); 0 = none"),
     peer: Optional[str] = typer.Option(None, help="llama-server: llama.cpp's own server on the same prompts, same run "
                                        "(plain decoding, -np = the highest concurrency; `make llama-tools` builds it)"),
+    verify: str = typer.Option("exact", help="exact | one-pass: the server fuses each step's rows into one decode "
+                               "(faster, not bit-identical to solo runs)"),
+    soak: int = typer.Option(0, help="instead: N requests of random kinds and lengths, mid-stream disconnects and bad "
+                             "requests mixed in; reports requests lost, 5xx, KV cells leaked and RSS (fails if any)"),
     out: str = typer.Option("load.md", help="markdown table (and a .json next to it)"),
 ) -> None:
     """Drive the server at several concurrencies, speculation off and on: tokens/s, TTFT and ITL percentiles."""
-    from .bench.load import run_load
+    from .bench.load import run_load, run_soak
 
+    if soak:
+        try:
+            report = run_soak(model, draft, soak, out, url, ctx, threads=threads, kv_pool=kv_pool, fuse_rows=fuse_rows)
+        except VerispecError as exc:
+            fail(exc)
+        console.print(Path(out).read_text())
+        if not report.ok():
+            raise typer.Exit(1)
+        return
     try:
         run_load(model, draft, [int(c) for c in concurrency.split(",")], requests, max_tokens, out, url, ctx,
-                 threads=threads, conversation_turns=conversation, peer=peer, kv_pool=kv_pool, fuse_rows=fuse_rows)
+                 threads=threads, conversation_turns=conversation, peer=peer, kv_pool=kv_pool, fuse_rows=fuse_rows,
+                 verify=verify)
     except VerispecError as exc:
         fail(exc)
     console.print(Path(out).read_text())

@@ -5,9 +5,10 @@ One call of `step()`:
 1. every request that has not started runs up to its first pass (the prompt prefill; a draft model
    prefills its own copy of the prompt on the way);
 2. the pool decodes: all requests' scoring rows (verification passes) fused in as few decodes as
-   exactness allows (`pool.score`), then at most `prefill_chunk` rows of one prompt, the one with
-   the least done (chunked prefill: a long prompt delays the others' next step by one chunk, not by
-   its whole prefill);
+   exactness allows (`pool.score`), then prompt rows of one prompt, the one with the least done:
+   while other requests are decoding, one prompt pass (at most 63 rows on llama.cpp), else up to
+   `prefill_chunk` rows (chunked prefill: a long prompt delays the others' next step by one pass,
+   not by its whole prefill);
 3. every request whose pass completed gets its logits and runs on: it verifies, accepts, rolls back,
    emits its tokens, and drafts its next step, up to its next pass.
 
@@ -74,7 +75,8 @@ class Stepper:
                 [(m.seq, m.pending) for m in scoring]))))
         if prompts:
             member = min(prompts, key=lambda m: m.prefill_done)
-            replies += self._guard([member], lambda: self._prefill_chunk(member))
+            budget = self.pool.pass_rows if scoring else self.prefill_chunk  # decode rows first
+            replies += self._guard([member], lambda: self._prefill_chunk(member, budget))
         for member, logits in replies:
             member.pending = None
             self._advance(member, logits)
@@ -104,8 +106,8 @@ class Stepper:
         except Exception as exc:  # noqa: BLE001 - the request fails, the others go on
             member.error, member.finished = exc, True
 
-    def _prefill_chunk(self, member: Member) -> list[tuple[Member, np.ndarray]]:
-        """Up to `prefill_chunk` rows of a prompt, in the passes its length gives it (pool.prefill_passes),
+    def _prefill_chunk(self, member: Member, budget: int) -> list[tuple[Member, np.ndarray]]:
+        """Up to `budget` rows of a prompt (at least one pass), in the passes its length gives it (pool.prefill_passes),
         after the cells of a cached prefix the pool lets it share (pool.adopt_prefix). Returns the reply
         once the prompt is done."""
         pool, tokens = self.pool, member.pending.tokens
@@ -116,7 +118,7 @@ class Stepper:
                 skipped += passes.pop(0)
             member.prefill_passes = passes
         rows_this_step, logits = 0, None
-        while member.prefill_passes and (rows_this_step == 0 or rows_this_step + member.prefill_passes[0] <= self.prefill_chunk):
+        while member.prefill_passes and (rows_this_step == 0 or rows_this_step + member.prefill_passes[0] <= budget):
             size = member.prefill_passes.pop(0)
             start = member.prefill_done
             logits = pool.prefill_pass(member.seq, tokens[start : start + size], last=not member.prefill_passes)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from ..engine import SpeculativeConfig, Stats
 from ..sampling import SamplingParams
-from .prompts import BenchPrompt
+from ..prompts import BenchPrompt
 
 
 @dataclass

@@ -16,7 +16,7 @@ from rich.console import Console
 from ..errors import VerispecError
 from ..models import quantize
 from . import verify_cost
-from .prompts import BenchPrompt
+from ..prompts import BenchPrompt
 
 SEGMENT = 256  # teacher-forced scoring goes in unchunked passes of at most this many tokens (< n_batch)
 

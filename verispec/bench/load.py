@@ -1,7 +1,7 @@
 """Load benchmark of the OpenAI server: throughput and latency at several concurrencies, speculation on and off.
 
 Starts `verispec serve` in-process on loopback (or drives --url), then for each concurrency and
-each mode sends the bench prompts (verispec.bench.prompts, first turn, as chat requests, streamed)
+each mode sends the bench prompts (verispec/prompts.py, first turn, as chat requests, streamed)
 with that many requests in flight. "off" pins `speculative: {"draft": "none"}`; "on" leaves the
 server's default drafter and its goodput planner in charge. Modes alternate per concurrency level
 after one warm-up request, so slow drift of the machine hits both.
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .prompts import load_prompts
+from ..prompts import load_prompts
 
 
 @dataclass
@@ -60,6 +60,7 @@ class Cell:
     results: list[RequestResult] = field(default_factory=list)
     errors: int = 0
     texts: dict[int, str] = field(default_factory=dict, repr=False)  # output per prompt index (first request)
+    error_examples: list[str] = field(default_factory=list)  # why requests failed (the first few)
     prefix_hits: int = 0  # requests that shared cached prompt cells (the server's /metrics)
     prefix_tokens_saved: int = 0
     differ_from_solo: int | None = None  # outputs unlike the same mode's at concurrency 1 (None: not compared)
@@ -149,8 +150,10 @@ async def _cell(url: str, model: str, prompts: list[str], concurrency: int, n_re
                     result = await _one(client, url, model, prompts[i % len(prompts)], max_tokens, spec)
                     cell.results.append(result)
                     by_prompt.setdefault(i % len(prompts), result)
-                except Exception:  # noqa: BLE001 - counted and reported, the run goes on
+                except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
                     cell.errors += 1
+                    if len(cell.error_examples) < 3:
+                        cell.error_examples.append(f"{type(exc).__name__}: {exc}"[:300])
 
         hits, saved = await _prefix_counters(client, url)
         t0 = time.perf_counter()
@@ -322,6 +325,9 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
               + (f", server options {serve_options}" if serve_options else "")
               + (f"; peer `{peer_server.command_line()}`" if peer_server else "") + ".")
     table = markdown(cells, header)
+    failed = [f"- c={c.concurrency} {c.mode}: {e}" for c in cells for e in c.error_examples]
+    if failed:
+        table += "\nFailed requests (the first few per cell):\n\n" + "\n".join(failed) + "\n"
     if chat:
         table += (f"\nA {len(chat)}-turn chat about a long document, each turn re-sending the conversation "
                   f"(server default drafter, greedy, {max_tokens} tokens at most per answer):\n\n"
@@ -336,6 +342,28 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
     return cells
 
 
+def run_soak(model: str, draft: str | None, n: int, out: str | None, url: str | None = None, ctx: int = 2048,
+             max_batch: int = 4, threads: int | None = None, seed: int = 0, **serve_options):
+    """`--soak N` (bench/soak.py) against a server started here, or the one at `url`."""
+    from .soak import report_json, soak
+
+    local = None if url else _LocalServer(model, draft, ctx, max_batch, threads, **serve_options)
+    load_before = os.getloadavg()
+    try:
+        report = asyncio.run(soak(url or local.url, model, n, concurrency=max_batch, seed=seed, local=local is not None))
+    finally:
+        if local is not None:
+            local.close()
+    header = (f"Soak run: {model}, draft {draft or 'server default'}, {n} requests (seed {seed}), {max_batch} in flight, "
+              f"load average {load_before[0]:.2f} before.")
+    if out:
+        with open(out, "w") as f:
+            f.write(report.markdown(header))
+        with open(os.path.splitext(out)[0] + ".json", "w") as f:
+            f.write(report_json(report))
+    return report
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
@@ -348,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-batch", type=int, default=None, help="server slots (default: the highest concurrency)")
     ap.add_argument("--kv-pool", type=int, default=None, help="0 = per-slot contexts (no fusion)")
     ap.add_argument("--fuse-rows", type=int, default=None, help="default: 3 on llama.cpp, all rows on torch")
+    ap.add_argument("--verify", default="exact", choices=["exact", "one-pass"],
+                    help="one-pass: each step's rows in one decode (not bit-identical to solo runs)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--conversation", type=int, default=4, help="turns of a long-document chat after the cells (0 = none)")
     ap.add_argument("--peer", default=None, choices=["llama-server"], help="llama.cpp's own server on the same prompts")
@@ -355,7 +385,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     run_load(a.model, a.draft, [int(c) for c in a.concurrency.split(",")], a.requests, a.max_tokens, a.out, a.url,
              a.ctx, a.max_batch, a.threads, conversation_turns=a.conversation, peer=a.peer, kv_pool=a.kv_pool,
-             fuse_rows=a.fuse_rows)
+             fuse_rows=a.fuse_rows, verify=a.verify)
     print(open(a.out).read())
 
 

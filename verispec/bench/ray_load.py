@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import httpx
 
-from .prompts import load_prompts
+from ..prompts import load_prompts
 
 
 # Latency runs use short prompts, so that prefill does not hide the routing cost.

@@ -17,7 +17,7 @@ from ..sampling import SamplingParams
 from . import aggregate, environment, formats as derived_formats, peers as peer_impls, verify_cost
 from .conversation import Conversation, converse, engine_turn
 from .methods import BASELINE, Method, parse_methods
-from .prompts import BUILTIN, BenchPrompt, load_prompts
+from ..prompts import BUILTIN, BenchPrompt, load_prompts
 
 WARMUP_TOKENS = 32
 

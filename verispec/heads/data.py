@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bench.prompts import BUILTIN, BUILTIN_PATH, load_prompts
+from ..prompts import BUILTIN, BUILTIN_PATH, load_prompts
 from ..models.chat import chat_tokens
 
 TRAIN_PROMPTS = Path(__file__).parent / "train_prompts.jsonl"

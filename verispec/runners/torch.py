@@ -146,6 +146,12 @@ class TorchRunner(Runner):
     def cost_curve(self) -> str:
         return f"torch-{self.device.type}-{dtype_name(self.dtype)}"
 
+    def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0):
+        """Paged KV blocks (no prefix cache yet); PoolUnsupported for attention the pool does not implement."""
+        from .torch_pool import PagedPool
+
+        return PagedPool(self, n_cells, n_seqs)
+
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one token takes in this model's cache (the weights' dtype)."""
         layers, kv_heads, head_dim = kv_shape(self.model.config)

@@ -1,11 +1,8 @@
 """The OpenAI-compatible server: `verispec serve`.
 
 protocol.py  the wire format: request validation, error bodies, completion and chunk objects
-scheduler.py the one scheduler thread: queue, admission, sequences stepped together (verispec/stepper.py), emission
-pool.py      the shared KV pool of a llama.cpp target (one context, a sequence per request, a prefix cache),
-             its fused scoring, and a sequence's Runner view
-paged.py     the shared KV pool of a torch target: paged blocks, our attention function, one forward per decode
-prefix_cache.py  which finished prompts' prefixes the llama.cpp pool keeps for later requests
+scheduler.py the one scheduler thread: queue, admission, sequences stepped together (verispec/stepper.py) on
+             a KV pool the target opens (runners/pool.py), emission
 goodput.py   how many draft tokens each request may verify, from measured pass costs
 memory.py    the start-up check of --ctx / --max-batch / --kv-pool against available memory
 metrics.py   Prometheus counters and histograms

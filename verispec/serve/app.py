@@ -49,7 +49,7 @@ class ServeConfig:
     # (3 on llama.cpp, all of a step's rows on torch: pool.FusedScoring)
     prefill_chunk: int | None = None  # prompt tokens per step (chunked prefill); None = n_batch
     verify: str = "exact"  # "one-pass": fused decodes take all of a step's rows at once (not bit-identical)
-    prefix_cache: int = 8  # prompt prefixes the shared llama.cpp pool keeps for later requests (serve/pool.py); 0 = off
+    prefix_cache: int = 8  # prompt prefixes the shared llama.cpp pool keeps for later requests (runners/llamacpp_pool.py); 0 = off
 
 
 class Server:
@@ -131,7 +131,7 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
     """One shared KV pool unless --kv-pool 0; per-slot contexts otherwise, and for a target the pool
     cannot hold (e.g. sliding-window attention on torch) unless --kv-pool was asked for explicitly."""
     from ..drafters.draft_model import ModelDrafter
-    from .paged import PoolUnsupported
+    from ..runners.pool import PoolUnsupported
 
     default = base.drafter(base.spec.draft)
     model_drafter = default if isinstance(default, ModelDrafter) else None

@@ -9,32 +9,23 @@ What a server allocates on top of the loaded weights, per llama.cpp context:
   extrapolated linearly in n_ctx.
 Per-slot contexts (--kv-pool 0) pay all of it once per slot, for the target and for the draft; the
 shared pool pays the target's KV for the pool's cells and one set of compute buffers, and the same
-again for a llama.cpp draft, whose pool has as many cells (pool.py). Any other draft keeps a cache
+again for a llama.cpp draft, whose pool has as many cells (runners/llamacpp_pool.py). Any other draft keeps a cache
 per slot beside the pool (scheduler.py), so it is counted per slot.
 
 A transformers (torch) model counts its KV cache only (layers x KV heads x head dim x K and V x
 the weights' element size per token): torch allocates its activations per pass, with no buffers
 sized up front to read off.
 
-Available memory is the GPU's free memory (torch.cuda.mem_get_info) for a torch model on CUDA,
-else MemAvailable (psutil if installed, else /proc/meminfo), or the
-VERISPEC_MEMORY_AVAILABLE environment variable (bytes, or with a K/M/G suffix) to test or cap it.
+Available memory: runners/device_memory.py. This file only adds up what a server allocates.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from ..errors import InvalidParameter
+from ..runners.device_memory import GiB, MiB, InsufficientMemory, available_bytes
 
-MiB = 1 << 20
-GiB = 1 << 30
 _PROBES = (512, 2048)  # n_ctx of the two probe contexts
-
-
-class InsufficientMemory(InvalidParameter):
-    pass
 
 
 @dataclass(frozen=True)
@@ -94,34 +85,6 @@ class MemoryPlan:
 
     def with_(self, **changes) -> "MemoryPlan":
         return MemoryPlan(**{**self.__dict__, **changes})
-
-
-def available_bytes(device=None) -> int:
-    """Free memory where the model's caches go: the GPU's free bytes (torch.cuda.mem_get_info) for a CUDA device,
-    else host RAM's MemAvailable. VERISPEC_MEMORY_AVAILABLE overrides both."""
-    forced = os.environ.get("VERISPEC_MEMORY_AVAILABLE")
-    if forced:
-        return parse_size(forced)
-    if device is not None and str(device).startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.mem_get_info(torch.device(device))[0])
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    raise RuntimeError("cannot tell how much memory is available")
-
-
-def parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = {"K": 1 << 10, "M": MiB, "G": GiB}.get(text[-1:], 1)
-    return int(float(text.rstrip("KMG")) * scale)
 
 
 def check(plan: MemoryPlan, available: int | None = None) -> None:

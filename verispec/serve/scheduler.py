@@ -6,10 +6,10 @@ no barrier, no polling. Each request is a `Sequence` whose engine steps (Engine.
 code as `verispec generate`) run in the stepper (verispec/stepper.py), which fuses all target
 passes of a step into as few exact pool decodes as it can.
 
-The KV cache is one pool shared by all requests (serve/pool.py, a llama.cpp context with a
-sequence per request and a prefix cache; serve/paged.py, paged blocks for a torch target), or,
-with --kv-pool 0 and for torch models the paged pool cannot hold, one context per slot
-(`ContextPool`: nothing fused, token trees allowed). A llama.cpp draft model has a pool of its
+The KV cache is one pool shared by all requests (`Runner.open_pool`: runners/llamacpp_pool.py, a
+llama.cpp context with a sequence per request and a prefix cache; runners/torch_pool.py, paged
+blocks for a torch target), or, with --kv-pool 0 and for torch models the paged pool cannot hold,
+one context per slot (runners/context_pool.py: nothing fused, token trees allowed). A llama.cpp draft model has a pool of its
 own with a sequence per slot; another draft runner gets a context per slot.
 
 A request is admitted when the pools can reserve the cells it can use at most: prompt +
@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
@@ -36,19 +36,19 @@ from ..drafters.base import Drafter
 from ..drafters.draft_model import ModelDrafter
 from ..drafters.ngram import NgramDrafter
 from ..draft_length import CarriedCosts
-from ..engine import Engine, Forward, SpeculativeConfig, Stats
+from ..engine import Engine, SpeculativeConfig, Stats
 from ..errors import InvalidParameter, VerispecError
 from ..runners.base import Runner
+from ..runners.context_pool import ContextPool, clone_runner
 from ..runners.llamacpp import LlamaCppRunner
+from ..runners.llamacpp_pool import DirectSeqRunner, KvPool
+from ..runners.pool import position_limit
 from ..sampling import SamplingParams
 from ..stepper import Member, Stepper
 from ..text import TextAssembler
 from .goodput import Candidate, GoodputPolicy
 from .memory import check_server
 from .metrics import Metrics
-from .paged import open_pool, position_limit
-from .pool import DirectSeqRunner, KvPool, PassTimes, SequenceView, chunk_sizes
-from .prefix_cache import PrefixCache
 
 log = logging.getLogger("verispec.serve")
 
@@ -101,86 +101,6 @@ class Sequence:
             pass
 
 
-def clone_runner(runner: Runner, n_ctx: int) -> Runner:
-    """A runner with its own KV cache on the same weights."""
-    if hasattr(runner, "sibling"):
-        return runner.sibling(n_ctx=n_ctx)
-    from ..runners.torch import TorchRunner
-
-    if isinstance(runner, TorchRunner):
-        return TorchRunner(runner.model, runner.tokenizer, runner.name, n_ctx, device=str(runner.device))
-    raise InvalidParameter(f"the server cannot open per-request contexts on a {type(runner).__name__}", "backend")
-
-
-class ContextPool(PassTimes):
-    """One context per slot (--kv-pool 0, or a torch model the paged pool cannot hold), behind the pool
-    interface the stepper uses. Nothing is fused: each sequence's pass runs on its own context, so its
-    throughput is that of one stream shared fairly. Token trees work here (a context runs them)."""
-
-    default_fuse_rows = 1
-
-    def __init__(self, base: Runner, n_ctx: int, n_seqs: int) -> None:
-        self.base = base
-        self.runners: list[Runner] = []
-        try:
-            for _ in range(n_seqs):
-                self.runners.append(clone_runner(base, n_ctx))
-        except BaseException:
-            self.close()
-            raise
-        self.n_ctx = self.runners[0].n_ctx
-        self.n_cells = self.n_ctx * n_seqs
-        self.n_vocab = base.n_vocab
-        self.n_batch = self.pass_rows = getattr(self.runners[0], "n_batch", 512)
-        self.fuse_rows = 1
-        self.reserved = [0] * n_seqs
-        self.pass_seconds: dict[int, float] = {}
-        self.rows_per_decode: list[int] = []
-        self.prefixes = PrefixCache(())
-        self.compactions = 0
-
-    @property
-    def live(self) -> list[int]:
-        return [r.n_past for r in self.runners]
-
-    def view(self, seq: int, n_ctx: int) -> Runner:
-        return self.runners[seq]
-
-    def reserve(self, seq: int, n: int) -> bool:
-        self.reserved[seq] = n
-        return True  # the slot's context holds --ctx; the engine stops a request at its end
-
-    def release(self, seq: int) -> None:
-        self.runners[seq].reset()
-        self.reserved[seq] = 0
-
-    def score(self, works: Seq[tuple[int, Forward]]) -> list:
-        outs = []
-        for seq, f in works:
-            t0 = time.perf_counter()
-            outs.append(self.runners[seq].forward_native(f.tokens, f.parents))
-            self._record(len(f.tokens), time.perf_counter() - t0)
-        return outs
-
-    def prefill_passes(self, n_tokens: int) -> list[int]:
-        return chunk_sizes(n_tokens, self.pass_rows)
-
-    def prefill_pass(self, seq: int, tokens: Seq[int], last: bool):
-        rows = self.runners[seq].forward_native(list(tokens), all_logits=False)
-        return rows[-1:] if last else None
-
-    def adopt_prefix(self, seq: int, tokens: Seq[int]) -> int:
-        return 0
-
-    def remember_prompt(self, seq: int, tokens: Seq[int]) -> None:
-        pass
-
-    def close(self) -> None:
-        for runner in self.runners:
-            runner.close()  # siblings only: the base runner owns the weights and is closed by its owner
-        self.runners = []
-
-
 class Scheduler:
     def __init__(self, target: Runner, spec: SpeculativeConfig, model_drafter: ModelDrafter | None,
                  max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None, spec_off_at: int = 0,
@@ -207,7 +127,7 @@ class Scheduler:
         self._drafters: list[ModelDrafter | None] = [None] * max_batch
         try:
             self.pool = (ContextPool(target, self.n_ctx, max_batch) if cells == 0
-                         else open_pool(target, cells, max_batch, prefix_cache))  # PoolUnsupported: see app.py
+                         else target.open_pool(cells, max_batch, prefix_cache))  # PoolUnsupported: see app.py
             self.n_ctx = min(self.n_ctx, getattr(self.pool, "n_ctx", self.n_ctx))
             if fuse_rows is not None:
                 if fuse_rows < 1:
@@ -294,6 +214,9 @@ class Scheduler:
                     if self._stop:
                         break
                     self._admit()
+                    if not self.stepper.members:  # the queue's head waits for cells: wait for a change
+                        self._cond.wait(0.05)
+                        continue
                 self._drop_cancelled()
                 self._plan()
                 try:
@@ -335,7 +258,7 @@ class Scheduler:
         self.metrics.active.set(sum(s is not None for s in self.slots))
 
     def _start(self, job: Sequence, seq: int, need: int) -> None:
-        target = self.pool.view(seq, need) if isinstance(self.pool, ContextPool) else SequenceView(self.pool, seq, need)
+        target = self.pool.view(seq, need)
         drafter = self._drafter(job.draft, seq)
         job.engine = Engine(target, drafter, job.spec, self.carried.setdefault(job.draft, CarriedCosts()))
         if drafter is not None and not job.pinned:

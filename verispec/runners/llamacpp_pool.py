@@ -1,6 +1,6 @@
 """One KV cache for every request: a llama.cpp context with a sequence id per slot, and a Runner view per sequence.
 
-(paged.py is the same for a transformers target: paged KV blocks; SequenceView serves both.)
+(torch_pool.py is the same for a transformers target: paged KV blocks; pool.py holds what they share.)
 
 Memory is one pool of `n_cells` KV cells shared by all requests, so it is sized for the tokens in
 flight, not for context x slots; a request reserves the cells it can use at most when it is admitted
@@ -58,95 +58,17 @@ change the output.
 from __future__ import annotations
 
 import ctypes
-import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..cost_model import ema
 from ..errors import InvalidParameter, PromptError
 from ..llama_lib import decode
-from ..runners.base import Runner
-from ..runners.llamacpp import LlamaCppRunner, open_context
+from .llamacpp import LlamaCppRunner, open_context
+from .pool import FusedScoring, PoolFull, SequenceView, chunk_sizes  # noqa: F401 (PoolFull: raised here)
 from .prefix_cache import CachedPrefix, PrefixCache
 
-if TYPE_CHECKING:
-    from ..engine import Forward
-
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
-
-
-def chunk_sizes(n_rows: int, fuse_rows: int) -> list[int]:
-    """Rows per decode: full chunks, but 2 + 2 rather than 3 + 1 (a lone row may need a dummy row, see the docstring)."""
-    sizes = [fuse_rows] * (n_rows // fuse_rows) + ([n_rows % fuse_rows] if n_rows % fuse_rows else [])
-    if len(sizes) > 1 and sizes[-1] == 1 and fuse_rows > 2:
-        sizes[-2] -= 1
-        sizes[-1] += 1
-    return sizes
-
-
-class PoolFull(RuntimeError):
-    pass
-
-
-class PassTimes:
-    """What a pool's scoring decodes cost, by rows: the goodput planner's measured T(n), and the metrics."""
-
-    pass_seconds: dict[int, float]  # EMA of one scoring decode's seconds, by rows
-    rows_per_decode: list[int]  # scoring decodes since the last take_rows()
-
-    def _record(self, rows: int, seconds: float) -> None:
-        self.pass_seconds[rows] = ema(self.pass_seconds.get(rows), seconds, 0.2)
-        self.rows_per_decode.append(rows)
-
-    def take_rows(self) -> list[int]:
-        rows, self.rows_per_decode = self.rows_per_decode, []
-        return rows
-
-
-class FusedScoring(PassTimes):
-    """How a shared pool runs the target passes of many sequences at once (stepper.py asks it).
-
-    Scoring rows (verification passes, all logits) of all sequences are packed into decodes of at
-    most `fuse_rows` rows: by default `default_fuse_rows`, the most that keeps a sequence's logits
-    bit-identical to its rows decoded alone however they are packed with other sequences' rows.
-    On llama.cpp that is 3: ggml's CPU matmul is row-independent only below 4 rows (4+ rows take
-    another kernel path whose logits differ by up to ~0.5; tests/test_scheduler_pool.py checks the
-    3). A larger `fuse_rows` there is faster per row but not batch-invariant: greedy output may then
-    differ from a solo run at near-ties (the server's --verify one-pass). The torch pool pads every
-    decode to a multiple of 4 rows, where torch's matmul is row-independent, so its default is all
-    of a step's rows in one decode. Prompt passes run alone, in the pool's own pass sizes.
-    """
-
-    n_vocab: int
-    fuse_rows: int
-
-    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool]) -> np.ndarray:
-        raise NotImplementedError
-
-    def score(self, works: Sequence[tuple[int, "Forward"]]) -> list[np.ndarray]:
-        """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness allows."""
-        if any(f.parents is not None for _, f in works):
-            raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",
-                                   "tree_width")
-        rows = [(w, i) for w, (_, f) in enumerate(works) for i in range(len(f.tokens))]
-        outs = [np.empty((len(f.tokens), self.n_vocab), dtype=np.float32) for _, f in works]
-        start = 0
-        for size in chunk_sizes(len(rows), self.fuse_rows):
-            part = rows[start : start + size]
-            start += size
-            t0 = time.perf_counter()
-            logits = self.decode([works[w][0] for w, _ in part], [works[w][1].tokens[i] for w, i in part], [True] * size)
-            for j, (w, i) in enumerate(part):
-                outs[w][i] = logits[j]
-            self._record(size, time.perf_counter() - t0)
-        return outs
-
-    def prefill_pass(self, seq: int, tokens: Sequence[int], last: bool) -> np.ndarray | None:
-        """One prompt pass; the logits of its last row when `last` (a copy: the next decode overwrites them)."""
-        logits = self.decode([seq] * len(tokens), tokens, [False] * (len(tokens) - 1) + [last])
-        return logits.copy() if last else None
 
 
 class KvPool(FusedScoring):
@@ -374,41 +296,6 @@ class KvPool(FusedScoring):
             self._L.llama_batch_free(self._batch)
             self._L.llama_free(self._ctx)
             self._ctx = None
-
-
-class SequenceView(Runner):
-    """A request's target as its engine sees it: one sequence of a shared pool (a KvPool, or paged.py's
-    PagedPool). The engine's passes do not come here: its steps yield them (Engine.steps) and the
-    stepper runs them fused with other requests' passes. Rollbacks drop the sequence's cells."""
-
-    def __init__(self, pool, seq: int, n_ctx: int) -> None:
-        self.pool, self.seq = pool, seq
-        self.name = pool.base.name
-        self.source = getattr(pool.base, "source", None)  # a TorchRunner has none
-        self.n_ctx = n_ctx
-        self.n_vocab = pool.n_vocab
-        self.tokenizer = pool.base.tokenizer
-        self.n_params = pool.base.n_params
-
-    @property
-    def n_past(self) -> int:
-        return self.pool.live[self.seq]
-
-    @property
-    def cost_curve(self) -> str:
-        return self.pool.base.cost_curve
-
-    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
-        raise RuntimeError("a pool sequence's passes run through the stepper (verispec/stepper.py)")
-
-    def rollback(self, n_past: int) -> None:
-        self.pool.drop(self.seq, n_past)
-
-    def keep_path(self, path: Sequence[int]) -> None:
-        raise RuntimeError("keep_path() needs a tree forward, which the pool does not run")
-
-    def reset(self) -> None:
-        self.rollback(0)
 
 
 class DirectSeqRunner(SequenceView):

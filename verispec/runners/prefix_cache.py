@@ -1,6 +1,6 @@
 """Which finished requests' prompt prefixes the KV pool still holds, for later requests that start the same way.
 
-Bookkeeping only: the pool (pool.py) owns the cells and does the llama.cpp work. Each entry is a
+Bookkeeping only: the pool (llamacpp_pool.py) owns the cells and does the llama.cpp work. Each entry is a
 sequence id of the pool whose cells hold `tokens` at positions 0..len-1; a request whose prompt
 starts with (part of) those tokens shares the cells instead of prefilling them again. Entries are
 kept least recently used first: the pool evicts from the front when it runs out of entry ids, and

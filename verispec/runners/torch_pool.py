@@ -1,4 +1,5 @@
-"""One KV cache for every request on a transformers target: paged blocks, the torch counterpart of KvPool.
+"""One KV cache for every request on a transformers target: paged blocks, the torch counterpart of
+llamacpp_pool.KvPool (TorchRunner.open_pool).
 
 Memory. Per layer, keys and values live in [n_blocks, BLOCK, n_kv_heads, head_dim] tensors (the
 model's dtype) allocated once for the pool's cells. A sequence holds a table of blocks taken from a
@@ -50,46 +51,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InvalidParameter
-from .memory import GiB, MiB, InsufficientMemory, available_bytes
-from .pool import FusedScoring, KvPool, PoolFull, chunk_sizes
-from .prefix_cache import PrefixCache
+from .device_memory import GiB, MiB, InsufficientMemory, available_bytes
+from .pool import FusedScoring, PoolFull, PoolUnsupported
 
 if TYPE_CHECKING:
     import torch
 
-    from ..runners.base import Runner
-    from ..runners.torch import TorchRunner
+    from .torch import TorchRunner
 
 BLOCK = 16  # cells per block
 ROW_MULTIPLES = (4, 8, 16, 32, 64)  # candidate paddings of a decode's rows, measured per model (see Exactness)
 ATTN = "verispec_paged"  # our key in transformers' AttentionInterface and AttentionMaskInterface
 PLAN = "verispec_plan"  # the model kwarg carrying the _Plan
 _UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "s_aux")  # attention features the pool does not implement
-
-
-class PoolUnsupported(InvalidParameter):
-    """The target cannot run on a shared KV pool (the server falls back to per-slot contexts)."""
-
-
-def open_pool(target: Runner, n_cells: int, n_seqs: int, prefix_entries: int = 0) -> KvPool | PagedPool:
-    """The shared KV pool for a target: a llama.cpp context with a sequence per request (and up to
-    `prefix_entries` cached prompt prefixes), or paged torch blocks (no prefix cache yet)."""
-    from ..runners.llamacpp import LlamaCppRunner
-    from ..runners.torch import TorchRunner
-
-    if isinstance(target, LlamaCppRunner):
-        return KvPool(target, n_cells, n_seqs, prefix_entries=prefix_entries)
-    if isinstance(target, TorchRunner):
-        return PagedPool(target, n_cells, n_seqs)
-    raise PoolUnsupported(f"the shared KV pool cannot hold a {type(target).__name__} target (serve with --kv-pool 0)",
-                          "kv_pool")
-
-
-def position_limit(target: Runner, n_ctx: int) -> int:
-    """n_ctx capped by a transformers model's position limit, as TorchRunner caps its own context."""
-    config = getattr(getattr(target, "model", None), "config", None)
-    return min(n_ctx, int(getattr(config, "max_position_embeddings", None) or n_ctx))
 
 
 @dataclass
@@ -181,18 +155,7 @@ class PagedPool(FusedScoring):
         self.drop(seq, 0)
         self.reserved[seq] = 0
 
-    # -- prompts: no prefix cache on paged blocks yet (shared blocks would hold it) ----------------
-
-    prefixes = PrefixCache(())
-
-    def prefill_passes(self, n_tokens: int) -> list[int]:
-        return chunk_sizes(n_tokens, self.pass_rows)
-
-    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
-        return 0
-
-    def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
-        pass
+    # No prefix cache on paged blocks yet (shared blocks would hold it): Pool's defaults.
 
     def drop(self, seq: int, from_pos: int) -> None:
         """Forget positions >= from_pos of `seq`; blocks left empty go back to the free list."""

@@ -1,4 +1,5 @@
-"""Benchmark prompts: JSONL in the Spec-Bench / MT-bench format or plain {"prompt", "category"} lines.
+"""Prompt files: JSONL in the Spec-Bench / MT-bench format or plain {"prompt", "category"} lines. The bench
+runs them, and `train-heads` reads its training prompts the same way (keeping out the bench's).
 
 MT-bench lines carry `question_id`, `category` and `turns` (user turns; later turns see the
 model's own earlier answers). The builtin set also has lines `{"humaneval": "HumanEval/0"}`
@@ -14,10 +15,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import PromptError
+from .errors import PromptError
 
 BUILTIN = "builtin"
-BUILTIN_PATH = Path(__file__).parent / "data" / "prompts.jsonl"
+BUILTIN_PATH = Path(__file__).parent / "bench" / "data" / "prompts.jsonl"  # the bench's own set
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function in one code block.\n\n"
     "```python\n{prompt}```"

@@ -1,0 +1,192 @@
+"""The seam between a model's runner and the server: a KV pool that holds many sequences at once.
+
+`Pool` is what the stepper and the scheduler use; `Runner.open_pool()` opens a model's own:
+- llamacpp_pool.py: one llama.cpp context, a sequence per request, a prefix cache;
+- torch_pool.py: paged KV blocks for a transformers model;
+- context_pool.py: a context per sequence (nothing fused), for models neither can hold.
+The exactness rules (how many rows a decode may fuse, prompt pass sizes, cell order) live in the
+pools, next to the kernels they come from.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..cost_model import ema
+from ..errors import InvalidParameter
+from .base import Runner
+from .prefix_cache import PrefixCache
+
+if TYPE_CHECKING:
+    from ..engine import Forward
+
+
+class PoolUnsupported(InvalidParameter):
+    """This model cannot share a pool of this kind (the server falls back to a context per slot)."""
+
+
+def position_limit(target: Runner, n_ctx: int) -> int:
+    """n_ctx capped by a transformers model's position limit, as TorchRunner caps its own context."""
+    config = getattr(getattr(target, "model", None), "config", None)
+    return min(n_ctx, int(getattr(config, "max_position_embeddings", None) or n_ctx))
+
+
+def chunk_sizes(n_rows: int, fuse_rows: int) -> list[int]:
+    """Rows per decode: full chunks, but 2 + 2 rather than 3 + 1 (a lone row may need a dummy row, see the docstring)."""
+    sizes = [fuse_rows] * (n_rows // fuse_rows) + ([n_rows % fuse_rows] if n_rows % fuse_rows else [])
+    if len(sizes) > 1 and sizes[-1] == 1 and fuse_rows > 2:
+        sizes[-2] -= 1
+        sizes[-1] += 1
+    return sizes
+
+
+class PoolFull(RuntimeError):
+    pass
+
+
+class Pool(ABC):
+    """The KV cache of many sequences of one model, as the stepper (verispec/stepper.py) and the server's
+    scheduler drive it, from one thread. A sequence reserves the cells it can use at most, the engine
+    sees it through a Runner view (`view`), and its target passes come here (`score`, `prefill_pass`).
+
+    Attributes every pool has: n_cells, n_vocab, n_batch, live / reserved (tokens held and cells
+    reserved per sequence), fuse_rows (rows one fused decode may take), pass_rows (rows per prompt
+    pass; a stepper may lower it once, before the first prefill), compactions, prefixes (its
+    prefix cache; empty where it has none), pass_seconds and rows_per_decode (below).
+    """
+
+    base: Runner
+    n_cells: int
+    n_vocab: int
+    n_batch: int
+    fuse_rows: int
+    pass_rows: int
+    live: list[int]
+    reserved: list[int]
+    compactions: int = 0
+    prefixes: PrefixCache = PrefixCache(())
+    pass_seconds: dict[int, float]  # EMA of one scoring decode's seconds, by rows: the goodput planner's T(n)
+    rows_per_decode: list[int]  # scoring decodes since the last take_rows() (for metrics)
+
+    @abstractmethod
+    def reserve(self, seq: int, n: int) -> bool:
+        """Reserve n cells for `seq` (its most); False when they are not free."""
+
+    @abstractmethod
+    def release(self, seq: int) -> None:
+        """The sequence's request left: free (or cache) its cells and its reservation."""
+
+    @abstractmethod
+    def score(self, works: Sequence[tuple[int, "Forward"]]) -> list:
+        """The logits of every row of each (sequence, target pass)."""
+
+    @abstractmethod
+    def prefill_pass(self, seq: int, tokens: Sequence[int], last: bool):
+        """One prompt pass; its last row's logits when `last`, else None."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def view(self, seq: int, n_ctx: int) -> Runner:
+        """The runner a request's engine gets for `seq` (its passes come back here through the stepper)."""
+        return SequenceView(self, seq, n_ctx)
+
+    def prefill_passes(self, n_tokens: int) -> list[int]:
+        """Rows per decode of an n-token prompt: a function of its length alone."""
+        return chunk_sizes(n_tokens, self.pass_rows)
+
+    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        """Share a cached prefix of a prompt about to be prefilled on an empty `seq`; its length (0: none)."""
+        return 0
+
+    def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
+        """`seq` has prefilled `tokens` from position 0 (a pool with a prefix cache keeps it at release)."""
+
+    def _record(self, rows: int, seconds: float) -> None:
+        self.pass_seconds[rows] = ema(self.pass_seconds.get(rows), seconds, 0.2)
+        self.rows_per_decode.append(rows)
+
+    def take_rows(self) -> list[int]:
+        rows, self.rows_per_decode = self.rows_per_decode, []
+        return rows
+
+
+class FusedScoring(Pool):
+    """How a shared pool runs the target passes of many sequences at once (stepper.py asks it).
+
+    Scoring rows (verification passes, all logits) of all sequences are packed into decodes of at
+    most `fuse_rows` rows: by default `default_fuse_rows`, the most that keeps a sequence's logits
+    bit-identical to its rows decoded alone however they are packed with other sequences' rows.
+    On llama.cpp that is 3: ggml's CPU matmul is row-independent only below 4 rows (4+ rows take
+    another kernel path whose logits differ by up to ~0.5; tests/test_scheduler_pool.py checks the
+    3). A larger `fuse_rows` there is faster per row but not batch-invariant: greedy output may then
+    differ from a solo run at near-ties (the server's --verify one-pass). The torch pool pads every
+    decode to a multiple of 4 rows, where torch's matmul is row-independent, so its default is all
+    of a step's rows in one decode. Prompt passes run alone, in the pool's own pass sizes.
+    """
+
+    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool]) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, works: Sequence[tuple[int, "Forward"]]) -> list[np.ndarray]:
+        """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness allows."""
+        if any(f.parents is not None for _, f in works):
+            raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",
+                                   "tree_width")
+        rows = [(w, i) for w, (_, f) in enumerate(works) for i in range(len(f.tokens))]
+        outs = [np.empty((len(f.tokens), self.n_vocab), dtype=np.float32) for _, f in works]
+        start = 0
+        for size in chunk_sizes(len(rows), self.fuse_rows):
+            part = rows[start : start + size]
+            start += size
+            t0 = time.perf_counter()
+            logits = self.decode([works[w][0] for w, _ in part], [works[w][1].tokens[i] for w, i in part], [True] * size)
+            for j, (w, i) in enumerate(part):
+                outs[w][i] = logits[j]
+            self._record(size, time.perf_counter() - t0)
+        return outs
+
+    def prefill_pass(self, seq: int, tokens: Sequence[int], last: bool) -> np.ndarray | None:
+        """One prompt pass; the logits of its last row when `last` (a copy: the next decode overwrites them)."""
+        logits = self.decode([seq] * len(tokens), tokens, [False] * (len(tokens) - 1) + [last])
+        return logits.copy() if last else None
+
+
+class SequenceView(Runner):
+    """A request's target as its engine sees it: one sequence of a shared pool (llamacpp_pool.KvPool, or
+    torch_pool.PagedPool). The engine's passes do not come here: its steps yield them (Engine.steps) and the
+    stepper runs them fused with other requests' passes. Rollbacks drop the sequence's cells."""
+
+    def __init__(self, pool, seq: int, n_ctx: int) -> None:
+        self.pool, self.seq = pool, seq
+        self.name = pool.base.name
+        self.source = getattr(pool.base, "source", None)  # a TorchRunner has none
+        self.n_ctx = n_ctx
+        self.n_vocab = pool.n_vocab
+        self.tokenizer = pool.base.tokenizer
+        self.n_params = pool.base.n_params
+
+    @property
+    def n_past(self) -> int:
+        return self.pool.live[self.seq]
+
+    @property
+    def cost_curve(self) -> str:
+        return self.pool.base.cost_curve
+
+    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
+        raise RuntimeError("a pool sequence's passes run through the stepper (verispec/stepper.py)")
+
+    def rollback(self, n_past: int) -> None:
+        self.pool.drop(self.seq, n_past)
+
+    def keep_path(self, path: Sequence[int]) -> None:
+        raise RuntimeError("keep_path() needs a tree forward, which the pool does not run")
+
+    def reset(self) -> None:
+        self.rollback(0)
