@@ -326,7 +326,7 @@ def serve(
     fuse_rows: Optional[int] = typer.Option(None, help="rows per fused target decode (default: the most that keeps outputs "
                                             "bit-identical to solo runs: 3 on llama.cpp, all of a step's rows on torch)"),
     prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per fused step (chunked prefill; default 512)"),
-    prefix_cache: int = typer.Option(8, help="prompt prefixes (system prompts, earlier turns) kept in the llama.cpp KV "
+    prefix_cache: int = typer.Option(32, help="prompt prefixes (system prompts, earlier turns) kept in the llama.cpp KV "
                                      "pool for later requests, LRU; a hit changes no output token; 0 = off"),
     backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores; with --ray: per replica, "
@@ -386,6 +386,8 @@ def bench_load(
                                      "(what the prefix cache saves); 0 = none"),
     peer: Optional[str] = typer.Option(None, help="llama-server: llama.cpp's own server on the same prompts, same run "
                                        "(plain decoding, -np = the highest concurrency; `make llama-tools` builds it)"),
+    arrival: bool = typer.Option(False, help="then a long prompt arriving while 3 requests decode: their ITL p95 "
+                                 "during its prefill against their ITL p50 alone"),
     verify: str = typer.Option("exact", help="exact | one-pass: the server fuses each step's rows into one decode "
                                "(faster, not bit-identical to solo runs)"),
     soak: int = typer.Option(0, help="instead: N requests of random kinds and lengths, mid-stream disconnects and bad "
@@ -406,7 +408,8 @@ def bench_load(
         return
     try:
         run_load(model, draft, [int(c) for c in concurrency.split(",")], requests, max_tokens, out, url, ctx,
-                 threads=threads, conversation_turns=conversation, peer=peer, kv_pool=kv_pool, fuse_rows=fuse_rows,
+                 threads=threads, conversation_turns=conversation, peer=peer, arrival=arrival, kv_pool=kv_pool,
+                 fuse_rows=fuse_rows,
                  verify=verify)
     except VerispecError as exc:
         fail(exc)

@@ -20,10 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .engine import Forward, StepEvent
+
+if TYPE_CHECKING:
+    from .runners.pool import Pool
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Member:
 
 
 class Stepper:
-    def __init__(self, pool, prefill_chunk: int | None = None) -> None:
+    def __init__(self, pool: Pool, prefill_chunk: int | None = None) -> None:
         self.pool = pool
         self.prefill_chunk = min(prefill_chunk or pool.n_batch, pool.n_batch)
         # A chunk is whole prompt passes; set before the first prefill, as the cached prefixes' boundaries follow it.

@@ -86,8 +86,9 @@ class Cell:
 
 
 async def _one(client, url: str, model: str, prompt: str | list[dict], max_tokens: int, spec: dict | None,
-               answer: list[str] | None = None) -> RequestResult:
-    """One streamed chat request (a prompt, or the messages so far); the answer's text goes to `answer`."""
+               answer: list[str] | None = None, stamps: list[float] | None = None) -> RequestResult:
+    """One streamed chat request (a prompt, or the messages so far); the answer's text goes to `answer`,
+    the arrival time of each text chunk to `stamps`."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     answer = [] if answer is None else answer
     body = {"model": model, "messages": messages, "max_tokens": max_tokens,
@@ -110,6 +111,8 @@ async def _one(client, url: str, model: str, prompt: str | list[dict], max_token
                 last = time.perf_counter()
                 first = first or last
                 answer.append(chunk["choices"][0]["delta"]["content"])
+                if stamps is not None:
+                    stamps.append(last)
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
                 prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
@@ -143,7 +146,10 @@ async def _cell(url: str, model: str, prompts: list[str], concurrency: int, n_re
     cell = Cell(concurrency, mode, 0.0)
     by_prompt: dict[int, RequestResult] = {}
 
-    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    # A connection per request: llama-server closes a kept-alive connection after a few requests, and a
+    # request sent on it just then fails ("Server disconnected without sending a response").
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         async def run(i: int) -> None:
             async with gate:
                 try:
@@ -202,6 +208,47 @@ async def _conversation(url: str, model: str, first_turn: str, turns: int, max_t
             messages = messages + [{"role": "assistant", "content": "".join(answer)},
                                    {"role": "user", "content": FOLLOW_UPS[i % len(FOLLOW_UPS)]}]
     return out
+
+
+async def _arrival(url: str, model: str, prompts: list[str], long_prompt: str, streams: int, max_tokens: int,
+                   timeout: float) -> dict:
+    """`streams` requests decoding, alone and then while a long prompt arrives: their gaps between text
+    chunks, p50 alone against p95 while the long prompt is prefilled (from its arrival to its first token)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=streams + 4)) as client:
+        async def run(with_long: bool) -> tuple[list[list[float]], float | None, float]:
+            stamps: list[list[float]] = [[] for _ in range(streams)]
+            tasks = [asyncio.create_task(_one(client, url, model, prompts[i], max_tokens, {"draft": "none"},
+                                              stamps=stamps[i])) for i in range(streams)]
+            long_sent = long_ttft = None
+            if with_long:
+                while not all(len(s) >= 3 for s in stamps) and not all(t.done() for t in tasks):
+                    await asyncio.sleep(0.05)
+                long_sent = time.perf_counter()
+                long_result = await _one(client, url, model, long_prompt, 4, {"draft": "none"})
+                long_ttft = long_result.ttft
+            await asyncio.gather(*tasks)
+            return stamps, long_sent, long_ttft or 0.0
+
+        alone, _, _ = await run(False)
+        during, sent, long_ttft = await run(True)
+    gaps_alone = [b - a for s in alone for a, b in zip(s, s[1:])]
+    window = (sent, sent + long_ttft)
+    gaps_during = [b - a for s in during for a, b in zip(s, s[1:]) if window[0] <= b <= window[1] + 1e-3]
+    p = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")  # noqa: E731
+    return {"streams": streams, "itl_p50_alone_ms": p(gaps_alone, 50), "itl_p95_alone_ms": p(gaps_alone, 95),
+            "itl_p50_during_ms": p(gaps_during, 50), "itl_p95_during_ms": p(gaps_during, 95),
+            "gaps_during": len(gaps_during), "long_prompt_ttft_s": long_ttft}
+
+
+def arrival_markdown(a: dict) -> str:
+    ratio = a["itl_p95_during_ms"] / a["itl_p50_alone_ms"]
+    return ("| streams | ITL p50 alone | ITL p95 alone | ITL p50 / p95 while the long prompt prefills | p95 / p50 alone "
+            "| long prompt's TTFT |\n|---|---|---|---|---|---|\n"
+            f"| {a['streams']} | {a['itl_p50_alone_ms']:.0f} ms | {a['itl_p95_alone_ms']:.0f} ms "
+            f"| {a['itl_p50_during_ms']:.0f} / {a['itl_p95_during_ms']:.0f} ms ({a['gaps_during']} gaps) | {ratio:.1f}x "
+            f"| {a['long_prompt_ttft_s']:.1f} s |\n")
 
 
 def conversation_markdown(turns: list[ConversationTurn]) -> str:
@@ -287,9 +334,9 @@ class _LocalServer:
 def run_load(model: str, draft: str | None, concurrency: list[int], requests: int, max_tokens: int, out: str | None,
              url: str | None = None, ctx: int = 2048, max_batch: int | None = None, threads: int | None = None,
              prompts_source: str = "builtin", timeout: float = 600.0, conversation_turns: int = 0,
-             peer: str | None = None, **serve_options) -> list[Cell]:
+             peer: str | None = None, arrival: bool = False, **serve_options) -> list[Cell]:
     prompts = [p.turns[0] for p in load_prompts(prompts_source)]
-    slots = max_batch or max(concurrency)
+    slots = max_batch or max(concurrency + ([4] if arrival else []))  # the arrival run has 4 in flight
     local = None if url else _LocalServer(model, draft, ctx, slots, threads, **serve_options)
     target = url or local.url
     peer_server = _peer(peer, model, ctx, slots, threads) if peer else None
@@ -297,6 +344,7 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
     load_before = os.getloadavg()
     cells: list[Cell] = []
     chat: list[ConversationTurn] = []
+    arrived: dict | None = None
     try:
         for _, url_of_mode in modes[1:]:
             asyncio.run(_cell(url_of_mode, model, prompts, 1, 1, 8, "on", timeout))  # warm-up
@@ -311,6 +359,10 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
             document = conversation_document(prompts_source, int(3.5 * (ctx - conversation_turns * (max_tokens + 40))))
             chat = asyncio.run(_conversation(target, model, document, conversation_turns, max_tokens, timeout))
             print(conversation_markdown(chat), flush=True)
+        if arrival:
+            document = conversation_document(prompts_source, int(3.5 * (ctx - 100)))
+            arrived = asyncio.run(_arrival(target, model, prompts, document, 3, 512, timeout))
+            print(arrival_markdown(arrived), flush=True)
     finally:
         if local is not None:
             local.close()
@@ -328,6 +380,9 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
     failed = [f"- c={c.concurrency} {c.mode}: {e}" for c in cells for e in c.error_examples]
     if failed:
         table += "\nFailed requests (the first few per cell):\n\n" + "\n".join(failed) + "\n"
+    if arrived:
+        table += ("\nA long prompt arriving while 3 requests decode (speculation off; gaps between streamed chunks, "
+                  "alone and while the long prompt is prefilled):\n\n" + arrival_markdown(arrived))
     if chat:
         table += (f"\nA {len(chat)}-turn chat about a long document, each turn re-sending the conversation "
                   f"(server default drafter, greedy, {max_tokens} tokens at most per answer):\n\n"
@@ -337,7 +392,7 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
             f.write(table)
         with open(os.path.splitext(out)[0] + ".json", "w") as f:
             json.dump({"header": header, "cells": [c.row() for c in cells],
-                       "conversation": [asdict(t) for t in chat],
+                       "conversation": [asdict(t) for t in chat], "arrival": arrived,
                        "requests": [[asdict(r) for r in c.results] for c in cells]}, f, indent=1)
     return cells
 
@@ -380,11 +435,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="one-pass: each step's rows in one decode (not bit-identical to solo runs)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--conversation", type=int, default=4, help="turns of a long-document chat after the cells (0 = none)")
+    ap.add_argument("--arrival", action="store_true", help="then a long prompt arriving while 3 requests decode")
     ap.add_argument("--peer", default=None, choices=["llama-server"], help="llama.cpp's own server on the same prompts")
     ap.add_argument("--out", default="load.md")
     a = ap.parse_args(argv)
     run_load(a.model, a.draft, [int(c) for c in a.concurrency.split(",")], a.requests, a.max_tokens, a.out, a.url,
-             a.ctx, a.max_batch, a.threads, conversation_turns=a.conversation, peer=a.peer, kv_pool=a.kv_pool,
+             a.ctx, a.max_batch, a.threads, conversation_turns=a.conversation, peer=a.peer, arrival=a.arrival,
+             kv_pool=a.kv_pool,
              fuse_rows=a.fuse_rows, verify=a.verify)
     print(open(a.out).read())
 

@@ -107,6 +107,7 @@ class KvPool(FusedScoring):
         self.fuse_rows = self.default_fuse_rows
         self.pass_seconds: dict[int, float] = {}
         self.rows_per_decode: list[int] = []
+        self._row_buffers: dict[int, np.ndarray] = {}
         self.n_vocab = base.n_vocab
         self._batch = L.llama_batch_init(n_batch + 1, 0, 1)
         self.bump = 0  # cells handed out since the last compaction; every cell below it is occupied

@@ -72,6 +72,7 @@ class Pool(ABC):
     prefixes: PrefixCache = PrefixCache(())
     pass_seconds: dict[int, float]  # EMA of one scoring decode's seconds, by rows: the goodput planner's T(n)
     rows_per_decode: list[int]  # scoring decodes since the last take_rows() (for metrics)
+    _row_buffers: dict[int, np.ndarray]  # FusedScoring's reply rows per sequence, reused
 
     @abstractmethod
     def reserve(self, seq: int, n: int) -> bool:
@@ -139,7 +140,7 @@ class FusedScoring(Pool):
             raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",
                                    "tree_width")
         rows = [(w, i) for w, (_, f) in enumerate(works) for i in range(len(f.tokens))]
-        outs = [np.empty((len(f.tokens), self.n_vocab), dtype=np.float32) for _, f in works]
+        outs = [self._rows_buffer(seq, len(f.tokens)) for seq, f in works]
         start = 0
         for size in chunk_sizes(len(rows), self.fuse_rows):
             part = rows[start : start + size]
@@ -150,6 +151,13 @@ class FusedScoring(Pool):
                 outs[w][i] = logits[j]
             self._record(size, time.perf_counter() - t0)
         return outs
+
+    def _rows_buffer(self, seq: int, n_rows: int) -> np.ndarray:
+        """The sequence's reply rows, reused from step to step (its engine is done with them by its next pass)."""
+        buf = self._row_buffers.get(seq)
+        if buf is None or len(buf) < n_rows:
+            buf = self._row_buffers[seq] = np.empty((n_rows, self.n_vocab), dtype=np.float32)
+        return buf[:n_rows]
 
     def prefill_pass(self, seq: int, tokens: Sequence[int], last: bool) -> np.ndarray | None:
         """One prompt pass; the logits of its last row when `last` (a copy: the next decode overwrites them)."""

@@ -125,6 +125,7 @@ class PagedPool(FusedScoring):
         self.fuse_rows = self.default_fuse_rows
         self.pass_seconds: dict[int, float] = {}
         self.rows_per_decode: list[int] = []
+        self._row_buffers: dict[int, np.ndarray] = {}
         self.n_vocab = base.n_vocab
         self.live = [0] * n_seqs  # committed tokens per sequence
         self.reserved = [0] * n_seqs

@@ -105,7 +105,7 @@ class Scheduler:
     def __init__(self, target: Runner, spec: SpeculativeConfig, model_drafter: ModelDrafter | None,
                  max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None, spec_off_at: int = 0,
                  metrics: Metrics | None = None, pool_cells: int | None = None, fuse_rows: int | None = None,
-                 prefill_chunk: int | None = None, prefix_cache: int = 8) -> None:
+                 prefill_chunk: int | None = None, prefix_cache: int = 32) -> None:
         if max_batch < 1:
             raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
         if max_queue < 0:
@@ -118,9 +118,9 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.carried: dict[str | None, CarriedCosts] = {}  # the adaptive K's measurements per drafter key
         cells = self.n_ctx * max_batch if pool_cells is None else pool_cells
-        if 0 < cells < self.n_ctx:
-            raise InvalidParameter(f"--kv-pool {cells} is smaller than --ctx {self.n_ctx}: one request could never fit",
-                                   "kv_pool")
+        if cells < 0 or 0 < cells < self.n_ctx:
+            raise InvalidParameter(f"--kv-pool {cells} is smaller than --ctx {self.n_ctx}: one request could never fit"
+                                   " (0 = a context per slot)", "kv_pool")
         self.memory = check_server(target, model_drafter, max_batch, self.n_ctx, cells)
         self.pool = self.draft_pool = None
         self.slots: list[Sequence | None] = [None] * max_batch
