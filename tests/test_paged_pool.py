@@ -219,7 +219,8 @@ def test_pooled_scheduler_on_a_torch_target_equals_alone(runner):
         alone = [_collect(scheduler, [job])[0] for job in jobs()]
         together = _collect(scheduler, jobs())
         assert max(scheduler.pool.pass_seconds) > 4  # more rows in one decode than any request sends
-        assert sum(scheduler.pool.live) == 0 and scheduler.pool.used_cells() == 0  # all released
+        assert sum(scheduler.pool.live) == 0 and scheduler.pool.used_cells() == scheduler.pool.cached_cells()  # released
+        assert scheduler.pool.prefixes.hits > 0  # the second run of a prompt shares the first one's blocks
     finally:
         scheduler.close()
     assert together == alone
@@ -318,3 +319,42 @@ def test_a_torch_draft_models_cache_is_counted_before_the_server_starts(runner, 
     assert "What would fit: --max-batch 1" in str(err.value)
     monkeypatch.setenv("VERISPEC_MEMORY_AVAILABLE", str(2 * target_alone))
     make().close()
+
+
+def test_a_cached_prompt_prefix_shares_whole_blocks_and_changes_no_logit(runner):
+    """A prompt that starts like an earlier request's shares that request's whole blocks: its logits (prompt
+    and decode rows) equal those of a pool without a cache; a rollback into a shared block copies the block
+    first (the cached prefix stays intact); a pool short of blocks evicts the cache instead of refusing."""
+    from verispec.engine import Forward
+
+    first, second, other = list(range(3, 43)), list(range(3, 43)) + list(range(50, 70)), list(range(70, 122))
+
+    def request(pool, prompt) -> np.ndarray:
+        out = []
+
+        def passes():
+            for forward in [Forward(prompt, all_logits=False)] + [Forward([t]) for t in (5, 6, 7)]:
+                out.append(np.array((yield forward)))
+
+        assert pool.reserve(0, len(prompt) + 8)
+        run_together(pool, {0: passes()})
+        pool.release(0)
+        return np.concatenate(out)
+
+    cold = request(PagedPool(runner, 256, 1), second)
+    pool = PagedPool(runner, 256, 1, prefix_entries=1)
+    request(pool, first)
+    assert len(pool.prefixes) == 1 and pool.cached_cells() == 32  # 40 prompt tokens: 2 whole blocks
+    hit = request(pool, second)
+    assert (pool.prefixes.hits, pool.prefixes.tokens_saved) == (1, 32) and pool.cached_cells() == 48  # replaced
+    assert pool.reserve(0, 80) and pool.adopt_prefix(0, second) == 48
+    pool.drop(0, 20)  # into the second shared block: copied before the sequence writes into it
+    pool.release(0)
+    again = request(pool, second)
+    assert pool.prefixes.hits == 3
+    for warm in (hit, again):
+        assert np.array_equal(cold, warm), f"differs by {np.abs(cold - warm).max()}"
+    small = PagedPool(runner, 64, 1, prefix_entries=1)
+    request(small, first)
+    request(small, other)  # 52 + 3 tokens need all 4 blocks: the cached prefix goes
+    assert small.prefixes.evictions == 1 and small.used_cells() == small.cached_cells()

@@ -111,16 +111,15 @@ class Stepper:
             member.error, member.finished = exc, True
 
     def _prefill_chunk(self, member: Member, budget: int) -> list[tuple[Member, np.ndarray]]:
-        """Up to `budget` rows of a prompt (at least one pass), in the passes its length gives it (pool.prefill_passes),
-        after the cells of a cached prefix the pool lets it share (pool.adopt_prefix). Returns the reply
-        once the prompt is done."""
+        """Up to `budget` rows of a prompt (at least one pass), after the cells of a cached prefix the pool lets
+        it share (pool.adopt_prefix), in the passes the pool gives the rest (pool.prefill_passes). Returns
+        the reply once the prompt is done."""
         pool, tokens = self.pool, member.pending.tokens
         if member.prefill_passes is None:
             member.prefill_done = pool.adopt_prefix(member.seq, tokens)
-            passes, skipped = pool.prefill_passes(len(tokens)), 0
-            while skipped < member.prefill_done:
-                skipped += passes.pop(0)
-            member.prefill_passes = passes
+            # What a shared prefix leaves, in the passes the whole prompt has there (the llama.cpp pool shares
+            # whole leading passes, so the tail's layout is the whole prompt's; see runners/llamacpp_pool.py).
+            member.prefill_passes = pool.prefill_passes(len(tokens) - member.prefill_done)
         rows_this_step, logits = 0, None
         while member.prefill_passes and (rows_this_step == 0 or rows_this_step + member.prefill_passes[0] <= budget):
             size = member.prefill_passes.pop(0)

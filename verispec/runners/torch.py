@@ -147,10 +147,10 @@ class TorchRunner(Runner):
         return f"torch-{self.device.type}-{dtype_name(self.dtype)}"
 
     def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0):
-        """Paged KV blocks (no prefix cache yet); PoolUnsupported for attention the pool does not implement."""
+        """Paged KV blocks, prefixes shared by block; PoolUnsupported for attention the pool does not implement."""
         from .torch_pool import PagedPool
 
-        return PagedPool(self, n_cells, n_seqs)
+        return PagedPool(self, n_cells, n_seqs, prefix_entries=prefix_entries)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one token takes in this model's cache (the weights' dtype)."""

@@ -53,6 +53,7 @@ import numpy as np
 
 from .device_memory import GiB, MiB, InsufficientMemory, available_bytes
 from .pool import FusedScoring, PoolFull, PoolUnsupported
+from .prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +95,7 @@ class PagedPool(FusedScoring):
 
     block_size = BLOCK
 
-    def __init__(self, base: TorchRunner, n_cells: int, n_seqs: int, n_batch: int = 512) -> None:
+    def __init__(self, base: TorchRunner, n_cells: int, n_seqs: int, n_batch: int = 512, prefix_entries: int = 0) -> None:
         import torch
 
         from ..runners.torch import kv_shape
@@ -115,6 +116,7 @@ class PagedPool(FusedScoring):
         self._keys = [torch.empty(shape, dtype=base.dtype, device=base.device) for _ in range(self.n_layers)]
         self._values = [torch.empty(shape, dtype=base.dtype, device=base.device) for _ in range(self.n_layers)]
         self._free = list(range(n_blocks))  # a heap: the lowest free block first
+        self._refs = [0] * n_blocks  # sequence tables and cached prefixes holding each block
         self._tables: list[list[int]] = [[] for _ in range(n_seqs)]  # blocks of each sequence, in position order
         self._cells = [self._cells_of([]) for _ in range(n_seqs)]  # cell of each position the blocks can hold
         self.n_seqs = n_seqs
@@ -133,6 +135,9 @@ class PagedPool(FusedScoring):
         self.decodes = 0
         self.padded = 0  # dummy rows added to reach a multiple of row_multiple
         self.row_multiple = row_multiple(self.model)
+        self.prefixes = PrefixCache(range(prefix_entries))
+        self._entry_blocks: dict[int, list[int]] = {}  # the blocks of each cached prefix
+        self._prompts: list[np.ndarray | None] = [None] * n_seqs
         _register()
         self._probe()
 
@@ -143,8 +148,12 @@ class PagedPool(FusedScoring):
         return self.n_cells - sum(_round_up(r, BLOCK) for r in self.reserved)
 
     def used_cells(self) -> int:
-        """Cells of the blocks sequences hold now: the tokens in flight, rounded up to blocks."""
+        """Cells of the blocks sequences and cached prefixes hold now, rounded up to blocks."""
         return self.n_cells - len(self._free) * BLOCK
+
+    def cached_cells(self) -> int:
+        """Cells of blocks only cached prefixes hold (given back whenever a sequence needs them)."""
+        return BLOCK * sum(1 for blocks in self._entry_blocks.values() for b in blocks if self._refs[b] == 1)
 
     def reserve(self, seq: int, n: int) -> bool:
         if _round_up(n, BLOCK) > self.free_cells() + _round_up(self.reserved[seq], BLOCK):
@@ -153,32 +162,112 @@ class PagedPool(FusedScoring):
         return True
 
     def release(self, seq: int) -> None:
+        self._cache_prompt(seq)
         self.drop(seq, 0)
         self.reserved[seq] = 0
 
-    # No prefix cache on paged blocks yet (shared blocks would hold it): Pool's defaults.
+    # -- the prefix cache: whole blocks of finished prompts, shared by reference ---------------------
+
+    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        """Share the whole blocks of the longest cached prefix of a prompt about to be prefilled on an empty
+        `seq`. Exact: a token's keys and values do not depend on the rows it was decoded with (rows are
+        batch-invariant here), and attention reads a sequence's cells by position, wherever they lie."""
+        if not len(self.prefixes) or self.live[seq]:
+            return 0
+        prompt = np.asarray(tokens, dtype=np.int32)
+        entry, length = self.prefixes.match(prompt)
+        reused = min(length, len(prompt) - 1)
+        reused -= reused % BLOCK
+        self.prefixes.record_lookup(entry, reused)
+        if reused <= 0:
+            return 0
+        blocks = self._entry_blocks[entry.seq][: reused // BLOCK]
+        for block in blocks:
+            self._refs[block] += 1
+        self._tables[seq] = list(blocks)
+        self._cells[seq] = self._cells_of(self._tables[seq])
+        self.live[seq] = reused
+        return reused
+
+    def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
+        self._prompts[seq] = np.asarray(tokens, dtype=np.int32)
+
+    def _cache_prompt(self, seq: int) -> None:
+        prompt, self._prompts[seq] = self._prompts[seq], None
+        if prompt is None or self.prefixes.capacity == 0:
+            return
+        keep = min(len(prompt), self.live[seq])
+        keep -= keep % BLOCK
+        if keep <= 0:
+            return
+        store, redundant = self.prefixes.plan_store(prompt[:keep])
+        if not store:
+            return
+        for entry in redundant:
+            self.prefixes.remove(entry)
+            self._unref(self._entry_blocks.pop(entry.seq))
+        entry, evicted = self.prefixes.add(prompt[:keep])
+        if evicted is not None:
+            self._unref(self._entry_blocks.pop(evicted.seq))
+        blocks = self._tables[seq][: keep // BLOCK]
+        for block in blocks:
+            self._refs[block] += 1
+        self._entry_blocks[entry.seq] = list(blocks)
+
+    def _evict_for(self, n_blocks: int) -> None:
+        """Drop least recently used prefixes until `n_blocks` blocks are free (or none is left)."""
+        while len(self._free) < n_blocks and len(self.prefixes):
+            entry = self.prefixes.most_recent_first()[-1]
+            self.prefixes.remove(entry)
+            self.prefixes.evictions += 1
+            self._unref(self._entry_blocks.pop(entry.seq))
+
+    def _unref(self, blocks: list[int]) -> None:
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                heapq.heappush(self._free, block)
+
+    def _take(self, n: int) -> list[int]:
+        blocks = [heapq.heappop(self._free) for _ in range(n)]
+        for block in blocks:
+            self._refs[block] = 1
+        return blocks
+
+    # -- blocks -------------------------------------------------------------------------------------
 
     def drop(self, seq: int, from_pos: int) -> None:
-        """Forget positions >= from_pos of `seq`; blocks left empty go back to the free list."""
+        """Forget positions >= from_pos of `seq`; blocks left empty go back to the free list. A kept partial
+        block that a cached prefix shares is copied first: the sequence writes its next tokens into it."""
         self.live[seq] = min(self.live[seq], from_pos)
         self._trim(seq)
+        table = self._tables[seq]
+        if self.live[seq] % BLOCK and self._refs[table[-1]] > 1:
+            self._evict_for(1)
+            (fresh,) = self._take(1)
+            for keys, values in zip(self._keys, self._values):
+                keys[fresh], values[fresh] = keys[table[-1]], values[table[-1]]
+            self._unref([table[-1]])
+            table[-1] = fresh
+            self._cells[seq] = self._cells_of(table)
 
     def _grow(self, rows: dict[int, list[int]]) -> None:
         """Give each sequence the blocks its new rows need, or raise PoolFull before changing anything."""
         need = {seq: -(-(self.live[seq] + len(r)) // BLOCK) - len(self._tables[seq]) for seq, r in rows.items()}
-        if sum(max(0, n) for n in need.values()) > len(self._free):
+        total = sum(max(0, n) for n in need.values())
+        self._evict_for(total)
+        if total > len(self._free):
             raise PoolFull(f"the KV pool of {self.n_cells} cells is full ({self.used_cells()} in use)")
         for seq, n in need.items():
             if n > 0:
-                self._tables[seq] += [heapq.heappop(self._free) for _ in range(n)]
+                self._tables[seq] += self._take(n)
                 self._cells[seq] = self._cells_of(self._tables[seq])
 
     def _trim(self, seq: int) -> None:
         keep = -(-self.live[seq] // BLOCK)
         table = self._tables[seq]
         if len(table) > keep:
-            for block in table[keep:]:
-                heapq.heappush(self._free, block)
+            self._unref(table[keep:])
             del table[keep:]
             self._cells[seq] = self._cells_of(table)
 
