@@ -326,8 +326,8 @@ def serve(
     fuse_rows: Optional[int] = typer.Option(None, help="rows per fused target decode (default: the most that keeps outputs "
                                             "bit-identical to solo runs: 3 on llama.cpp, all of a step's rows on torch)"),
     prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per fused step (chunked prefill; default 512)"),
-    prefix_cache: int = typer.Option(32, help="prompt prefixes (system prompts, earlier turns) kept in the llama.cpp KV "
-                                     "pool for later requests, LRU; a hit changes no output token; 0 = off"),
+    prefix_cache: int = typer.Option(32, help="prompt prefixes (system prompts, earlier turns) kept in the shared KV pool "
+                                     "for later requests, LRU; a hit changes no output token; 0 = off"),
     backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
     threads: Optional[int] = typer.Option(None, help="CPU threads (default: all cores; with --ray: per replica, "
                                           "this machine's cores split over the replicas)"),

@@ -49,7 +49,7 @@ class ServeConfig:
     # (3 on llama.cpp, all of a step's rows on torch: pool.FusedScoring)
     prefill_chunk: int | None = None  # prompt tokens per step (chunked prefill); None = n_batch
     verify: str = "exact"  # "one-pass": fused decodes take all of a step's rows at once (not bit-identical)
-    prefix_cache: int = 32  # prompt prefixes the shared llama.cpp pool keeps for later requests (runners/llamacpp_pool.py); 0 = off
+    prefix_cache: int = 32  # prompt prefixes the shared KV pool keeps for later requests (runners/prefix_cache.py); 0 = off
 
 
 class Server:
