@@ -126,16 +126,22 @@ def test_the_noisy_torch_draft_had_drafts_accepted(torch_drafted):
     assert torch_drafted[0] > 0 and torch_drafted[1] > 0, torch_drafted
 
 
-def test_tiny_model_greedy_equality_with_partial_acceptance():
+def _noisy_pair(seed: int) -> tuple[TorchRunner, TorchRunner]:
+    """A tiny target and a draft that is the target with noise on its weights: it agrees often, not always."""
     import torch
 
-    target_model = tiny_llama(0, scale=30)
+    target_model = tiny_llama(seed, scale=30)
     draft_model = copy.deepcopy(target_model)
     with torch.no_grad():
         for p in draft_model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     target = TorchRunner(target_model.to(TEST_DEVICE), ByteTokenizer(), "t", 512, device=TEST_DEVICE)
     draft = TorchRunner(draft_model.to(TEST_DEVICE), ByteTokenizer(), "d", 512, device=TEST_DEVICE)
+    return target, draft
+
+
+def test_tiny_model_greedy_equality_with_partial_acceptance():
+    target, draft = _noisy_pair(0)
     params = SamplingParams(max_tokens=60, ignore_eos=True)
     prompt = target.tokenizer.encode("abc abc abc")
     plain, stats_plain = run(Engine(target), prompt, params, record=True)
@@ -348,15 +354,7 @@ def test_a_costly_drafter_that_does_not_pay_is_not_even_prefilled():
 def test_torch_greedy_equality_past_256_tokens_of_context():
     """The torch runner's preallocated cache and device verification stay exact at long contexts: a ~400-token
     prompt (a tiny model with 512 positions), pinned n-gram and draft-model speculation, 64 new tokens."""
-    import torch
-
-    target_model = tiny_llama(5, scale=30)
-    draft_model = copy.deepcopy(target_model)
-    with torch.no_grad():
-        for p in draft_model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    target = TorchRunner(target_model.to(TEST_DEVICE), ByteTokenizer(), "t", 512, device=TEST_DEVICE)
-    draft = TorchRunner(draft_model.to(TEST_DEVICE), ByteTokenizer(), "d", 512, device=TEST_DEVICE)
+    target, draft = _noisy_pair(5)
     prompt = target.tokenizer.encode("def area(width, height):\n    return width * height\n" * 9)[:400]
     assert len(prompt) > 256
     params = SamplingParams(max_tokens=64, ignore_eos=True)

@@ -65,13 +65,12 @@ import numpy as np
 from ..errors import InvalidParameter, PromptError
 from ..llama_lib import decode
 from .llamacpp import LlamaCppRunner, open_context
-from .pool import FusedScoring, PoolFull, SequenceView, chunk_sizes  # noqa: F401 (PoolFull: raised here)
-from .prefix_cache import CachedPrefix, PrefixCache
+from .pool import FusedScoring, PoolFull, PrefixSharing, SequenceView, chunk_sizes  # noqa: F401 (PoolFull: raised here)
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
 
 
-class KvPool(FusedScoring):
+class KvPool(PrefixSharing, FusedScoring):
     """The shared context. Not thread-safe: one thread drives it (the server's scheduler thread)."""
 
     default_fuse_rows = 3  # ggml's matmul is row-independent only below 4 rows (FusedScoring)
@@ -93,9 +92,8 @@ class KvPool(FusedScoring):
         if n_seqs + 2 + prefix_entries > LLAMA_MAX_SEQ:
             raise InvalidParameter(f"{n_seqs} slots and {prefix_entries} cached prefixes exceed llama.cpp's "
                                    f"{LLAMA_MAX_SEQ} sequences per context", "prefix_cache")
-        self.prefixes = PrefixCache(range(n_seqs + 2, n_seqs + 2 + prefix_entries))
+        self._open_prefixes(n_seqs, range(n_seqs + 2, n_seqs + 2 + prefix_entries))
         self.exact_prefixes = exact_prefixes
-        self._prompts: list[np.ndarray | None] = [None] * n_seqs  # each sequence's prefilled prompt
         self._ctx = open_context(base._model, n_ctx=n_cells, n_batch=n_batch, n_seq_max=n_seqs + 2 + prefix_entries,
                                  n_threads=base.n_threads)
         if not self._ctx:
@@ -145,11 +143,15 @@ class KvPool(FusedScoring):
         """Rows per decode of an n-token prompt: a function of its length alone (see the docstring)."""
         return chunk_sizes(n_tokens, self.pass_rows)
 
+    @property
+    def prefix_unit(self) -> int:
+        return self.pass_rows if self.exact_prefixes else 1
+
     def shareable_prefix(self, n_tokens: int) -> int:
         """Leading prompt tokens whose cells another prompt's prefill would compute bit for bit the same:
         the full `prefill_rows` passes before the last pass (which any longer prompt runs as a full pass too)."""
         if not self.exact_prefixes:
-            return max(0, n_tokens - 1)
+            return super().shareable_prefix(n_tokens)
         shared = 0
         for size in self.prefill_passes(n_tokens)[:-1]:
             if size != self.pass_rows:
@@ -157,46 +159,14 @@ class KvPool(FusedScoring):
             shared += size
         return shared
 
-    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
-        """Share the longest cached prefix of a prompt about to be prefilled on an empty `seq`; return its length."""
-        if not len(self.prefixes) or self.live[seq]:
-            return 0
-        prompt = np.asarray(tokens, dtype=np.int32)
-        entry, length = self.prefixes.match(prompt)
-        reused = min(length, self.shareable_prefix(len(prompt)))
-        if self.exact_prefixes:
-            reused -= reused % self.pass_rows
-        self.prefixes.record_lookup(entry, reused)
-        if reused <= 0:
-            return 0
-        self._L.llama_memory_seq_cp(self._mem, entry.seq, seq, 0, reused)
-        self.live[seq] = reused
-        return reused
+    def _share(self, entry_seq: int, seq: int, n: int) -> None:
+        self._L.llama_memory_seq_cp(self._mem, entry_seq, seq, 0, n)  # tags the cells: nothing is copied
 
-    def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
-        """`seq` has prefilled `tokens` from position 0: worth caching when it leaves."""
-        self._prompts[seq] = np.asarray(tokens, dtype=np.int32)
+    def _keep(self, seq: int, entry_seq: int, n: int) -> None:
+        self._L.llama_memory_seq_cp(self._mem, seq, entry_seq, 0, n)
 
-    def _cache_prompt(self, seq: int) -> None:
-        prompt, self._prompts[seq] = self._prompts[seq], None
-        if prompt is None or self.prefixes.capacity == 0:
-            return
-        keep = min(self.shareable_prefix(len(prompt)), self.live[seq])
-        if keep <= 0:
-            return
-        store, redundant = self.prefixes.plan_store(prompt[:keep])
-        if not store:
-            return
-        for entry in redundant:
-            self._evict(entry)
-        entry, evicted = self.prefixes.add(prompt[:keep])
-        if evicted is not None:
-            self._park(evicted.seq)
-        self._L.llama_memory_seq_cp(self._mem, seq, entry.seq, 0, keep)
-
-    def _evict(self, entry: CachedPrefix) -> None:
-        self.prefixes.remove(entry)
-        self._park(entry.seq)
+    def _forget(self, entry_seq: int) -> None:
+        self._park(entry_seq)
 
     def _park(self, seq: int) -> None:
         """Hand all of `seq`'s cells to the park sequence (they stay occupied, see the docstring)."""

@@ -165,6 +165,82 @@ class FusedScoring(Pool):
         return logits.copy() if last else None
 
 
+class PrefixSharing:
+    """A finished request's prompt prefix kept in the pool for later prompts that start the same way, and
+    shared with them (runners/prefix_cache.py keeps the books). A pool says how much of a prompt another
+    prompt may share bit for bit (`shareable_prefix`, in whole `prefix_unit`s) and how its cells are
+    shared (`_share`, `_keep`, `_forget`)."""
+
+    prefixes: PrefixCache
+    live: list[int]
+    _prompts: list[np.ndarray | None]  # each sequence's prefilled prompt, cached when it leaves
+
+    def _open_prefixes(self, n_seqs: int, entry_ids: range) -> None:
+        self.prefixes = PrefixCache(entry_ids)
+        self._prompts = [None] * n_seqs
+
+    @property
+    def prefix_unit(self) -> int:
+        return 1
+
+    def shareable_prefix(self, n_tokens: int) -> int:
+        """Leading tokens of an n-token prompt whose cells another prompt may share (at least one token is
+        left to prefill: its logits are the reply)."""
+        return max(0, n_tokens - 1)
+
+    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        """Share the longest cached prefix of a prompt about to be prefilled on an empty `seq`; its length."""
+        if not len(self.prefixes) or self.live[seq]:
+            return 0
+        prompt = np.asarray(tokens, dtype=np.int32)
+        entry, length = self.prefixes.match(prompt)
+        reused = self._whole_units(min(length, self.shareable_prefix(len(prompt))))
+        self.prefixes.record_lookup(entry, reused)
+        if reused <= 0:
+            return 0
+        self._share(entry.seq, seq, reused)
+        self.live[seq] = reused
+        return reused
+
+    def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
+        """`seq` has prefilled `tokens` from position 0: worth caching when it leaves."""
+        self._prompts[seq] = np.asarray(tokens, dtype=np.int32)
+
+    def _cache_prompt(self, seq: int) -> None:
+        """Keep the leaving sequence's shareable prompt prefix as a cache entry (called before its cells go)."""
+        prompt, self._prompts[seq] = self._prompts[seq], None
+        if prompt is None or self.prefixes.capacity == 0:
+            return
+        keep = self._whole_units(min(self.shareable_prefix(len(prompt)), self.live[seq]))
+        if keep <= 0:
+            return
+        store, redundant = self.prefixes.plan_store(prompt[:keep])
+        if not store:
+            return
+        for entry in redundant:
+            self.prefixes.remove(entry)
+            self._forget(entry.seq)
+        entry, evicted = self.prefixes.add(prompt[:keep])
+        if evicted is not None:
+            self._forget(evicted.seq)
+        self._keep(seq, entry.seq, keep)
+
+    def _whole_units(self, n: int) -> int:
+        return n - n % self.prefix_unit
+
+    def _share(self, entry_seq: int, seq: int, n: int) -> None:
+        """Give `seq` the entry's first n cells."""
+        raise NotImplementedError
+
+    def _keep(self, seq: int, entry_seq: int, n: int) -> None:
+        """Give the new entry the sequence's first n cells."""
+        raise NotImplementedError
+
+    def _forget(self, entry_seq: int) -> None:
+        """The entry is gone: its cells go when nothing else holds them."""
+        raise NotImplementedError
+
+
 class SequenceView(Runner):
     """A request's target as its engine sees it: one sequence of a shared pool (llamacpp_pool.KvPool, or
     torch_pool.PagedPool). The engine's passes do not come here: its steps yield them (Engine.steps) and the

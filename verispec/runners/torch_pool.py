@@ -52,8 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .device_memory import GiB, MiB, InsufficientMemory, available_bytes
-from .pool import FusedScoring, PoolFull, PoolUnsupported
-from .prefix_cache import PrefixCache
+from .pool import FusedScoring, PoolFull, PoolUnsupported, PrefixSharing
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +88,7 @@ class _Plan:
     calls: int = 0  # layers that ran paged_attention
 
 
-class PagedPool(FusedScoring):
+class PagedPool(PrefixSharing, FusedScoring):
     """The shared paged cache of a TorchRunner's model. Not thread-safe: one thread drives it (the server's
     scheduler thread)."""
 
@@ -135,9 +134,8 @@ class PagedPool(FusedScoring):
         self.decodes = 0
         self.padded = 0  # dummy rows added to reach a multiple of row_multiple
         self.row_multiple = row_multiple(self.model)
-        self.prefixes = PrefixCache(range(prefix_entries))
+        self._open_prefixes(n_seqs, range(prefix_entries))
         self._entry_blocks: dict[int, list[int]] = {}  # the blocks of each cached prefix
-        self._prompts: list[np.ndarray | None] = [None] * n_seqs
         _register()
         self._probe()
 
@@ -168,51 +166,20 @@ class PagedPool(FusedScoring):
 
     # -- the prefix cache: whole blocks of finished prompts, shared by reference ---------------------
 
-    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
-        """Share the whole blocks of the longest cached prefix of a prompt about to be prefilled on an empty
-        `seq`. Exact: a token's keys and values do not depend on the rows it was decoded with (rows are
-        batch-invariant here), and attention reads a sequence's cells by position, wherever they lie."""
-        if not len(self.prefixes) or self.live[seq]:
-            return 0
-        prompt = np.asarray(tokens, dtype=np.int32)
-        entry, length = self.prefixes.match(prompt)
-        reused = min(length, len(prompt) - 1)
-        reused -= reused % BLOCK
-        self.prefixes.record_lookup(entry, reused)
-        if reused <= 0:
-            return 0
-        blocks = self._entry_blocks[entry.seq][: reused // BLOCK]
-        for block in blocks:
-            self._refs[block] += 1
-        self._tables[seq] = list(blocks)
+    prefix_unit = BLOCK
+    # Any whole blocks of a prompt are shareable (PrefixSharing.shareable_prefix): rows are batch-invariant
+    # here, so a token's keys and values do not depend on the rows it was decoded with, and attention reads
+    # a sequence's cells by position, wherever they lie.
+
+    def _share(self, entry_seq: int, seq: int, n: int) -> None:
+        self._tables[seq] = self._ref(self._entry_blocks[entry_seq][: n // BLOCK])
         self._cells[seq] = self._cells_of(self._tables[seq])
-        self.live[seq] = reused
-        return reused
 
-    def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
-        self._prompts[seq] = np.asarray(tokens, dtype=np.int32)
+    def _keep(self, seq: int, entry_seq: int, n: int) -> None:
+        self._entry_blocks[entry_seq] = self._ref(self._tables[seq][: n // BLOCK])
 
-    def _cache_prompt(self, seq: int) -> None:
-        prompt, self._prompts[seq] = self._prompts[seq], None
-        if prompt is None or self.prefixes.capacity == 0:
-            return
-        keep = min(len(prompt), self.live[seq])
-        keep -= keep % BLOCK
-        if keep <= 0:
-            return
-        store, redundant = self.prefixes.plan_store(prompt[:keep])
-        if not store:
-            return
-        for entry in redundant:
-            self.prefixes.remove(entry)
-            self._unref(self._entry_blocks.pop(entry.seq))
-        entry, evicted = self.prefixes.add(prompt[:keep])
-        if evicted is not None:
-            self._unref(self._entry_blocks.pop(evicted.seq))
-        blocks = self._tables[seq][: keep // BLOCK]
-        for block in blocks:
-            self._refs[block] += 1
-        self._entry_blocks[entry.seq] = list(blocks)
+    def _forget(self, entry_seq: int) -> None:
+        self._unref(self._entry_blocks.pop(entry_seq))
 
     def _evict_for(self, n_blocks: int) -> None:
         """Drop least recently used prefixes until `n_blocks` blocks are free (or none is left)."""
@@ -220,7 +187,13 @@ class PagedPool(FusedScoring):
             entry = self.prefixes.most_recent_first()[-1]
             self.prefixes.remove(entry)
             self.prefixes.evictions += 1
-            self._unref(self._entry_blocks.pop(entry.seq))
+            self._forget(entry.seq)
+
+    def _ref(self, blocks: list[int]) -> list[int]:
+        """One more holder of each block; returns them (a new list)."""
+        for block in blocks:
+            self._refs[block] += 1
+        return list(blocks)
 
     def _unref(self, blocks: list[int]) -> None:
         for block in blocks:
