@@ -78,6 +78,51 @@ def test_without_the_switch_one_row_passes_differ_past_512_cells(qwen_target):
     assert diff > 1e-3
 
 
+def _prefill_in(pool, prompt: list[int], passes) -> np.ndarray:
+    """The prompt's last logits and three greedy decode rows after prefilling it in these passes (sizes)."""
+    done = 0
+    for size in passes:
+        out = pool.prefill_pass(0, prompt[done : done + size], last=done + size == len(prompt))
+        done += size
+    assert done == len(prompt)
+    rows = [out[0]]
+    for _ in range(3):
+        rows.append(pool.decode([0], [int(rows[-1].argmax())], [True])[0].copy())
+    pool.drop(0, 0)
+    return np.stack(rows)
+
+
+def test_prompt_rows_are_the_same_in_every_pass_layout_the_pool_allows(qwen_target):
+    """The KV pool's prompt pass rules (runners/llamacpp_pool.py): passes under 64 rows, starting at multiples
+    of 4, of at least 8 rows, give a prompt the same bits whatever the stepper's budget. 63-row passes
+    break the second rule and differ, so the check has power."""
+    from verispec.runners.llamacpp_pool import KvPool
+
+    prompt = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 203))
+    pool = KvPool(qwen_target, 512, 1)
+    try:
+        assert pool.reserve(0, 256)
+
+        def layout(budgets) -> list[int]:
+            passes, done = [], 0
+            while done < len(prompt):
+                passes.append(pool.prompt_pass(done, len(prompt), next(budgets)))
+                done += passes[-1]
+            return passes
+
+        alone = layout(iter(lambda: 512, None))
+        assert alone == [60, 60, 60, 23]
+        reference = _prefill_in(pool, prompt, alone)
+        rng = np.random.default_rng(0)
+        for budgets in (iter(lambda: 1, None), iter(lambda: int(rng.integers(1, 70)), None)):
+            passes = layout(budgets)
+            assert min(passes) >= 8 and all(size % 4 == 0 for size in passes[:-1]), passes
+            assert np.array_equal(_prefill_in(pool, prompt, passes), reference), passes
+        assert not np.array_equal(_prefill_in(pool, prompt, [63, 63, 63, 14]), reference)
+    finally:
+        pool.close()
+
+
 def test_one_pass_verification_is_not_bit_identical_on_the_qwen_target(qwen_target):
     """Why `--verify one-pass` is opt-in: 4+ rows take the repacked gemm, whose sums differ from one-row passes."""
     context = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 300))

@@ -122,8 +122,8 @@ def test_a_prompt_prefilled_above_other_cells_equals_it_prefilled_alone(smol):
 
 
 def test_a_cached_prompt_prefix_is_shared_and_changes_no_logit_through_compactions(smol):
-    """A prompt that starts like an earlier request's shares that request's cells for their common whole
-    63-row passes, and its logits (prompt and decode rows) equal those of a pool without a cache; so
+    """A prompt that starts like an earlier request's shares that request's cells for their common prefix in
+    whole groups of 4 rows, leaving 8 to prefill (runners/llamacpp_pool.py), and its logits (prompt and decode rows) equal those of a pool without a cache; so
     after a compaction (the entry restored) and after an eviction (a miss, prefilled in full)."""
     text = smol.prompt_tokens(" ".join(PROMPTS))
     first, second, other = text[:200], text[:260], text[137:337]
@@ -146,11 +146,11 @@ def test_a_cached_prompt_prefix_is_shared_and_changes_no_logit_through_compactio
         request(pool, first)
         assert len(pool.prefixes) == 1 and pool.live == [0]
         hit = request(pool, second)
-        assert (pool.prefixes.hits, pool.prefixes.tokens_saved) == (1, 189)  # 3 whole passes of 63 rows
+        assert (pool.prefixes.hits, pool.prefixes.tokens_saved) == (1, 192)  # the first's 200, less 8, in 4s
         assert len(pool.prefixes) == 1 and len(pool.prefixes.most_recent_first()[0].tokens) == 252  # replaced
         pool.compact()
         after_compaction = request(pool, second)
-        assert (pool.prefixes.hits, pool.prefixes.tokens_saved, pool.compactions) == (2, 441, 1)
+        assert (pool.prefixes.hits, pool.prefixes.tokens_saved, pool.compactions) == (2, 444, 1)
         request(pool, other)  # evicts the entry (one entry id)
         missed = request(pool, second)
         assert pool.prefixes.hits == 2 and pool.prefixes.evictions == 2  # each pushed the other out

@@ -269,8 +269,8 @@ def test_multi_turn_chat_hits_the_prefix_cache_and_writes_what_it_writes_without
         return running.metric("verispec_prefix_cache_tokens_saved_total", pool="target")
 
     before = saved()
-    cold = [turn(doc, 2, seeded) for doc, seeded in zip(docs, (False, True))]  # nothing cached starts like them
-    assert saved() == before
+    cold = [turn(doc, 2, seeded) for doc, seeded in zip(docs, (False, True))]
+    assert saved() - before < 32  # nothing cached holds their documents: at most the template's opening is shared
     for doc, seeded in zip(docs, (False, True)):
         turn(doc, 1, seeded)
     hits = running.metric("verispec_prefix_cache_hits_total", pool="target")

@@ -5,10 +5,13 @@ One call of `step()`:
 1. every request that has not started runs up to its first pass (the prompt prefill; a draft model
    prefills its own copy of the prompt on the way);
 2. the pool decodes: all requests' scoring rows (verification passes) fused in as few decodes as
-   exactness allows (`pool.score`), then prompt rows of one prompt, the one with the least done:
-   while other requests are decoding, one prompt pass (at most 63 rows on llama.cpp), else up to
-   `prefill_chunk` rows (chunked prefill: a long prompt delays the others' next step by one pass,
-   not by its whole prefill);
+   exactness allows (`pool.score`), then prompt rows of one prompt, the one with the least done.
+   While other requests are decoding, the prompt gets a budget of rows that takes about
+   `prefill_share` times as long as their decodes just took (measured each step), so a long prompt
+   arriving raises their inter-token latency by about that share instead of stalling them for its
+   whole prefill; with nobody decoding it gets up to `prefill_chunk` rows. The pool sizes the passes
+   (`pool.prompt_pass`): on llama.cpp every budget gives the same bits (runners/llamacpp_pool.py);
+   other pools keep one fixed layout, whatever the budget;
 3. every request whose pass completed gets its logits and runs on: it verifies, accepts, rolls back,
    emits its tokens, and drafts its next step, up to its next pass.
 
@@ -18,12 +21,14 @@ test's. Engine.generate drives the same coroutine for a single request with no p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .cost_model import ema
 from .engine import Forward, StepEvent
 
 if TYPE_CHECKING:
@@ -41,16 +46,23 @@ class Member:
     finished: bool = False
     error: BaseException | None = None
     out: list[int] = field(default_factory=list)
-    prefill_done: int = 0  # prompt tokens in the pool (a shared cached prefix included)
-    prefill_passes: list[int] | None = None  # the prompt's decodes still to run, rows each
+    prefill_done: int | None = None  # prompt tokens in the pool (a shared cached prefix included); None: not begun
+
+
+# A waiting prompt's rows in a step may take about as long as the running requests' decodes in that step: their
+# inter-token latency then at most about doubles while it is prefilled (issue 17: p95 <= 2x their p50 alone).
+PREFILL_SHARE = 1.0
 
 
 class Stepper:
-    def __init__(self, pool: Pool, prefill_chunk: int | None = None) -> None:
+    def __init__(self, pool: Pool, prefill_chunk: int | None = None, prefill_share: float = PREFILL_SHARE) -> None:
         self.pool = pool
         self.prefill_chunk = min(prefill_chunk or pool.n_batch, pool.n_batch)
-        # A chunk is whole prompt passes; set before the first prefill, as the cached prefixes' boundaries follow it.
+        # A pool with a fixed prompt layout (a context per slot, torch) keeps it for every prompt: set once.
         pool.pass_rows = min(pool.pass_rows, self.prefill_chunk)
+        self.prefill_share = prefill_share
+        self.scoring_seconds: float | None = None  # EMA of a step's scoring decodes
+        self.prompt_row_seconds: float | None = None  # EMA of a prompt pass's seconds per row
         self.members: dict[int, Member] = {}
 
     def add(self, seq: int, run: Generator[StepEvent, object, None]) -> Member:
@@ -75,11 +87,13 @@ class Stepper:
         prompts = [m for m in self.members.values() if m.pending is not None and not m.pending.all_logits]
         replies: list[tuple[Member, np.ndarray]] = []
         if scoring:
+            t0 = time.perf_counter()
             replies += self._guard(scoring, lambda: list(zip(scoring, self.pool.score(
                 [(m.seq, m.pending) for m in scoring]))))
+            self.scoring_seconds = ema(self.scoring_seconds, time.perf_counter() - t0, 0.3)
         if prompts:
-            member = min(prompts, key=lambda m: m.prefill_done)
-            budget = self.pool.pass_rows if scoring else self.prefill_chunk  # decode rows first
+            member = min(prompts, key=lambda m: m.prefill_done or 0)
+            budget = self._prompt_budget() if scoring else self.prefill_chunk  # decode rows first
             replies += self._guard([member], lambda: self._prefill_chunk(member, budget))
         for member, logits in replies:
             member.pending = None
@@ -104,30 +118,37 @@ class Stepper:
                 event = next(member.run)
             member.pending = event
             if not event.all_logits:
-                member.prefill_done, member.prefill_passes = 0, None
+                member.prefill_done = None
         except StopIteration:
             member.finished = True
         except Exception as exc:  # noqa: BLE001 - the request fails, the others go on
             member.error, member.finished = exc, True
 
+    def _prompt_budget(self) -> int:
+        """Prompt rows that take about `prefill_share` of the step's scoring decodes (the pool's least before
+        anything is measured)."""
+        if self.scoring_seconds is None or self.prompt_row_seconds is None:
+            return 1
+        return max(1, int(self.prefill_share * self.scoring_seconds / self.prompt_row_seconds))
+
     def _prefill_chunk(self, member: Member, budget: int) -> list[tuple[Member, np.ndarray]]:
-        """Up to `budget` rows of a prompt (at least one pass), after the cells of a cached prefix the pool lets
-        it share (pool.adopt_prefix), in the passes the pool gives the rest (pool.prefill_passes). Returns
-        the reply once the prompt is done."""
+        """About `budget` rows of a prompt (at least one pass), after the cells of a cached prefix the pool lets
+        it share (pool.adopt_prefix), in the passes the pool sizes (pool.prompt_pass). Returns the reply once
+        the prompt is done."""
         pool, tokens = self.pool, member.pending.tokens
-        if member.prefill_passes is None:
+        if member.prefill_done is None:
             member.prefill_done = pool.adopt_prefix(member.seq, tokens)
-            # What a shared prefix leaves, in the passes the whole prompt has there (the llama.cpp pool shares
-            # whole leading passes, so the tail's layout is the whole prompt's; see runners/llamacpp_pool.py).
-            member.prefill_passes = pool.prefill_passes(len(tokens) - member.prefill_done)
         rows_this_step, logits = 0, None
-        while member.prefill_passes and (rows_this_step == 0 or rows_this_step + member.prefill_passes[0] <= budget):
-            size = member.prefill_passes.pop(0)
+        while member.prefill_done < len(tokens) and (rows_this_step == 0 or rows_this_step < budget):
             start = member.prefill_done
-            logits = pool.prefill_pass(member.seq, tokens[start : start + size], last=not member.prefill_passes)
+            size = pool.prompt_pass(start, len(tokens), budget - rows_this_step)
+            last = start + size == len(tokens)
+            t0 = time.perf_counter()
+            logits = pool.prefill_pass(member.seq, tokens[start : start + size], last=last)
+            self.prompt_row_seconds = ema(self.prompt_row_seconds, (time.perf_counter() - t0) / size, 0.3)
             member.prefill_done += size
             rows_this_step += size
-        if member.prefill_passes:
+        if member.prefill_done < len(tokens):
             return []
         pool.remember_prompt(member.seq, tokens)
         return [(member, logits)]

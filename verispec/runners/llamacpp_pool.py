@@ -32,22 +32,26 @@ while its context holds <= 256 tokens; beyond, they can differ at near-ties, as 
 one-row passes differ from its own multi-row passes there (see the report in the README). A draft
 model's pool never pads (`pad_single_rows=False`): draft numerics do not change greedy output.
 
-Prompts. A decode of 64+ rows takes ggml's tiled flash attention, whose sums depend on the cell
-layout: a prompt prefilled above another request's cells got logits up to ~1 apart from the same
-prompt prefilled alone (a chat prompt of 72 tokens flipped a greedy token in the server test). So
-the stepper prefills in decodes of at most `prefill_rows` = 63 rows, which are layout-independent.
-The price: a server request's prompt is not computed as a solo llama.cpp runner computes it (512-row
-batches), so for prompts of 64+ tokens its output equals itself alone on the server bit for bit, and
-a solo runner's only up to near-ties; and prefill is slower (not yet measured by the bench; see the
-README's "Status and limits"). The passes of a prompt depend on its length alone (`prefill_passes`:
-63-row passes from position 0, the last ones shorter), whatever was prefilled before.
+Prompts. A prompt row's keys, values and logits depend on the passes it is prefilled in, as ggml
+picks kernels by the rows of a decode. Measured on the Qwen2.5-Coder 1.5B and 0.5B Q4_K_M files
+with 2 threads (tests/test_long_context.py), a prompt gets the same bits in every layout of passes
+that (a) stay under 64 rows: 64+ take ggml's tiled flash attention, whose sums depend on where the
+cells lie (a 72-token prompt prefilled above another request's cells was ~1 apart in logits);
+(b) start at multiples of 4 from position 0: the repacked Q4_K/Q6_K matmul computes rows in groups
+of 4 and a pass's last 1-3 rows with another kernel; and (c) hold at least 8 rows: passes of 4-7
+rows took other kernels again (logits up to 16 apart). Within those rules the pass sizes are free,
+so `prompt_pass` sizes each pass to the stepper's budget: a long prompt is prefilled 8 rows at a
+time while others decode and 60 at a time alone, and its output is the same. The price of (a):
+a server prompt is not computed as a solo llama.cpp runner computes it (512-row passes), so for
+prompts of 64+ tokens its output equals itself alone on the server bit for bit, and a solo
+runner's only up to near-ties; and prefill is slower than in 512-row passes.
 
-Prefix cache. When a request leaves, the cells of its prompt's leading full 63-row passes stay in
+Prefix cache. When a request leaves, the cells of its prompt's leading rows, in whole groups of 4, stay in
 the pool under a sequence id of the prefix cache (prefix_cache.py; `llama_memory_seq_cp` only
 tags the cells, nothing is copied). A later prompt that starts with the same tokens shares those
-cells and prefills from there, in the passes its own layout has there. The shared cells were
-computed by the same passes, on the same tokens at the same positions, as its own prefill would
-have computed them, so a hit changes no logit: output with a hit is token for token the output
+cells and prefills from there, at least 8 rows (`shareable_prefix`). The shared cells were computed
+under the same rules, on the same tokens at the same positions, as its own prefill would have
+computed them, so a hit changes no logit: output with a hit is token for token the output
 without one. Cached cells are never freed while others may sit above them: an evicted entry's
 cells are parked. A compaction keeps the most recently used entries that fit in the cells no
 admitted request has reserved and drops the rest, so the cache never keeps a request waiting.
@@ -65,7 +69,7 @@ import numpy as np
 from ..errors import InvalidParameter, PromptError
 from ..llama_lib import decode
 from .llamacpp import LlamaCppRunner, open_context
-from .pool import FusedScoring, PoolFull, PrefixSharing, SequenceView, chunk_sizes  # noqa: F401 (PoolFull: raised here)
+from .pool import FusedScoring, PoolFull, PrefixSharing, SequenceView  # noqa: F401 (PoolFull: raised here)
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
 
@@ -74,10 +78,10 @@ class KvPool(PrefixSharing, FusedScoring):
     """The shared context. Not thread-safe: one thread drives it (the server's scheduler thread)."""
 
     default_fuse_rows = 3  # ggml's matmul is row-independent only below 4 rows (FusedScoring)
-    # ggml's CPU flash attention takes its tiled kernel for 64+ query rows: 64-cell KV tiles at fixed
-    # cell offsets, so a prompt's rows depend on where its cells lie and which other cells share its
-    # tiles. Below 64 rows the per-row kernel visits the sequence's own cells in order, wherever they lie.
-    prefill_rows = 63
+    # The prompt pass rules (see the docstring): under 64 rows, starting at multiples of 4, at least 8 rows.
+    prefill_rows = 63  # the most rows of a pass: 64+ take the tiled flash attention
+    row_group = 4  # the repacked matmul's group of rows: every pass but a prompt's last is whole groups
+    min_prompt_pass = 8  # passes of 4-7 rows take other kernels
 
     def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512,
                  pad_single_rows: bool | None = None,
@@ -139,25 +143,30 @@ class KvPool(PrefixSharing, FusedScoring):
 
     # -- prompts and the prefix cache -------------------------------------------------------------
 
-    def prefill_passes(self, n_tokens: int) -> list[int]:
-        """Rows per decode of an n-token prompt: a function of its length alone (see the docstring)."""
-        return chunk_sizes(n_tokens, self.pass_rows)
+    def prompt_pass(self, done: int, n_tokens: int, budget: int) -> int:
+        """About `budget` rows in whole groups of 4, at least 8, at most `pass_rows`, never leaving a last pass
+        of under 8 rows; a prompt that fits in one pass goes whole. (The rules: see the docstring.)"""
+        left = n_tokens - done
+        group, least = self.row_group, self.min_prompt_pass
+        size = max(least, min(budget, self.pass_rows) // group * group)
+        if left <= size:
+            return left
+        if left - size >= least:
+            return size
+        if left <= min(self.prefill_rows, self.n_batch):
+            return left
+        return size - group
 
     @property
     def prefix_unit(self) -> int:
-        return self.pass_rows if self.exact_prefixes else 1
+        return self.row_group if self.exact_prefixes else 1
 
     def shareable_prefix(self, n_tokens: int) -> int:
-        """Leading prompt tokens whose cells another prompt's prefill would compute bit for bit the same:
-        the full `prefill_rows` passes before the last pass (which any longer prompt runs as a full pass too)."""
+        """Leading prompt tokens whose cells another prompt's prefill would compute bit for bit the same: whole
+        groups of 4, leaving at least 8 rows (so that the prompt's own passes keep to the rules too)."""
         if not self.exact_prefixes:
             return super().shareable_prefix(n_tokens)
-        shared = 0
-        for size in self.prefill_passes(n_tokens)[:-1]:
-            if size != self.pass_rows:
-                break
-            shared += size
-        return shared
+        return max(0, n_tokens - self.min_prompt_pass) // self.row_group * self.row_group
 
     def _share(self, entry_seq: int, seq: int, n: int) -> None:
         self._L.llama_memory_seq_cp(self._mem, entry_seq, seq, 0, n)  # tags the cells: nothing is copied

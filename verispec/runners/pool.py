@@ -55,7 +55,7 @@ class Pool(ABC):
     sees it through a Runner view (`view`), and its target passes come here (`score`, `prefill_pass`).
 
     Attributes every pool has: n_cells, n_vocab, n_batch, live / reserved (tokens held and cells
-    reserved per sequence), fuse_rows (rows one fused decode may take), pass_rows (rows per prompt
+    reserved per sequence), fuse_rows (rows one fused decode may take), pass_rows (most rows per prompt
     pass; a stepper may lower it once, before the first prefill), compactions, prefixes (its
     prefix cache; empty where it has none), pass_seconds and rows_per_decode (below).
     """
@@ -97,9 +97,11 @@ class Pool(ABC):
         """The runner a request's engine gets for `seq` (its passes come back here through the stepper)."""
         return SequenceView(self, seq, n_ctx)
 
-    def prefill_passes(self, n_tokens: int) -> list[int]:
-        """Rows per decode of an n-token prompt: a function of its length alone."""
-        return chunk_sizes(n_tokens, self.pass_rows)
+    def prompt_pass(self, done: int, n_tokens: int, budget: int) -> int:
+        """Rows of the next pass of an n-token prompt with `done` tokens in the pool (a shared prefix
+        included), about `budget` rows where exactness allows. Here a fixed layout, whatever the budget:
+        `pass_rows` passes from where the prompt starts (a context's prompt rows depend on pass sizes)."""
+        return min(self.pass_rows, n_tokens - done)
 
     def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
         """Share a cached prefix of a prompt about to be prefilled on an empty `seq`; its length (0: none)."""
