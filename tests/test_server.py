@@ -3,6 +3,7 @@ llama.cpp with 4 slots, driven by the `openai` client (and httpx for raw bodies)
 
 import json
 import re
+from contextlib import contextmanager
 import socket
 import threading
 import time
@@ -54,16 +55,14 @@ class Running:
             time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def running(smol_source):
+@contextmanager
+def _serving(base, config):
+    """A verispec server for `base` on a free loopback port, run by uvicorn on a thread."""
     import uvicorn
 
-    import verispec
-    from verispec.serve import ServeConfig, Server, create_app
+    from verispec.serve import Server, create_app
 
-    # One thread per context: the test machine's 2 cores are shared with other jobs.
-    base = verispec.load(MODEL, n_ctx=2048, draft="ngram", n_threads=1)
-    server = Server(base, ServeConfig(model=MODEL, max_batch=4, max_queue=32, api_key=KEY))
+    server = Server(base, config)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -74,10 +73,23 @@ def running(smol_source):
     while not uv.started:
         assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
         time.sleep(0.05)
-    yield Running(f"http://127.0.0.1:{port}", server, base)
-    uv.should_exit = True
-    thread.join(30)
-    server.close()
+    try:
+        yield Running(f"http://127.0.0.1:{port}", server, base)
+    finally:
+        uv.should_exit = True
+        thread.join(30)
+        server.close()
+
+
+@pytest.fixture(scope="module")
+def running(smol_source):
+    import verispec
+    from verispec.serve import ServeConfig
+
+    # One thread per context: the test machine's 2 cores are shared with other jobs.
+    base = verispec.load(MODEL, n_ctx=2048, draft="ngram", n_threads=1)
+    with _serving(base, ServeConfig(model=MODEL, max_batch=4, max_queue=32, api_key=KEY)) as running:
+        yield running
     base.close()
 
 
@@ -279,6 +291,40 @@ def test_multi_turn_chat_hits_the_prefix_cache_and_writes_what_it_writes_without
     assert saved() - before >= 2 * 4 * 63  # turn 1 re-used the cold turn 2's cells, turn 2 turn 1's
     assert [text for text, _ in warm] == [text for text, _ in cold]
     assert warm[0][1] > 0  # pinned K drafts
+
+
+def test_requests_preempted_for_cells_resume_and_write_what_they_write_alone(smol_source):
+    """KV on demand over HTTP: three requests fit a 512-cell pool at admission but not at their peak, so the
+    newest is preempted and resumed by recompute (counted in /metrics). Each writes exactly what it writes
+    alone: greedy with n-gram K pinned (it drafts) and seeded sampling."""
+    import verispec
+    from verispec.serve import ServeConfig
+
+    base = verispec.load(MODEL, n_ctx=512, draft="ngram", n_threads=1)
+    pinned = {"speculative": {"draft": "ngram", "draft_tokens": 3}}
+    prompts = [PROMPTS[0] * 4, PROMPTS[4] * 3, PROMPTS[7] * 5]
+    try:
+        with _serving(base, ServeConfig(model=MODEL, max_batch=3, ctx=512, kv_pool=512, api_key=KEY)) as server:
+            client = server.client()
+
+            def complete(job: tuple[int, str]) -> tuple[str, int]:
+                i, prompt = job
+                sampling = dict(temperature=0.8, seed=7) if i == 1 else dict(temperature=0, extra_body=pinned)
+                out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=150, **sampling)
+                return out.choices[0].text, out.model_extra["speculative"]["drafted"]
+
+            jobs = list(enumerate(prompts))
+            alone = [complete(job) for job in jobs]
+            assert server.metric("verispec_preemptions_total") == 0
+            with ThreadPoolExecutor(3) as pool:
+                together = list(pool.map(complete, jobs))
+            assert server.metric("verispec_preemptions_total") > 0
+            assert sum(len(base.tokenizer.encode(text)) for text, _ in together) > 512 - 3 * 70  # they outgrew the pool
+            assert server.wait_idle()["active"] == 0 and server.metric("verispec_kv_pool_reserved_cells") == 0
+    finally:
+        base.close()
+    assert [text for text, _ in together] == [text for text, _ in alone]
+    assert together[0][1] > 0 and together[2][1] > 0  # pinned K drafts
 
 
 def test_a_soak_run_loses_nothing_and_leaks_no_cells(running):

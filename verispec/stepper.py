@@ -32,7 +32,7 @@ from .cost_model import ema
 from .engine import Forward, StepEvent
 
 if TYPE_CHECKING:
-    from .runners.pool import Pool
+    from .runners.pool import Pool, Preempted
 
 
 @dataclass
@@ -47,6 +47,7 @@ class Member:
     error: BaseException | None = None
     out: list[int] = field(default_factory=list)
     prefill_done: int | None = None  # prompt tokens in the pool (a shared cached prefix included); None: not begun
+    paused: bool = False  # preempted: its cells are freed and it does not step until resumed
 
 
 # A waiting prompt's rows in a step may take about as long as the running requests' decodes in that step: their
@@ -76,15 +77,31 @@ class Stepper:
         if member is not None:
             member.run.close()
 
+    def preempt(self, seq: int) -> Preempted:
+        """Free a request's cells (the pool keeps what it needs to decode them again); it waits, its
+        coroutine suspended at its pending pass, until `resume`."""
+        member = self.members[seq]
+        saved = self.pool.preempt(seq)
+        member.paused = True
+        if saved.prompt_len is None:
+            member.prefill_done = None  # its prompt is prefilled again from the start
+        return saved
+
+    def resume(self, seq: int, saved: Preempted) -> None:
+        """Decode a preempted request's cells again (the caller has reserved them); it steps on as if it had never left."""
+        self.pool.resume(seq, saved)
+        self.members[seq].paused = False
+
     def step(self) -> list[Member]:
-        """One step of every request (see the module docstring); returns the members, to read `out`,
-        `finished` and `error` from."""
-        for member in self.members.values():
+        """One step of every request not preempted (see the module docstring); returns the members, to read
+        `out`, `finished` and `error` from."""
+        active = [m for m in self.members.values() if not m.paused]
+        for member in active:
             if not member.started:
                 member.started = True
                 self._advance(member, None)
-        scoring = [m for m in self.members.values() if m.pending is not None and m.pending.all_logits]
-        prompts = [m for m in self.members.values() if m.pending is not None and not m.pending.all_logits]
+        scoring = [m for m in active if m.pending is not None and m.pending.all_logits]
+        prompts = [m for m in active if m.pending is not None and not m.pending.all_logits]
         replies: list[tuple[Member, np.ndarray]] = []
         if scoring:
             t0 = time.perf_counter()

@@ -57,6 +57,12 @@ cells are parked. A compaction keeps the most recently used entries that fit in 
 admitted request has reserved and drops the rest, so the cache never keeps a request waiting.
 A draft model's pool (`exact_prefixes=False`) may share any common prefix: draft numerics do not
 change the output.
+
+Preemption. The pool remembers the token of every cell of a sequence, so `preempt` can free a
+sequence's cells (parked until the next compaction; its prompt's prefix goes to the prefix cache)
+and `resume` can decode them again: the prompt in prompt passes, the generated tokens in chunks of
+at most 3 rows. Both rules give every row the bits it had (see Prompts, and FusedScoring for the 3),
+so a resumed request goes on exactly as if it had never left.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ import numpy as np
 from ..errors import InvalidParameter, PromptError
 from ..llama_lib import decode
 from .llamacpp import LlamaCppRunner, open_context
-from .pool import FusedScoring, PoolFull, PrefixSharing, SequenceView  # noqa: F401 (PoolFull: raised here)
+from .pool import FusedScoring, PoolFull, Preempted, PrefixSharing, SequenceView, chunk_sizes  # noqa: F401 (PoolFull: raised here)
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
 
@@ -114,6 +120,7 @@ class KvPool(PrefixSharing, FusedScoring):
         self._batch = L.llama_batch_init(n_batch + 1, 0, 1)
         self.bump = 0  # cells handed out since the last compaction; every cell below it is occupied
         self.live = [0] * n_seqs  # committed tokens per sequence
+        self.history: list[list[int]] = [[] for _ in range(n_seqs)]  # the token of each, for preemption
         self.reserved = [0] * n_seqs
         self.compactions = 0
         self.decodes = 0
@@ -168,6 +175,11 @@ class KvPool(PrefixSharing, FusedScoring):
             return super().shareable_prefix(n_tokens)
         return max(0, n_tokens - self.min_prompt_pass) // self.row_group * self.row_group
 
+    def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
+        reused = super().adopt_prefix(seq, tokens)
+        self.history[seq] = list(tokens[:reused])
+        return reused
+
     def _share(self, entry_seq: int, seq: int, n: int) -> None:
         self._L.llama_memory_seq_cp(self._mem, entry_seq, seq, 0, n)  # tags the cells: nothing is copied
 
@@ -195,6 +207,7 @@ class KvPool(PrefixSharing, FusedScoring):
             self._L.llama_memory_seq_cp(self._mem, seq, self.park, from_pos, -1)
         self._L.llama_memory_seq_rm(self._mem, seq, from_pos, -1)
         self.live[seq] = from_pos
+        del self.history[seq][from_pos:]
         if alone:
             self.bump = from_pos
 
@@ -214,6 +227,32 @@ class KvPool(PrefixSharing, FusedScoring):
         self.prefixes.keep_only([entry for entry, _ in kept])
         self.bump = sum(self.live) + sum(len(entry.tokens) for entry, _ in kept)
         self.compactions += 1
+
+    # -- preemption ---------------------------------------------------------------------------------
+
+    preemptible = True
+
+    def preempt(self, seq: int) -> Preempted:
+        prompt = self._prompts[seq]
+        saved = Preempted(list(self.history[seq]), None if prompt is None else len(prompt))
+        self.release(seq)  # caches the prompt's shareable prefix: resume() may share it back
+        return saved
+
+    def resume(self, seq: int, saved: Preempted) -> None:
+        """The prompt in prompt passes (after what the prefix cache still holds), the generated tokens in
+        chunks of at most 3 rows: each row as it was first decoded (see the docstring)."""
+        if saved.prompt_len is None:
+            return  # its prompt was not done: the stepper prefills it again
+        tokens, prompt_len = saved.tokens, saved.prompt_len
+        done = self.adopt_prefix(seq, tokens[:prompt_len])
+        while done < prompt_len:
+            size = self.prompt_pass(done, prompt_len, self.pass_rows)
+            self.decode([seq] * size, tokens[done : done + size], [False] * (size - 1) + [True])
+            done += size
+        self.remember_prompt(seq, tokens[:prompt_len])
+        for size in chunk_sizes(len(tokens) - prompt_len, self.default_fuse_rows):
+            self.decode([seq] * size, tokens[done : done + size], [True] * size)  # rows out change no cell
+            done += size
 
     def _save(self, seq: int):
         size = self._L.llama_state_seq_get_size(self._ctx, seq)
@@ -243,6 +282,7 @@ class KvPool(PrefixSharing, FusedScoring):
         for i, (seq, tok, flag) in enumerate(zip(seqs, tokens, want)):
             self._put(i, tok, self.live[seq], seq, flag)
             self.live[seq] += 1
+            self.history[seq].append(tok)
         if pad:  # last, so that its cell is the highest one and freeing it keeps the cells ordered
             self._put(n, tokens[0], 0, self.pad, False)
         status = decode(self._ctx, b)

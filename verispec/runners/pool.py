@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,14 @@ class PoolFull(RuntimeError):
     pass
 
 
+@dataclass
+class Preempted:
+    """What a pool needs to decode a preempted sequence's cells again (Pool.resume)."""
+
+    tokens: list[int]  # the tokens of its cells, in position order
+    prompt_len: int | None  # how many of them its prompt passes decoded (None: its prompt was not done)
+
+
 class Pool(ABC):
     """The KV cache of many sequences of one model, as the stepper (verispec/stepper.py) and the server's
     scheduler drive it, from one thread. A sequence reserves the cells it can use at most, the engine
@@ -70,6 +79,9 @@ class Pool(ABC):
     reserved: list[int]
     compactions: int = 0
     prefixes: PrefixCache = PrefixCache(())
+    # Can free a sequence's cells and decode them again bit for bit later (preempt / resume); a pool that
+    # cannot has every request reserve the most cells it can use at admission.
+    preemptible: bool = False
     pass_seconds: dict[int, float]  # EMA of one scoring decode's seconds, by rows: the goodput planner's T(n)
     rows_per_decode: list[int]  # scoring decodes since the last take_rows() (for metrics)
     _row_buffers: dict[int, np.ndarray]  # FusedScoring's reply rows per sequence, reused
@@ -106,6 +118,14 @@ class Pool(ABC):
     def adopt_prefix(self, seq: int, tokens: Sequence[int]) -> int:
         """Share a cached prefix of a prompt about to be prefilled on an empty `seq`; its length (0: none)."""
         return 0
+
+    def preempt(self, seq: int) -> Preempted:
+        """Free the sequence's cells and reservation; what `resume` needs to decode them again."""
+        raise NotImplementedError(f"{type(self).__name__} cannot preempt")
+
+    def resume(self, seq: int, saved: Preempted) -> None:
+        """Decode a preempted sequence's cells again, bit for bit as they were (its reservation is made)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot preempt")
 
     def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
         """`seq` has prefilled `tokens` from position 0 (a pool with a prefix cache keeps it at release)."""

@@ -57,6 +57,9 @@ class Metrics:
         self.pool_live = Gauge("verispec_kv_pool_live_tokens", "Tokens the active requests hold in the pool", registry=r)
         self.pool_reserved = Gauge("verispec_kv_pool_reserved_cells", "Cells reserved by admitted requests", registry=r)
         self.pool_compactions = Gauge("verispec_kv_pool_compactions", "Times the pool was compacted", registry=r)
+        self.preemptions = Counter("verispec_preemptions", "Requests whose cells were freed for an older request's "
+                                   "(resumed by recompute, output unchanged)", registry=r)
+        self.preempted = Gauge("verispec_preempted_requests", "Requests preempted and waiting to resume", registry=r)
         self.draft_pool_live = Gauge("verispec_kv_draft_pool_live_tokens", "Tokens the draft model holds in its pool", registry=r)
         self.prefix_lookups = Counter("verispec_prefix_cache_lookups", "Prompts prefilled with the prefix cache "
                                       "holding entries, by pool", ["pool"], registry=r)

@@ -12,9 +12,13 @@ blocks for a torch target), or, with --kv-pool 0 and for torch models the paged 
 one context per slot (runners/context_pool.py: nothing fused, token trees allowed). A llama.cpp draft model has a pool of its
 own with a sequence per slot; another draft runner gets a context per slot.
 
-A request is admitted when the pools can reserve the cells it can use at most: prompt +
-max_tokens + draft_max + 2, capped by --ctx. Until then it waits in the queue (first come, first
-served). Draft caps come from the goodput planner (goodput.py) once two or more requests share the
+KV on demand. On a pool that can preempt (the llama.cpp pool), a request is admitted when the
+pools can reserve its prompt and `RESERVE_AHEAD` cells more, and its reservation grows by that
+much whenever its next step could outgrow it. When the cells run out, the newest request is
+preempted: its cells are freed and, once cells are free again (before anyone new is admitted), they
+are decoded again, bit for bit (KvPool.resume), so its output is unchanged. Other pools reserve the
+cells a request can use at most at admission: prompt + max_tokens + draft_max + 2, capped by --ctx.
+A request waits in the queue until its cells are free (first come, first served). Draft caps come from the goodput planner (goodput.py) once two or more requests share the
 passes; alone, a request's own chooser decides. A request that joins a running batch does not
 draft until planned for, and a draft model whose prompt prefill it skipped stays off for it
 (Engine.cap, Engine.draft_stays_off): catching up later would stall every other request.
@@ -42,7 +46,7 @@ from ..runners.base import Runner
 from ..runners.context_pool import ContextPool, clone_runner
 from ..runners.llamacpp import LlamaCppRunner
 from ..runners.llamacpp_pool import DirectSeqRunner, KvPool
-from ..runners.pool import position_limit
+from ..runners.pool import Preempted, position_limit
 from ..sampling import SamplingParams
 from ..stepper import Member, Stepper
 from ..text import TextAssembler
@@ -51,6 +55,10 @@ from .memory import check_server
 from .metrics import Metrics
 
 log = logging.getLogger("verispec.serve")
+
+# Cells a request reserves beyond what it holds, on a pool with KV on demand: its reservation grows once per
+# this many tokens, not every step (plus its largest step: draft_max + 2).
+RESERVE_AHEAD = 64
 
 
 class QueueFull(Exception):
@@ -84,6 +92,8 @@ class Sequence:
     finished: bool = False
     # scheduler-thread state
     slot: int = -1
+    need: int = 0  # the most cells it can use: prompt + max_tokens + draft_max + 2, capped by --ctx
+    preempted: Preempted | None = None  # its cells were freed: what resuming them needs
     engine: Engine | None = None
     decoder: TextAssembler | None = None
     last_token_at: float | None = None
@@ -218,6 +228,8 @@ class Scheduler:
                         self._cond.wait(0.05)
                         continue
                 self._drop_cancelled()
+                self._resume()
+                self._grow()
                 self._plan()
                 try:
                     members = self.stepper.step()
@@ -245,17 +257,71 @@ class Scheduler:
                 self.metrics.requests.labels(self._waiting.popleft().endpoint, "cancelled").inc()
             if not self._waiting:
                 break
+            if any(j is not None and j.preempted for j in self.slots):
+                break  # preempted requests get their cells back first
             job = self._waiting[0]
-            need = min(self.n_ctx, len(job.tokens) + job.params.max_tokens + job.spec.draft_max + 2)
-            if not self.pool.reserve(seq, need):
+            job.need = min(self.n_ctx, len(job.tokens) + job.params.max_tokens + job.spec.draft_max + 2)
+            if not self._reserve(job, seq, self._ahead(job, len(job.tokens))):
                 break  # first come, first served: the head waits for cells
-            if self.draft_pool is not None and not self.draft_pool.reserve(seq, need):
-                self.pool.release(seq)
-                break
             self._waiting.popleft()
-            self._start(job, seq, need)
+            self._start(job, seq, job.need)
         self.metrics.queue_depth.set(len(self._waiting))
         self.metrics.active.set(sum(s is not None for s in self.slots))
+
+    def _ahead(self, job: Sequence, holds: int) -> int:
+        """The cells to reserve for a request holding `holds` tokens: all it can use, or on demand, RESERVE_AHEAD more."""
+        if not self.pool.preemptible:
+            return job.need
+        return min(job.need, holds + RESERVE_AHEAD + self._step_cells(job))
+
+    @staticmethod
+    def _step_cells(job: Sequence) -> int:
+        """The most cells one step can add: the target's draft_max + 1 rows, and a draft model's run ahead of it by as many."""
+        return 2 * (job.spec.draft_max + 2)
+
+    def _reserve(self, job: Sequence, seq: int, cells: int) -> bool:
+        """Reserve `cells` for the request in the target pool and the draft pool; False (nothing changed) if they are not free."""
+        before = self.pool.reserved[seq]
+        if not self.pool.reserve(seq, cells):
+            return False
+        if self.draft_pool is not None and not self.draft_pool.reserve(seq, cells):
+            self.pool.reserve(seq, before)
+            return False
+        return True
+
+    def _grow(self) -> None:
+        """Grow the reservation of every request whose next step could outgrow it, oldest first; when the cells
+        run out, preempt the newest request (KV on demand, see the module docstring)."""
+        if not self.pool.preemptible:
+            return
+        for job in sorted((j for j in self.slots if j is not None and not j.preempted), key=lambda j: j.arrived):
+            holds = self.pool.live[job.slot]
+            if holds + self._step_cells(job) <= self.pool.reserved[job.slot] or job.preempted:
+                continue
+            while not self._reserve(job, job.slot, self._ahead(job, holds)):
+                newest = max((j for j in self.slots if j is not None and not j.preempted), key=lambda j: j.arrived)
+                self._preempt(newest)
+                if newest is job:
+                    break
+
+    def _preempt(self, job: Sequence) -> None:
+        job.preempted = self.stepper.preempt(job.slot)
+        if self.draft_pool is not None:
+            self.draft_pool.release(job.slot)  # its drafter catches up from the context when it drafts again
+        self.metrics.preemptions.inc()
+
+    def _resume(self) -> None:
+        """Give preempted requests their cells back, oldest first, as soon as they are free."""
+        for job in sorted((j for j in self.slots if j is not None and j.preempted), key=lambda j: j.arrived):
+            holds = len(job.preempted.tokens) if job.preempted.prompt_len is not None else len(job.tokens)
+            if not self._reserve(job, job.slot, self._ahead(job, holds)):
+                return
+            saved, job.preempted = job.preempted, None
+            try:
+                self.stepper.resume(job.slot, saved)
+            except Exception:  # noqa: BLE001 - the request fails, the server keeps serving
+                log.exception("resuming a preempted request failed")
+                self._finish(job, "error", Event("error", error=RuntimeError("internal error while resuming")))
 
     def _start(self, job: Sequence, seq: int, need: int) -> None:
         target = self.pool.view(seq, need)
@@ -298,7 +364,7 @@ class Scheduler:
 
     def _plan(self) -> None:
         """Re-plan every unpinned request's draft cap from the measured pass costs (goodput.py)."""
-        active = [j for j in self.slots if j is not None]
+        active = [j for j in self.slots if j is not None and not j.preempted]
         if not active:
             return
         if self.spec_off_at > 0:
@@ -390,6 +456,7 @@ class Scheduler:
         m.pool_live.set(sum(pool.live))
         m.pool_reserved.set(sum(pool.reserved))
         m.pool_compactions.set(pool.compactions)
+        m.preempted.set(sum(1 for job in self.slots if job is not None and job.preempted))
         m.draft_pool_live.set(sum(self.draft_pool.live) if self.draft_pool is not None else 0)
         m.publish_prefix_cache("target", pool.prefixes)
         if self.draft_pool is not None:
