@@ -223,6 +223,48 @@ def test_chunked_prefill_lets_others_decode(smol):
     assert events.index("long prefilled") >= 3, events
 
 
+def test_past_exactness_prompt_rows_ride_in_the_scoring_decode(smol):
+    """--verify one-pass (fuse_rows past the exact 3): a waiting prompt's rows go into the decode of the running
+    request's rows, a budget at a time, as llama-server mixes them; the running request keeps decoding
+    meanwhile, and the prompt's logits are the solo ones up to the kernels' noise (not bit for bit: opt-in)."""
+    long_prompt = smol.prompt_tokens(PROMPTS[0] * 12)
+    smol.target.reset()
+    solo = smol.target.forward(long_prompt, all_logits=False).copy()
+    smol.target.reset()
+    pool = _pool(smol, 2048, 2)
+    pool.fuse_rows = pool.n_batch
+    assert pool.mixes_prompts
+    decodes, events, got = [], [], []
+    decode = pool.decode
+
+    def spy(seqs, tokens, want):
+        decodes.append(set(seqs))
+        return decode(seqs, tokens, want)
+
+    pool.decode = spy
+
+    def long_job():
+        got.append((yield Forward(long_prompt, all_logits=False)).copy())
+        events.append("long prefilled")
+
+    def short_job():
+        yield Forward(smol.prompt_tokens(PROMPTS[1]), all_logits=False)
+        for tok in range(5, 25):
+            yield Forward([tok])
+            events.append("short step")
+
+    try:
+        pool.reserve(0, 1024)
+        pool.reserve(1, 1024)
+        run_together(pool, {1: short_job(), 0: long_job()}, prefill_chunk=32)
+    finally:
+        pool.close()
+    assert events.index("long prefilled") >= 3, events
+    assert any(seqs == {0, 1} for seqs in decodes)  # prompt rows and a decode row in one llama_decode
+    # the same prediction, logits apart by the noise of ggml's kernels between layouts (~1 of ~27 here)
+    assert int(got[0].argmax()) == int(solo.argmax()) and np.abs(got[0] - solo).max() < 0.05 * np.abs(solo).max()
+
+
 # -- the draft model's pool -------------------------------------------------------------------------------
 
 

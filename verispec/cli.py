@@ -325,7 +325,11 @@ def serve(
                                           "context or paged torch blocks); 0 = one context per slot, passes not fused"),
     fuse_rows: Optional[int] = typer.Option(None, help="rows per fused target decode (default: the most that keeps outputs "
                                             "bit-identical to solo runs: 3 on llama.cpp, all of a step's rows on torch)"),
-    prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per fused step (chunked prefill; default 512)"),
+    prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per step while no other request decodes "
+                                                "(chunked prefill; default 512)"),
+    prefill_share: float = typer.Option(1.0, help="while others decode, a waiting prompt's rows per step take about this "
+                                        "share of their decode's time: their inter-token latency grows by about that "
+                                        "much while it is prefilled; more = faster time to first token"),
     prefix_cache: int = typer.Option(32, help="prompt prefixes (system prompts, earlier turns) kept in the shared KV pool "
                                      "for later requests, LRU; a hit changes no output token; 0 = off"),
     backend: str = typer.Option("auto", help="llamacpp | torch | auto"),
@@ -348,7 +352,7 @@ def serve(
     if ray:
         config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
                              spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
-                             prefix_cache=prefix_cache)
+                             prefill_share=prefill_share, verify=verify, prefix_cache=prefix_cache)
         _serve_ray(config, draft, backend, threads, replicas, autoscale, ray_address, host, port)
         return
     try:
@@ -361,7 +365,7 @@ def serve(
         console.print(loaded.draft_choice_note)
     config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
                          spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
-                         verify=verify, prefix_cache=prefix_cache)
+                         prefill_share=prefill_share, verify=verify, prefix_cache=prefix_cache)
     try:
         run_server(loaded, config, host, port)
     except VerispecError as exc:
@@ -390,6 +394,7 @@ def bench_load(
                                  "during its prefill against their ITL p50 alone"),
     verify: str = typer.Option("exact", help="exact | one-pass: the server fuses each step's rows into one decode "
                                "(faster, not bit-identical to solo runs)"),
+    prefill_share: float = typer.Option(1.0, help="the server's --prefill-share"),
     soak: int = typer.Option(0, help="instead: N requests of random kinds and lengths, mid-stream disconnects and bad "
                              "requests mixed in; reports requests lost, 5xx, KV cells leaked and RSS (fails if any)"),
     out: str = typer.Option("load.md", help="markdown table (and a .json next to it)"),
@@ -409,8 +414,7 @@ def bench_load(
     try:
         run_load(model, draft, [int(c) for c in concurrency.split(",")], requests, max_tokens, out, url, ctx,
                  threads=threads, conversation_turns=conversation, peer=peer, arrival=arrival, kv_pool=kv_pool,
-                 fuse_rows=fuse_rows,
-                 verify=verify)
+                 fuse_rows=fuse_rows, verify=verify, prefill_share=prefill_share)
     except VerispecError as exc:
         fail(exc)
     console.print(Path(out).read_text())

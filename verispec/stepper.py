@@ -11,7 +11,9 @@ One call of `step()`:
    arriving raises their inter-token latency by about that share instead of stalling them for its
    whole prefill; with nobody decoding it gets up to `prefill_chunk` rows. The pool sizes the passes
    (`pool.prompt_pass`): on llama.cpp every budget gives the same bits (runners/llamacpp_pool.py);
-   other pools keep one fixed layout, whatever the budget;
+   other pools keep one fixed layout, whatever the budget. A pool past exactness (`pool.mixes_prompts`,
+   the server's --verify one-pass) takes the prompt rows, of as many prompts as the budget holds, into
+   the scoring decode itself, as llama-server does;
 3. every request whose pass completed gets its logits and runs on: it verifies, accepts, rolls back,
    emits its tokens, and drafts its next step, up to its next pass.
 
@@ -30,6 +32,8 @@ import numpy as np
 
 from .cost_model import ema
 from .engine import Forward, StepEvent
+
+from .runners.pool import PromptPart
 
 if TYPE_CHECKING:
     from .runners.pool import Pool, Preempted
@@ -103,15 +107,18 @@ class Stepper:
         scoring = [m for m in active if m.pending is not None and m.pending.all_logits]
         prompts = [m for m in active if m.pending is not None and not m.pending.all_logits]
         replies: list[tuple[Member, np.ndarray]] = []
-        if scoring:
-            t0 = time.perf_counter()
-            replies += self._guard(scoring, lambda: list(zip(scoring, self.pool.score(
-                [(m.seq, m.pending) for m in scoring]))))
-            self.scoring_seconds = ema(self.scoring_seconds, time.perf_counter() - t0, 0.3)
-        if prompts:
-            member = min(prompts, key=lambda m: m.prefill_done or 0)
-            budget = self._prompt_budget() if scoring else self.prefill_chunk  # decode rows first
-            replies += self._guard([member], lambda: self._prefill_chunk(member, budget))
+        if self.pool.mixes_prompts:
+            replies += self._mixed_decode(scoring, prompts)
+        else:
+            if scoring:
+                t0 = time.perf_counter()
+                replies += self._guard(scoring, lambda: list(zip(scoring, self.pool.score(
+                    [(m.seq, m.pending) for m in scoring]))))
+                self.scoring_seconds = ema(self.scoring_seconds, time.perf_counter() - t0, 0.3)
+            if prompts:
+                member = min(prompts, key=lambda m: m.prefill_done or 0)
+                budget = self._prompt_budget() if scoring else self.prefill_chunk  # decode rows first
+                replies += self._guard([member], lambda: self._prefill_chunk(member, budget))
         for member, logits in replies:
             member.pending = None
             self._advance(member, logits)
@@ -140,6 +147,46 @@ class Stepper:
             member.finished = True
         except Exception as exc:  # noqa: BLE001 - the request fails, the others go on
             member.error, member.finished = exc, True
+
+    def _mixed_decode(self, scoring: list[Member], prompts: list[Member]) -> list[tuple[Member, np.ndarray]]:
+        """Scoring rows and prompt rows in one decode (a pool past exactness, pool.mixes_prompts), as llama-server
+        mixes them: prompts least done first, up to the budget. The prompt rows' cost is measured as what they
+        add to the scoring rows' decode."""
+        budget = self._prompt_budget() if scoring else self.prefill_chunk
+        parts: list[tuple[Member, PromptPart]] = []
+        for member in sorted(prompts, key=lambda m: m.prefill_done or 0):
+            if budget <= 0:
+                break
+            tokens = member.pending.tokens
+            if member.prefill_done is None:
+                member.prefill_done = self.pool.adopt_prefix(member.seq, tokens)
+            start = member.prefill_done
+            end = min(len(tokens), start + budget, start + self.pool.n_batch)
+            parts.append((member, PromptPart(member.seq, tokens[start:end], last=end == len(tokens))))
+            member.prefill_done, budget = end, budget - (end - start)
+        if not scoring and not parts:
+            return []
+        t0 = time.perf_counter()
+        try:
+            outs = self.pool.score([(m.seq, m.pending) for m in scoring], [part for _, part in parts])
+        except Exception as exc:  # noqa: BLE001 - handed to the requests, the server keeps running
+            for member in scoring + [m for m, _ in parts]:
+                member.error, member.finished, member.pending = exc, True, None
+            return []
+        elapsed, prompt_rows = time.perf_counter() - t0, sum(len(part.tokens) for _, part in parts)
+        if not parts:
+            self.scoring_seconds = ema(self.scoring_seconds, elapsed, 0.3)
+        elif scoring and self.scoring_seconds is not None:
+            added = max(elapsed - self.scoring_seconds, 0.05 * elapsed)
+            self.prompt_row_seconds = ema(self.prompt_row_seconds, added / prompt_rows, 0.3)
+        elif not scoring:
+            self.prompt_row_seconds = ema(self.prompt_row_seconds, elapsed / prompt_rows, 0.3)
+        replies = list(zip(scoring, outs))
+        for member, part in parts:
+            if part.last:
+                self.pool.remember_prompt(member.seq, member.pending.tokens)
+                replies.append((member, part.logits))
+        return replies
 
     def _prompt_budget(self) -> int:
         """Prompt rows that take about `prefill_share` of the step's scoring decodes (the pool's least before

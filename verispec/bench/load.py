@@ -433,6 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fuse-rows", type=int, default=None, help="default: 3 on llama.cpp, all rows on torch")
     ap.add_argument("--verify", default="exact", choices=["exact", "one-pass"],
                     help="one-pass: each step's rows in one decode (not bit-identical to solo runs)")
+    ap.add_argument("--prefill-share", type=float, default=1.0, help="the server's --prefill-share")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--conversation", type=int, default=4, help="turns of a long-document chat after the cells (0 = none)")
     ap.add_argument("--arrival", action="store_true", help="then a long prompt arriving while 3 requests decode")
@@ -441,8 +442,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     run_load(a.model, a.draft, [int(c) for c in a.concurrency.split(",")], a.requests, a.max_tokens, a.out, a.url,
              a.ctx, a.max_batch, a.threads, conversation_turns=a.conversation, peer=a.peer, arrival=a.arrival,
-             kv_pool=a.kv_pool,
-             fuse_rows=a.fuse_rows, verify=a.verify)
+             kv_pool=a.kv_pool, fuse_rows=a.fuse_rows, verify=a.verify, prefill_share=a.prefill_share)
     print(open(a.out).read())
 
 

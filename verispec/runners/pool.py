@@ -82,6 +82,7 @@ class Pool(ABC):
     # Can free a sequence's cells and decode them again bit for bit later (preempt / resume); a pool that
     # cannot has every request reserve the most cells it can use at admission.
     preemptible: bool = False
+    mixes_prompts: bool = False  # prompt rows ride in scoring decodes (FusedScoring.mixes_prompts)
     pass_seconds: dict[int, float]  # EMA of one scoring decode's seconds, by rows: the goodput planner's T(n)
     rows_per_decode: list[int]  # scoring decodes since the last take_rows() (for metrics)
     _row_buffers: dict[int, np.ndarray]  # FusedScoring's reply rows per sequence, reused
@@ -139,6 +140,16 @@ class Pool(ABC):
         return rows
 
 
+@dataclass
+class PromptPart:
+    """Rows of a prompt riding in a scoring decode (FusedScoring.mixes_prompts)."""
+
+    seq: int
+    tokens: Sequence[int]
+    last: bool  # they end the prompt: `logits` gets the last row's
+    logits: np.ndarray | None = None
+
+
 class FusedScoring(Pool):
     """How a shared pool runs the target passes of many sequences at once (stepper.py asks it).
 
@@ -156,21 +167,41 @@ class FusedScoring(Pool):
     def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool]) -> np.ndarray:
         raise NotImplementedError
 
-    def score(self, works: Sequence[tuple[int, "Forward"]]) -> list[np.ndarray]:
-        """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness allows."""
+    @property
+    def mixes_prompts(self) -> bool:
+        """Past the exact row count, nothing is bit-identical to solo runs any more: prompt rows may then ride in
+        the scoring decode too (PromptPart), as llama-server mixes them (the server's --verify one-pass)."""
+        return self.fuse_rows > self.default_fuse_rows
+
+    def score(self, works: Sequence[tuple[int, "Forward"]], prompts: Sequence["PromptPart"] = ()) -> list[np.ndarray]:
+        """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness
+        allows; then the rows of `prompts` (only where `mixes_prompts`), whose `logits` get their last row's
+        logits when it ends the prompt."""
         if any(f.parents is not None for _, f in works):
             raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",
                                    "tree_width")
         rows = [(w, i) for w, (_, f) in enumerate(works) for i in range(len(f.tokens))]
+        rows += [(-1 - p, i) for p, part in enumerate(prompts) for i in range(len(part.tokens))]
         outs = [self._rows_buffer(seq, len(f.tokens)) for seq, f in works]
         start = 0
         for size in chunk_sizes(len(rows), self.fuse_rows):
             part = rows[start : start + size]
             start += size
+            seqs, tokens, want = [], [], []
+            for w, i in part:
+                if w >= 0:
+                    seqs.append(works[w][0]), tokens.append(works[w][1].tokens[i]), want.append(True)
+                else:
+                    prompt = prompts[-1 - w]
+                    seqs.append(prompt.seq), tokens.append(prompt.tokens[i])
+                    want.append(prompt.last and i == len(prompt.tokens) - 1)
             t0 = time.perf_counter()
-            logits = self.decode([works[w][0] for w, _ in part], [works[w][1].tokens[i] for w, i in part], [True] * size)
-            for j, (w, i) in enumerate(part):
-                outs[w][i] = logits[j]
+            logits = self.decode(seqs, tokens, want)
+            for j, (w, i) in enumerate(row for row, wanted in zip(part, want) if wanted):
+                if w >= 0:
+                    outs[w][i] = logits[j]
+                else:
+                    prompts[-1 - w].logits = logits[j : j + 1].copy()
             self._record(size, time.perf_counter() - t0)
         return outs
 

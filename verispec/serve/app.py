@@ -47,7 +47,8 @@ class ServeConfig:
     kv_pool: int | None = None  # cells of the shared KV pool; None = ctx x max_batch; 0 = per-slot contexts
     fuse_rows: int | None = None  # rows per fused decode; None = the most that stays bit-identical to solo runs
     # (3 on llama.cpp, all of a step's rows on torch: pool.FusedScoring)
-    prefill_chunk: int | None = None  # prompt tokens per step (chunked prefill); None = n_batch
+    prefill_chunk: int | None = None  # prompt tokens per step while nothing else decodes (chunked prefill); None = n_batch
+    prefill_share: float = 1.0  # while others decode: a prompt's rows per step take about this share of their decode
     verify: str = "exact"  # "one-pass": fused decodes take all of a step's rows at once (not bit-identical)
     prefix_cache: int = 32  # prompt prefixes the shared KV pool keeps for later requests (runners/prefix_cache.py); 0 = off
 
@@ -141,7 +142,8 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
 
     def make(cells: int | None) -> Scheduler:
         return Scheduler(base.target, base.spec, model_drafter, config.max_batch, config.max_queue, config.ctx,
-                         config.spec_off_at, metrics, cells, fuse_rows, config.prefill_chunk, config.prefix_cache)
+                         config.spec_off_at, metrics, cells, fuse_rows, config.prefill_chunk, config.prefix_cache,
+                         config.prefill_share)
 
     try:
         return make(config.kv_pool)

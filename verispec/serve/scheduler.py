@@ -115,13 +115,15 @@ class Scheduler:
     def __init__(self, target: Runner, spec: SpeculativeConfig, model_drafter: ModelDrafter | None,
                  max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None, spec_off_at: int = 0,
                  metrics: Metrics | None = None, pool_cells: int | None = None, fuse_rows: int | None = None,
-                 prefill_chunk: int | None = None, prefix_cache: int = 32) -> None:
+                 prefill_chunk: int | None = None, prefix_cache: int = 32, prefill_share: float = 1.0) -> None:
         if max_batch < 1:
             raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
         if max_queue < 0:
             raise InvalidParameter(f"max_queue must be >= 0, got {max_queue}", "max_queue")
         if prefix_cache < 0:
             raise InvalidParameter(f"--prefix-cache must be >= 0, got {prefix_cache}", "prefix_cache")
+        if not prefill_share > 0:
+            raise InvalidParameter(f"--prefill-share must be > 0, got {prefill_share}", "prefill_share")
         self.target, self.spec, self.model_drafter = target, spec, model_drafter
         self.n_ctx = position_limit(target, n_ctx or target.n_ctx)
         self.max_queue, self.spec_off_at = max_queue, spec_off_at
@@ -147,7 +149,7 @@ class Scheduler:
         except BaseException:
             self.close()
             raise
-        self.stepper = Stepper(self.pool, prefill_chunk)
+        self.stepper = Stepper(self.pool, prefill_chunk, prefill_share)
         self.policy = GoodputPolicy(self.pool.fuse_rows, cost_curve=target.cost_curve)
         self.policy.pass_seconds = self.pool.pass_seconds
         self.metrics.slots.set(max_batch)
