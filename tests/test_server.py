@@ -293,16 +293,18 @@ def test_multi_turn_chat_hits_the_prefix_cache_and_writes_what_it_writes_without
     assert warm[0][1] > 0  # pinned K drafts
 
 
-def test_requests_preempted_for_cells_resume_and_write_what_they_write_alone(smol_source):
+def test_requests_preempted_for_cells_resume_and_write_what_they_write_alone(smol_source, monkeypatch):
     """KV on demand over HTTP: three requests fit a 512-cell pool at admission but not at their peak, so the
     newest is preempted and resumed by recompute (counted in /metrics). Each writes exactly what it writes
     alone: greedy with n-gram K pinned (it drafts) and seeded sampling."""
     import verispec
     from verispec.serve import ServeConfig
+    from verispec.serve import scheduler as scheduling
 
+    monkeypatch.setattr(scheduling, "RESERVE_AHEAD", 16)  # grow (and run out) sooner: a shorter test
     base = verispec.load(MODEL, n_ctx=512, draft="ngram", n_threads=1)
     pinned = {"speculative": {"draft": "ngram", "draft_tokens": 3}}
-    prompts = [PROMPTS[0] * 4, PROMPTS[4] * 3, PROMPTS[7] * 5]
+    prompts = [PROMPTS[0] * 6, PROMPTS[4] * 4, PROMPTS[7] * 7]
     try:
         with _serving(base, ServeConfig(model=MODEL, max_batch=3, ctx=512, kv_pool=512, api_key=KEY)) as server:
             client = server.client()
@@ -310,7 +312,7 @@ def test_requests_preempted_for_cells_resume_and_write_what_they_write_alone(smo
             def complete(job: tuple[int, str]) -> tuple[str, int]:
                 i, prompt = job
                 sampling = dict(temperature=0.8, seed=7) if i == 1 else dict(temperature=0, extra_body=pinned)
-                out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=150, **sampling)
+                out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=96, **sampling)
                 return out.choices[0].text, out.model_extra["speculative"]["drafted"]
 
             jobs = list(enumerate(prompts))
@@ -319,7 +321,6 @@ def test_requests_preempted_for_cells_resume_and_write_what_they_write_alone(smo
             with ThreadPoolExecutor(3) as pool:
                 together = list(pool.map(complete, jobs))
             assert server.metric("verispec_preemptions_total") > 0
-            assert sum(len(base.tokenizer.encode(text)) for text, _ in together) > 512 - 3 * 70  # they outgrew the pool
             assert server.wait_idle()["active"] == 0 and server.metric("verispec_kv_pool_reserved_cells") == 0
     finally:
         base.close()

@@ -125,6 +125,7 @@ class KvPool(PrefixSharing, FusedScoring):
         self.compactions = 0
         self.decodes = 0
         self.padded = 0  # one-row decodes that got a dummy row
+        self.recomputed = 0  # cells decoded again by resume()
         # With verispec's build (llama_lib.py, init_backend) a one-row decode never takes the split-KV path.
         self.pad_single_rows = (not base.exact_attention) if pad_single_rows is None else pad_single_rows
 
@@ -245,6 +246,7 @@ class KvPool(PrefixSharing, FusedScoring):
             return  # its prompt was not done: the stepper prefills it again
         tokens, prompt_len = saved.tokens, saved.prompt_len
         done = self.adopt_prefix(seq, tokens[:prompt_len])
+        self.recomputed += len(tokens) - done
         while done < prompt_len:
             size = self.prompt_pass(done, prompt_len, self.pass_rows)
             self.decode([seq] * size, tokens[done : done + size], [False] * (size - 1) + [True])
