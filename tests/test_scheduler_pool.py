@@ -197,29 +197,35 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     assert outs == solo
 
 
-def test_chunked_prefill_lets_others_decode(smol):
-    """A long prompt prefilled in 32-token chunks: a short request decodes several tokens meanwhile."""
-    pool = _pool(smol, 2048, 2)
-    long_prompt = smol.prompt_tokens(PROMPTS[0] * 12)
-    assert len(long_prompt) > 6 * 32
-    events = []
+def _long_prompt_while_one_decodes(smol, pool, long_prompt, decode_steps: int):
+    """Prefill a long prompt on sequence 0 while sequence 1 decodes (32 prompt rows per step while nothing
+    else decodes); returns the events in order and the long prompt's logits."""
+    events, got = [], []
 
     def long_job():
-        yield Forward(long_prompt, all_logits=False)
+        got.append((yield Forward(long_prompt, all_logits=False)).copy())
         events.append("long prefilled")
 
     def short_job():
         yield Forward(smol.prompt_tokens(PROMPTS[1]), all_logits=False)
-        for tok in (5, 6, 7, 8):
+        for tok in range(5, 5 + decode_steps):
             yield Forward([tok])
             events.append("short step")
 
     try:
         pool.reserve(0, 1024)
         pool.reserve(1, 1024)
-        run_together(pool, {0: long_job(), 1: short_job()}, prefill_chunk=32)
+        run_together(pool, {1: short_job(), 0: long_job()}, prefill_chunk=32)
     finally:
         pool.close()
+    return events, got[0]
+
+
+def test_chunked_prefill_lets_others_decode(smol):
+    """A long prompt prefilled a budget at a time: a short request decodes several tokens meanwhile."""
+    long_prompt = smol.prompt_tokens(PROMPTS[0] * 12)
+    assert len(long_prompt) > 6 * 32
+    events, _ = _long_prompt_while_one_decodes(smol, _pool(smol, 2048, 2), long_prompt, 4)
     assert events.index("long prefilled") >= 3, events
 
 
@@ -234,7 +240,7 @@ def test_past_exactness_prompt_rows_ride_in_the_scoring_decode(smol):
     pool = _pool(smol, 2048, 2)
     pool.fuse_rows = pool.n_batch
     assert pool.mixes_prompts
-    decodes, events, got = [], [], []
+    decodes = []
     decode = pool.decode
 
     def spy(seqs, tokens, want):
@@ -242,27 +248,11 @@ def test_past_exactness_prompt_rows_ride_in_the_scoring_decode(smol):
         return decode(seqs, tokens, want)
 
     pool.decode = spy
-
-    def long_job():
-        got.append((yield Forward(long_prompt, all_logits=False)).copy())
-        events.append("long prefilled")
-
-    def short_job():
-        yield Forward(smol.prompt_tokens(PROMPTS[1]), all_logits=False)
-        for tok in range(5, 25):
-            yield Forward([tok])
-            events.append("short step")
-
-    try:
-        pool.reserve(0, 1024)
-        pool.reserve(1, 1024)
-        run_together(pool, {1: short_job(), 0: long_job()}, prefill_chunk=32)
-    finally:
-        pool.close()
+    events, got = _long_prompt_while_one_decodes(smol, pool, long_prompt, 20)
     assert events.index("long prefilled") >= 3, events
     assert any(seqs == {0, 1} for seqs in decodes)  # prompt rows and a decode row in one llama_decode
     # the same prediction, logits apart by the noise of ggml's kernels between layouts (~1 of ~27 here)
-    assert int(got[0].argmax()) == int(solo.argmax()) and np.abs(got[0] - solo).max() < 0.05 * np.abs(solo).max()
+    assert int(got.argmax()) == int(solo.argmax()) and np.abs(got - solo).max() < 0.05 * np.abs(solo).max()
 
 
 # -- the draft model's pool -------------------------------------------------------------------------------
