@@ -353,52 +353,6 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
         assert job.stats.drafted > 0 and job.stats.acceptance_rate > 0.9  # a model drafting for itself
 
 
-def test_requests_preempted_when_the_pool_runs_out_resume_and_write_what_they_write_alone(drafting, monkeypatch):
-    """KV on demand: three requests fit the 512-cell pool at admission but not at their peak, so the newest
-    is preempted (its target and draft cells freed) and resumed by recompute. Each one, greedy with the
-    model drafting (K pinned) or seeded sampling, writes exactly what it writes alone on the same server."""
-    from dataclasses import replace
-
-    from verispec.serve import scheduler as scheduling
-    from verispec.serve.scheduler import Sequence as Job
-
-    monkeypatch.setattr(scheduling, "RESERVE_AHEAD", 16)  # grow (and run out) sooner: a shorter test
-    texts = [PROMPTS[0] * 6, PROMPTS[4] * 4, PROMPTS[7] * 7]
-    greedy = SamplingParams(max_tokens=96, ignore_eos=True)
-    seeded = SamplingParams(max_tokens=96, ignore_eos=True, temperature=0.8, seed=3)
-    spec = replace(drafting.spec, draft=MODEL, draft_tokens=4)
-    kinds = [(greedy, spec, "model"), (seeded, drafting.spec, None), (greedy, spec, "model")]
-    prompts = [drafting.prompt_tokens(t) for t in texts]
-    assert all(80 < len(p) < 130 for p in prompts), [len(p) for p in prompts]
-    scheduler = Scheduler(drafting.target, drafting.spec, drafting.drafter(MODEL), max_batch=3, n_ctx=512,
-                          pool_cells=512)
-
-    def run(indices) -> list[tuple[Job, list]]:
-        runs = []
-        for i in indices:
-            params, job_spec, draft = kinds[i]
-            events = []
-            runs.append((Job(prompts[i], params, job_spec, draft, True, events.append), events))
-            scheduler.submit(runs[-1][0])
-        assert all(_until(lambda: events and events[-1].kind != "text", 300) for _, events in runs)
-        return runs
-
-    try:
-        alone = [run([i])[0] for i in range(3)]
-        assert scheduler.metrics.preemptions._value.get() == 0
-        together = run(range(3))
-        assert scheduler.metrics.preemptions._value.get() > 0  # the pool ran out and someone was preempted
-        assert scheduler.pool.recomputed > 0  # ... and resumed with generated tokens to decode again
-        assert _until(lambda: not any(scheduler.pool.reserved) and not any(scheduler.draft_pool.reserved))
-    finally:
-        scheduler.close()
-    for (job, events), (_, alone_events) in zip(together, alone):
-        assert events[-1].kind == "done", events[-1]
-        assert "".join(e.text for e in events) == "".join(e.text for e in alone_events)
-        assert job.stats.generated == 96
-    assert together[0][0].stats.drafted > 0 and together[2][0].stats.drafted > 0  # pinned K drafts
-
-
 def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting):
     scheduler = _scheduler(drafting, 2)
     try:

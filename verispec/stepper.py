@@ -7,9 +7,10 @@ One call of `step()`:
 2. the pool decodes: all requests' scoring rows (verification passes) fused in as few decodes as
    exactness allows (`pool.score`), then prompt rows of one prompt, the one with the least done.
    While other requests are decoding, the prompt gets a budget of rows that takes about
-   `prefill_share` times as long as their decodes just took (measured each step), so a long prompt
-   arriving raises their inter-token latency by about that share instead of stalling them for its
-   whole prefill; with nobody decoding it gets up to `prefill_chunk` rows. The pool sizes the passes
+   `prefill_share` times as long as their decodes just took (measured each step) for each prompt
+   waiting, so one long prompt arriving raises their inter-token latency by about that share
+   instead of stalling them for its whole prefill, and a burst of prompts still gets prefilled
+   soon; with nobody decoding it gets up to `prefill_chunk` rows. The pool sizes the passes
    (`pool.prompt_pass`): on llama.cpp every budget gives the same bits (runners/llamacpp_pool.py);
    other pools keep one fixed layout, whatever the budget. A pool past exactness (`pool.mixes_prompts`,
    the server's --verify one-pass) takes the prompt rows, of as many prompts as the budget holds, into
@@ -117,7 +118,7 @@ class Stepper:
                 self.scoring_seconds = ema(self.scoring_seconds, time.perf_counter() - t0, 0.3)
             if prompts:
                 member = min(prompts, key=lambda m: m.prefill_done or 0)
-                budget = self._prompt_budget() if scoring else self.prefill_chunk  # decode rows first
+                budget = self._prompt_budget(len(prompts)) if scoring else self.prefill_chunk  # decode rows first
                 replies += self._guard([member], lambda: self._prefill_chunk(member, budget))
         for member, logits in replies:
             member.pending = None
@@ -152,7 +153,7 @@ class Stepper:
         """Scoring rows and prompt rows in one decode (a pool past exactness, pool.mixes_prompts), as llama-server
         mixes them: prompts least done first, up to the budget. The prompt rows' cost is measured as what they
         add to the scoring rows' decode."""
-        budget = self._prompt_budget() if scoring else self.prefill_chunk
+        budget = self._prompt_budget(len(prompts)) if scoring else self.prefill_chunk
         parts: list[tuple[Member, PromptPart]] = []
         for member in sorted(prompts, key=lambda m: m.prefill_done or 0):
             if budget <= 0:
@@ -188,12 +189,15 @@ class Stepper:
                 replies.append((member, part.logits))
         return replies
 
-    def _prompt_budget(self) -> int:
-        """Prompt rows that take about `prefill_share` of the step's scoring decodes (the pool's least before
-        anything is measured)."""
+    def _prompt_budget(self, waiting: int) -> int:
+        """Prompt rows that take about `prefill_share` of the step's scoring decodes for each of the `waiting`
+        prompts, at most `prefill_chunk` (the pool's least before anything is measured). Per waiting prompt:
+        a step then gives every request, decoding or waiting for its first token, about the same progress,
+        so one long prompt arriving barely slows the streams, and a burst of prompts is prefilled sooner."""
         if self.scoring_seconds is None or self.prompt_row_seconds is None:
             return 1
-        return max(1, int(self.prefill_share * self.scoring_seconds / self.prompt_row_seconds))
+        rows = self.prefill_share * waiting * self.scoring_seconds / self.prompt_row_seconds
+        return max(1, min(self.prefill_chunk, int(rows)))
 
     def _prefill_chunk(self, member: Member, budget: int) -> list[tuple[Member, np.ndarray]]:
         """About `budget` rows of a prompt (at least one pass), after the cells of a cached prefix the pool lets
