@@ -100,7 +100,7 @@ def test_rows_of_different_requests_in_one_decode_equal_solo_rows(smol):
 def test_a_prompt_prefilled_above_other_cells_equals_it_prefilled_alone(smol):
     """64+ prompt rows in one llama.cpp decode take ggml's tiled attention, whose sums depend on where
     the prompt's cells lie (10 cells of another request below shifted logits by ~0.6); the stepper
-    prefills in passes of at most 63 rows, which do not."""
+    prefills in passes under 64 rows, which do not."""
     prompt = smol.prompt_tokens(PROMPTS[2] * 2)[:72]
     below = smol.prompt_tokens(PROMPTS[7])[:10]
     assert len(prompt) == 72 and len(below) == 10
