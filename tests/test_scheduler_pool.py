@@ -353,6 +353,15 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
         assert job.stats.drafted > 0 and job.stats.acceptance_rate > 0.9  # a model drafting for itself
 
 
+@pytest.mark.parametrize("share", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_prefill_share_that_is_not_a_positive_number_is_refused(smol, share):
+    from verispec.errors import InvalidParameter
+    from verispec.serve.scheduler import Scheduler
+
+    with pytest.raises(InvalidParameter, match="prefill-share"):
+        Scheduler(smol.target, smol.spec, None, max_batch=1, n_ctx=512, prefill_share=share)
+
+
 def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting):
     scheduler = _scheduler(drafting, 2)
     try:

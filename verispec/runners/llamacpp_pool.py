@@ -131,20 +131,8 @@ class KvPool(PrefixSharing, FusedScoring):
 
     # -- cells ------------------------------------------------------------------------------------
 
-    def free_cells(self) -> int:
-        """Cells not reserved by any admitted request."""
-        return self.n_cells - sum(self.reserved)
-
-    def reserve(self, seq: int, n: int) -> bool:
-        if n > self.free_cells() + self.reserved[seq]:
-            return False
-        self.reserved[seq] = n
-        return True
-
     def release(self, seq: int) -> None:
-        self._cache_prompt(seq)
-        self.drop(seq, 0)
-        self.reserved[seq] = 0
+        super().release(seq)
         if not any(self.live) and not len(self.prefixes):  # idle: start again from cell 0, as a solo run does
             self._L.llama_memory_clear(self._mem, True)
             self.bump = 0

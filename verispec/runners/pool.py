@@ -87,9 +87,20 @@ class Pool(ABC):
     rows_per_decode: list[int]  # scoring decodes since the last take_rows() (for metrics)
     _row_buffers: dict[int, np.ndarray]  # FusedScoring's reply rows per sequence, reused
 
-    @abstractmethod
+    def reserved_cells(self, n: int) -> int:
+        """The cells a reservation of n takes (a paged pool rounds up to whole blocks)."""
+        return n
+
+    def free_cells(self) -> int:
+        """Cells not reserved by any admitted request."""
+        return self.n_cells - sum(self.reserved_cells(r) for r in self.reserved)
+
     def reserve(self, seq: int, n: int) -> bool:
-        """Reserve n cells for `seq` (its most); False when they are not free."""
+        """Reserve n cells for `seq` (its most so far; it may grow later); False when they are not free."""
+        if self.reserved_cells(n) > self.free_cells() + self.reserved_cells(self.reserved[seq]):
+            return False
+        self.reserved[seq] = n
+        return True
 
     @abstractmethod
     def release(self, seq: int) -> None:
@@ -226,7 +237,11 @@ class PrefixSharing:
 
     prefixes: PrefixCache
     live: list[int]
+    reserved: list[int]
     _prompts: list[np.ndarray | None]  # each sequence's prefilled prompt, cached when it leaves
+
+    def drop(self, seq: int, from_pos: int) -> None:
+        raise NotImplementedError
 
     def _open_prefixes(self, n_seqs: int, entry_ids: range) -> None:
         self.prefixes = PrefixCache(entry_ids)
@@ -258,6 +273,13 @@ class PrefixSharing:
     def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
         """`seq` has prefilled `tokens` from position 0: worth caching when it leaves."""
         self._prompts[seq] = np.asarray(tokens, dtype=np.int32)
+
+    def release(self, seq: int) -> None:
+        """The sequence's request left (or was preempted): its prompt's shareable prefix is cached, its cells and
+        reservation are freed."""
+        self._cache_prompt(seq)
+        self.drop(seq, 0)
+        self.reserved[seq] = 0
 
     def _cache_prompt(self, seq: int) -> None:
         """Keep the leaving sequence's shareable prompt prefix as a cache entry (called before its cells go)."""

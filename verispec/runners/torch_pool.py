@@ -141,9 +141,8 @@ class PagedPool(PrefixSharing, FusedScoring):
 
     # -- cells ------------------------------------------------------------------------------------
 
-    def free_cells(self) -> int:
-        """Cells not reserved by any admitted request (a reservation takes whole blocks)."""
-        return self.n_cells - sum(_round_up(r, BLOCK) for r in self.reserved)
+    def reserved_cells(self, n: int) -> int:
+        return _round_up(n, BLOCK)  # a reservation takes whole blocks
 
     def used_cells(self) -> int:
         """Cells of the blocks sequences and cached prefixes hold now, rounded up to blocks."""
@@ -153,17 +152,8 @@ class PagedPool(PrefixSharing, FusedScoring):
         """Cells of blocks only cached prefixes hold (given back whenever a sequence needs them)."""
         return BLOCK * sum(1 for blocks in self._entry_blocks.values() for b in blocks if self._refs[b] == 1)
 
-    def reserve(self, seq: int, n: int) -> bool:
-        if _round_up(n, BLOCK) > self.free_cells() + _round_up(self.reserved[seq], BLOCK):
-            return False
-        self.reserved[seq] = n
-        return True
-
-    def release(self, seq: int) -> None:
-        self._cache_prompt(seq)
-        self.drop(seq, 0)
-        self.reserved[seq] = 0
-
+    def reserved_cells(self, n: int) -> int:
+        return _round_up(n, BLOCK)  # a reservation takes whole blocks
     # -- the prefix cache: whole blocks of finished prompts, shared by reference ---------------------
 
     prefix_unit = BLOCK

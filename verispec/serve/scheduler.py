@@ -122,8 +122,8 @@ class Scheduler:
             raise InvalidParameter(f"max_queue must be >= 0, got {max_queue}", "max_queue")
         if prefix_cache < 0:
             raise InvalidParameter(f"--prefix-cache must be >= 0, got {prefix_cache}", "prefix_cache")
-        if not prefill_share > 0:
-            raise InvalidParameter(f"--prefill-share must be > 0, got {prefill_share}", "prefill_share")
+        if not 0 < prefill_share < float("inf"):
+            raise InvalidParameter(f"--prefill-share must be a number > 0, got {prefill_share}", "prefill_share")
         self.target, self.spec, self.model_drafter = target, spec, model_drafter
         self.n_ctx = position_limit(target, n_ctx or target.n_ctx)
         self.max_queue, self.spec_off_at = max_queue, spec_off_at
