@@ -1,11 +1,12 @@
 """Lossless at every length: on llama.cpp with 2 threads, past ggml's 512-cell attention threshold.
 
-A one-row pass over a KV view of >= 512 cells used to take flash attention's split-KV path, which
+Upstream, a one-row pass over a KV view of >= 512 cells takes flash attention's split-KV path, which
 sums across threads in another order than the 2-3-row passes of an exact verify step; greedy
-speculative output then drifted from plain decoding on long prompts. verispec's build keeps one-row
-passes off that path (llama_lib.py, init_backend). These tests check the rows themselves,
-show that they differ without the switch (so the check has power), and check greedy equality of
-every lossless drafter and mode on prompts of 1,000+ tokens.
+speculative output then drifted from plain decoding on long prompts. verispec's build splits every
+pass of <= 3 rows by blocks of visible cells instead (llama_lib.py, init_backend). These tests check
+the rows themselves, show that they differ under upstream's split (so the check has power) and that
+the visible-block split is on, and check greedy equality of every lossless drafter and mode on
+prompts of 1,000+ tokens.
 """
 
 import inspect
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from verispec.engine import SpeculativeConfig, Stats
-from verispec.llama_lib import exact_attention
+from verispec.llama_lib import SPLIT_KV_EXACT, build_info, exact_attention
 from verispec.runners.llamacpp import EXACT_CHUNK, LlamaCppRunner
 from verispec.sampling import SamplingParams
 
@@ -74,15 +75,38 @@ def test_exact_chunks_are_bit_identical_to_one_row_passes(qwen_target, context_t
     assert rows_alone_and_in_passes(qwen_target, context, 2, EXACT_CHUNK, more_k=(3, 8)) == 0.0, context_tokens
 
 
-def test_without_the_switch_one_row_passes_differ_past_512_cells(qwen_target):
-    """The check above has power: with the split-KV path allowed, the same rows differ."""
-    context = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 1200))
-    os.environ["GGML_CPU_FA_SPLIT_KV"] = "1"  # read by ggml at every attention op
+def with_split(value: str, fn):
+    """fn() with ggml's attention split set to `value` (read by ggml at every attention op)."""
+    os.environ["GGML_CPU_FA_SPLIT_KV"] = value
     try:
-        diff = rows_alone_and_in_passes(qwen_target, context, 3, EXACT_CHUNK)
+        return fn()
     finally:
-        os.environ["GGML_CPU_FA_SPLIT_KV"] = "0"
-    assert diff > 1e-3
+        os.environ["GGML_CPU_FA_SPLIT_KV"] = SPLIT_KV_EXACT
+
+
+def test_under_upstreams_split_one_row_passes_differ_past_512_cells(qwen_target):
+    """The check above has power: with upstream's split-KV path, the same rows differ."""
+    context = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 1200))
+    assert with_split("1", lambda: rows_alone_and_in_passes(qwen_target, context, 3, EXACT_CHUNK)) > 1e-3
+
+
+def test_one_row_passes_split_by_visible_cells_and_under_256_cells_sum_as_before(qwen_target):
+    """The visible-block split is on: past 256 visible cells a one-row pass sums otherwise than the per-row
+    path (GGML_CPU_FA_SPLIT_KV=0), and under one block of 256 cells exactly as it does."""
+    assert build_info()["visible_blocks"], "llama-cpp-python was not built from the current patch (`make install`)"
+
+    def one_row_logits(context: list[int]) -> np.ndarray:
+        qwen_target.reset()
+        qwen_target.forward(context[:-1], all_logits=False)
+        row = qwen_target.forward(context[-1:])[0].copy()
+        qwen_target.reset()
+        return row
+
+    document = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 700))
+    for n_cells, differs in ((200, False), (700, True)):
+        split = one_row_logits(document[:n_cells])
+        per_row = with_split("0", lambda: one_row_logits(document[:n_cells]))
+        assert (np.abs(split - per_row).max() > 0) == differs, n_cells
 
 
 def _prefill_in(pool, prompt: list[int], passes) -> np.ndarray:

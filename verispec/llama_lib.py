@@ -21,6 +21,9 @@ _KEEP_LOG_CALLBACK = None
 # pass, so between passes nothing spins and other work in the process (HTTP, torch) has the cores.
 _COMPUTE_LOCK = threading.Lock()
 
+# The attention split verispec asks its ggml build for (see init_backend); "0" is exact too, without the split.
+SPLIT_KV_EXACT = "visible"
+
 
 def quiet_log_callback():
     """The callback that silences llama.cpp's log (None when verbose): restored after a log is captured."""
@@ -37,12 +40,15 @@ def init_backend(verbose: bool) -> None:
     if not verbose:
         _KEEP_LOG_CALLBACK = L.llama_log_callback(lambda level, text, user: None)
         L.llama_log_set(_KEEP_LOG_CALLBACK, ctypes.c_void_p())
-    # Read by ggml at every attention op (build-support/ggml-fa-split-kv-env.patch). Without it a one-row pass
-    # over a KV view of >= 512 cells takes flash attention's split-KV path, which sums across threads in
-    # another order than a 2-3-row pass: greedy speculative output then drifted from plain decoding on long
-    # prompts (margins up to 0.18). The per-row path it falls back to is parallel over heads instead, at
-    # the same speed on 2 threads. VERISPEC_SPLIT_KV=1 allows the split again (to measure it).
-    os.environ["GGML_CPU_FA_SPLIT_KV"] = os.environ.get("VERISPEC_SPLIT_KV", "0")
+    # Read by ggml at every attention op (build-support/ggml-fa-split-kv-env.patch). Upstream, a one-row pass over
+    # a KV view of >= 512 cells takes flash attention's split-KV path: the view is cut into one range per
+    # thread, whose bounds move with the view's size, and the partial sums are merged. A 2-3-row pass sums
+    # per row instead, so greedy speculative output drifted from plain decoding on long prompts (margins up
+    # to 0.18). "visible" (the patch) splits every pass of <= 3 rows by blocks of 256 cells the row can see
+    # and merges them in order: a row's sum then depends only on what it sees, alone, in a verify chunk, or
+    # beside other sequences' rows, and long contexts keep the split's speed. VERISPEC_SPLIT_KV overrides
+    # it: 1 is upstream's split (to show the difference), 0 never splits (the per-row path).
+    os.environ["GGML_CPU_FA_SPLIT_KV"] = os.environ.get("VERISPEC_SPLIT_KV", SPLIT_KV_EXACT)
     L.llama_backend_init()
     _backend_ready = True
 
@@ -52,7 +58,8 @@ def build_info() -> dict:
     """What the loaded llama.cpp build does, read from its library (llama.h does not say).
 
     split_kv_switch: the build has build-support/ggml-fa-split-kv-env.patch, so one-row passes can be kept
-    off flash attention's split-KV path (see init_backend). openmp: ggml was built with OpenMP, whose
+    off flash attention's split-KV path (see init_backend); visible_blocks: the patch's version that splits
+    passes of <= 3 rows by visible cells instead. openmp: ggml was built with OpenMP, whose
     thread pools sleep or spin between passes by OMP_WAIT_POLICY (see docs/threading.md).
     """
     import llama_cpp as L
@@ -63,14 +70,17 @@ def build_info() -> dict:
     data = b"".join(f.read_bytes() for f in cpu[:1])
     return {
         "split_kv_switch": b"GGML_CPU_FA_SPLIT_KV" in data,
+        "visible_blocks": b"GGML_CPU_FA_SPLIT_KV" in data and b"visible\x00" in data,
         "openmp": b"GOMP_parallel" in data or b"omp_get_thread_num" in data,
         "system_info": L.llama_print_system_info().decode("utf-8", "replace").strip(),
     }
 
 
 def exact_attention() -> bool:
-    """Whether one-row passes sum attention as multi-row passes do, at any context length (see init_backend)."""
-    return build_info()["split_kv_switch"] and os.environ.get("GGML_CPU_FA_SPLIT_KV") == "0"
+    """Whether one-row passes sum attention as multi-row passes do, at any context length (see init_backend).
+
+    A build with the switch but without the visible-block split takes "visible" as 0 (no split): exact too."""
+    return build_info()["split_kv_switch"] and os.environ.get("GGML_CPU_FA_SPLIT_KV") in ("0", SPLIT_KV_EXACT)
 
 
 def decode(ctx, batch) -> int:

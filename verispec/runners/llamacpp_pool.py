@@ -126,7 +126,7 @@ class KvPool(PrefixSharing, FusedScoring):
         self.decodes = 0
         self.padded = 0  # one-row decodes that got a dummy row
         self.recomputed = 0  # cells decoded again by resume()
-        # With verispec's build (llama_lib.py, init_backend) a one-row decode never takes the split-KV path.
+        # With verispec's build (llama_lib.py, init_backend) a one-row decode never takes upstream's split-KV path.
         self.pad_single_rows = (not base.exact_attention) if pad_single_rows is None else pad_single_rows
 
     # -- cells ------------------------------------------------------------------------------------
