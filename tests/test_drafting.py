@@ -103,6 +103,23 @@ def test_the_chooser_measures_the_cost_of_not_drafting_before_it_settles_on_draf
     assert slow.choose() == 0
 
 
+def test_while_drafting_the_chooser_measures_plain_steps_again():
+    """T(1) is what drafting is judged against and drafting steps never measure it: every refresh_every-th
+    drafting step is a plain one, and a T(1) that has since fallen (a carried, stale one) turns drafting off."""
+    chooser = DraftLengthChooser(k_max=2, acceptance=0.99, min_gain=1.03, probe_every=None, refresh_every=4)
+    chooser.record_verify(1, 1.3)  # measured while the machine ran slow
+    chooser.record_verify(3, 2.0)
+    chooser.draft_seconds_per_token = 0.5
+    ks = [chooser.choose() for _ in range(8)]
+    assert ks == [2, 2, 2, 0, 2, 2, 2, 0]
+    for _ in range(4):  # the plain steps measure T(1) as it is now: drafting no longer pays
+        chooser.record_verify(1, 0.8)
+    assert [chooser.choose() for _ in range(4)] == [0] * 4
+    never = DraftLengthChooser(k_max=2, acceptance=0.99, min_gain=1.03, probe_every=None, refresh_every=None,
+                               verify_seconds={1: 1.3, 3: 2.0}, draft_seconds_per_token=0.5)
+    assert [never.choose() for _ in range(8)] == [2] * 8  # without the refresh, the stale T(1) stays
+
+
 def test_the_prior_cost_curve_follows_the_verify_mode():
     # In one pass, 4 rows (the repacked gemm) cost less than 3; in exact chunks of <= 3 rows they cost more.
     assert prior_ratio(4, "one-pass") < prior_ratio(3, "one-pass")

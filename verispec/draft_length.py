@@ -27,12 +27,18 @@ class DraftLengthChooser:
     acceptance: float = 0.7  # prior, replaced by measurement as the run goes
     min_gain: float = 1.03  # speculate only when the model predicts a clear gain: never slower
     probe_every: int | None = 16  # while K=0, draft a little every this many steps to re-measure acceptance (None: never)
+    # While K>0, every this many steps is a plain one (K=0) that measures T(1) again (None: never). Drafting
+    # is judged against T(1), which drafting steps never measure; this machine drifts 10-20% within an hour,
+    # and a T(1) carried from earlier requests, measured while it ran slower, kept the bench's `auto` drafting
+    # a 0.5B model at K=2 on four prompts (T(3) + 2 drafts against 3 x T(1): 0.86-0.93x plain decoding).
+    refresh_every: int | None = 16
     ema_weight: float = 0.15
     verify_seconds: dict[int, float] = field(default_factory=dict)
     draft_seconds_per_token: float | None = None
     drafted_last_step: bool = True  # False after a step without drafting, or a skipped draft prefill
     cost_curve: str = "exact"  # the prior T(n)/T(1) that extrapolates unmeasured sizes: the runner's cost_curve
     _steps_at_zero: int = 0
+    _drafting_steps: int = 0
 
     def choose(self) -> int:
         if self.fixed is not None:
@@ -50,6 +56,9 @@ class DraftLengthChooser:
                 return 1
         else:
             self._steps_at_zero = 0
+            self._drafting_steps += 1
+            if self.refresh_every and self._drafting_steps % self.refresh_every == 0:
+                return 0
         return k
 
     def would_draft(self) -> bool:
