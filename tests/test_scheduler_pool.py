@@ -374,8 +374,9 @@ def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting
 
 
 def test_a_costly_drafter_whose_prefill_a_cap_of_zero_skipped_stays_off(smol):
-    """Engine.cap 0 at the start of a gated request skips a costly drafter's prefill: it then never drafts,
-    whatever cap comes later (its first draft would catch up on the whole context). Without the cap it drafts."""
+    """Engine.cap 0 at the start of a request skips a costly drafter's prefill: it then never drafts, whatever
+    cap comes later (its first draft would catch up on the whole context), with a scheduler or alone.
+    Without the cap it drafts."""
     from verispec.drafters.base import Draft, Drafter
 
     class Costly(Drafter):
@@ -389,10 +390,10 @@ def test_a_costly_drafter_whose_prefill_a_cap_of_zero_skipped_stays_off(smol):
             return Draft([1] * k, None, self.name)
 
     prompt = smol.prompt_tokens(PROMPTS[0])
-    for cap, drafts in ((0, False), (None, True)):
+    for cap, drafts, gated in ((0, False, True), (None, True, True), (0, False, False)):
         drafter, stats = Costly(), Stats()
         engine = Engine(smol.target, drafter, SpeculativeConfig(draft="model", draft_tokens=None))
-        engine.gated, engine.cap = True, cap
+        engine.gated, engine.cap = gated, cap  # ungated: a lone request whose own chooser skipped the prefill
         run = engine.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True), stats)
         next(run)
         engine.cap = None  # the planner lifts the cap

@@ -211,10 +211,12 @@ class Engine:
         self.tree_shape = TreeShape.parse(self.config.tree) if self.config.tree else None
         self.relaxed = relaxed_tau(self.config.acceptance)
         self.verify_backend = backend.for_runner(target)  # numpy on the host, or torch where the logits stay
-        # A scheduler's limit on K for the next step, set between steps (None: none; 0: no drafting). A costly
-        # drafter whose prompt prefill a cap of 0 (or its own chooser) skipped stays off for the request
-        # (`draft_stays_off`) while `gated`: its first proposal would first catch up on the whole context,
-        # stalling every request the scheduler runs with it.
+        # A scheduler's limit on K for the next step, set between steps (None: none; 0: no drafting); `gated`:
+        # the scheduler sets one. A costly drafter whose prompt prefill a cap of 0 or the chooser skipped stays
+        # off for the request (`draft_stays_off`): its first proposal would first catch up on the whole context,
+        # stalling every request the scheduler runs with it, and a lone request too. (Measured: the bench's
+        # `draft` began drafting a 0.5B model mid-way through a 2,000-token prompt, as T(1) grew with the
+        # context, and its catch-up took 12.7 s, 0.31x plain decoding on that prompt.)
         self.cap: int | None = None
         self.gated = False
         self.draft_stays_off = False
@@ -275,7 +277,7 @@ class Engine:
             self.drafter.begin(prompt, params, rng, noise)
             chooser.drafted_last_step = chooser.would_draft() or self.budget_chooser is not None
             prefill_draft = chooser.drafted_last_step and self.cap != 0
-            self.draft_stays_off = self.gated and self.drafter.costly and not prefill_draft
+            self.draft_stays_off = self.drafter.costly and not prefill_draft
             if prefill_draft:
                 self.drafter.prefill(prompt)
                 stats.draft_prefill_seconds = time.perf_counter() - t0
