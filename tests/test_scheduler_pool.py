@@ -197,6 +197,41 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     assert outs == solo
 
 
+def test_token_trees_fused_with_other_requests_equal_solo_through_compactions(smol):
+    """Dynamic and static n-gram trees and a chain, fused in one pool too small for all their cells without a
+    compaction: each greedy output equals its solo plain output, including steps whose accepted path was not
+    the tree's leading chain (decoded again) and trees cut to the leaves a slot holds."""
+    from verispec.drafters.ngram import NgramDrafter
+    from verispec.runners.llamacpp_pool import KvPool
+    from verispec.runners.pool import SequenceView
+
+    params = SamplingParams(max_tokens=96)
+    prompts = [smol.prompt_tokens(a + b) for a, b in ((PROMPTS[0], PROMPTS[1]), (PROMPTS[11], PROMPTS[4]),
+                                                        (PROMPTS[4], PROMPTS[19]))]
+    solo = [[t for new in Engine(smol.target).generate(p, params) for t in new] for p in prompts]
+    specs = [SpeculativeConfig(draft="ngram", tree="dynamic", tree_budget=8),
+             SpeculativeConfig(draft="ngram", tree="static:2,2,1", tree_budget=6),
+             SpeculativeConfig(draft="ngram", draft_tokens=2)]
+    pool = KvPool(smol.target, 420, 3, tree_leaves=3)
+    stats = [Stats() for _ in specs]
+    outs: list = [[] for _ in specs]
+
+    def request(seq: int):
+        assert pool.reserve(seq, len(prompts[seq]) + 100)
+        engine = Engine(SequenceView(pool, seq, 1024), NgramDrafter(), specs[seq])
+        yield from collecting(engine.steps(prompts[seq], params, stats[seq]), outs[seq])
+        pool.release(seq)
+
+    try:
+        run_together(pool, {seq: request(seq) for seq in range(3)})
+        assert pool.compactions > 0 and pool.tree_redecodes > 0 and pool.trees > 0
+        assert max(pool.pass_seconds) <= 3  # tree rows too go in decodes of at most 3 rows
+    finally:
+        pool.close()
+    assert outs == solo
+    assert stats[0].drafted > 0 and stats[1].drafted > 0
+
+
 def _long_prompt_while_one_decodes(smol, pool, long_prompt, decode_steps: int):
     """Prefill a long prompt on sequence 0 while sequence 1 decodes (32 prompt rows per step while nothing
     else decodes); returns the events in order and the long prompt's logits."""

@@ -328,6 +328,38 @@ def test_requests_preempted_for_cells_resume_and_write_what_they_write_alone(smo
     assert together[0][1] > 0 and together[2][1] > 0  # pinned K drafts
 
 
+def test_token_trees_served_fused_write_what_each_request_writes_alone(smol_source):
+    """`serve --tree dynamic`: n-gram trees of concurrent requests verified in the shared pool's fused decodes
+    (greedy pinned, and seeded sampling) write exactly what each writes alone, and trees were decoded."""
+    import verispec
+    from verispec.serve import ServeConfig
+
+    base = verispec.load(MODEL, n_ctx=512, draft="ngram", n_threads=1)
+    prompts = [PROMPTS[0] * 3, "Repeat this list exactly:\n" + COUNTING + "\n" + COUNTING[:20], PROMPTS[4] * 3]
+    try:
+        with _serving(base, ServeConfig(model=MODEL, max_batch=3, ctx=512, tree="dynamic", api_key=KEY)) as server:
+            client = server.client()
+
+            def complete(i: int) -> tuple[str, int]:
+                sampling = dict(temperature=0.8, seed=5) if i == 2 else dict(temperature=0)
+                out = client.completions.create(model=MODEL, prompt=prompts[i], max_tokens=48,
+                                                extra_body={"speculative": {"draft": "ngram"}}, **sampling)
+                return out.choices[0].text, out.model_extra["speculative"]["drafted"]
+
+            alone = [complete(i) for i in range(3)]
+            trees_alone = server.server.scheduler.pool.trees
+            for i in (0, 1):  # greedy: the library's plain output (prompts under 64 tokens: the same prefill passes)
+                assert alone[i][0] == base.generate(prompts[i], SamplingParams(max_tokens=48)).text
+            with ThreadPoolExecutor(3) as pool:
+                together = list(pool.map(complete, range(3)))
+            assert trees_alone > 0 and server.server.scheduler.pool.trees > trees_alone
+            assert server.wait_idle()["active"] == 0
+    finally:
+        base.close()
+    assert [text for text, _ in together] == [text for text, _ in alone]
+    assert all(drafted > 0 for _, drafted in together)
+
+
 def test_a_soak_run_loses_nothing_and_leaks_no_cells(running):
     """bench-load --soak: random completions and chats, streamed and whole, clients leaving mid-stream and
     bad requests, 4 in flight: no good request lost, no 5xx, every bad one a 4xx, no KV cell left behind."""

@@ -18,7 +18,7 @@ from verispec.drafters.ngram import NgramDrafter
 from verispec.drafters.tree_growth import TreeShape, grow_tree
 from verispec.engine import Engine, SpeculativeConfig, Stats
 from verispec.errors import InvalidParameter
-from verispec.token_tree import tree_depths
+from verispec.token_tree import leaf_sequences, nodes_within_leaves, tree_depths
 from verispec.sampling import SamplingParams
 
 VOCAB = 12
@@ -69,6 +69,41 @@ def test_tree_shape_parsing():
         SpeculativeConfig(tree="bushy")
     with pytest.raises(InvalidParameter):
         SpeculativeConfig(acceptance="relaxed:1.5")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 40), max_size=30), st.integers(1, 6))
+def test_a_tree_cut_to_its_leaves_is_its_longest_leading_run_within_them(raw, max_leaves):
+    parents = [-1] + [p % (i + 1) for i, p in enumerate(raw)]  # each node's parent precedes it
+
+    def leaves(m: int) -> int:  # among the first m nodes: those without a child
+        return m - len({p for p in parents[1:m]})
+
+    n = nodes_within_leaves(parents, max_leaves)
+    assert 1 <= n <= len(parents) and leaves(n) <= max_leaves
+    assert n == len(parents) or leaves(n + 1) > max_leaves
+    assert max(max(ids) for ids in leaf_sequences(parents[:n])) == leaves(n)  # the sequence ids llama.cpp needs
+
+
+def test_a_runner_holding_few_leaves_gets_trees_cut_to_them_and_output_stays_plain():
+    """A wide static tree on a target that holds 2 leaf sequences (a llama.cpp pool's share per slot)."""
+    target = TableRunner(VOCAB, 3)
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, VOCAB, 12)]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain, _ = run(Engine(target), prompt, params)
+    seen = []
+    forward = target.forward
+
+    def spy(tokens, parents=None, all_logits=True):
+        if parents is not None:
+            seen.append(max(max(ids) for ids in leaf_sequences(parents)))
+        return forward(tokens, parents, all_logits)
+
+    target.forward, target.max_tree_leaves = spy, 2
+    spec = SpeculativeConfig(draft="x", tree="static:3,3,2", tree_budget=20)
+    out, stats = run(Engine(target, ModelDrafter(NoisyTable(3)), spec), prompt, params)
+    assert out == plain and stats.drafted > 0
+    assert seen and max(seen) == 2  # cut, and to no fewer leaves than it may hold
 
 
 def test_static_tree_has_the_requested_branching():

@@ -341,6 +341,10 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, help="with --ray: join this cluster ('auto' or host:port); "
                                               "default: start a local one on loopback"),
     verify: str = typer.Option("exact", help=VERIFY_HELP + "; one-pass also fuses all of a step's rows into one decode"),
+    tree: Optional[str] = typer.Option(None, help="grow token trees from the default drafter: dynamic (by cumulative draft "
+                                       "probability) or static:4,2,2,1; verified fused with other requests' rows"),
+    tree_budget: Optional[int] = typer.Option(None, help="drafted nodes per tree (default: measured per request, "
+                                              "'no tree' included)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
 ) -> None:
@@ -352,20 +356,23 @@ def serve(
     if ray:
         config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
                              spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
-                             prefill_share=prefill_share, verify=verify, prefix_cache=prefix_cache)
+                             prefill_share=prefill_share, verify=verify, prefix_cache=prefix_cache, tree=tree,
+                             tree_budget=tree_budget)
         _serve_ray(config, draft, backend, threads, replicas, autoscale, ray_address, host, port)
         return
     try:
         # The loaded runner only tokenizes and owns the weights; each slot gets its own --ctx context.
-        loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, SpeculativeConfig(),
-                       device, verify, dtype)
+        spec = SpeculativeConfig(tree=tree, tree_budget=tree_budget)  # a bad --tree fails before the model loads
+        loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, spec, device, verify,
+                       dtype)
     except VerispecError as exc:
         fail(exc)
     if loaded.draft_choice_note:
         console.print(loaded.draft_choice_note)
     config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
                          spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
-                         prefill_share=prefill_share, verify=verify, prefix_cache=prefix_cache)
+                         prefill_share=prefill_share, verify=verify, prefix_cache=prefix_cache, tree=tree,
+                         tree_budget=tree_budget)
     try:
         run_server(loaded, config, host, port)
     except VerispecError as exc:

@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .draft_length import CarriedCosts, DraftLengthChooser, TreeBudgetChooser
+from .draft_length import TREE_BUDGETS, CarriedCosts, DraftLengthChooser, TreeBudgetChooser
 from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
 from .runners.base import Runner
 from .sampling import PositionNoise, SamplingParams
-from .token_tree import tree_depths
+from .token_tree import nodes_within_leaves, tree_depths
 from .verify import backend
 from .verify.rejection import ChainVerifier
 from .verify.tree import TokenTree, TreeVerifier, build_tree
@@ -78,6 +78,21 @@ class SpeculativeConfig:
             raise InvalidParameter(f"tree_width must be in 1..8, got {self.tree_width}", "tree_width")
         if not 0.0 <= self.draft_min_prob < 1.0:
             raise InvalidParameter(f"draft_min_prob must be in [0, 1), got {self.draft_min_prob}", "draft_min_prob")
+
+    @property
+    def uses_trees(self) -> bool:
+        """Some steps verify a token tree (branches, a grown tree, or prefix / relaxed acceptance's candidates)."""
+        return self.tree_width > 1 or self.tree is not None or self.acceptance != "exact"
+
+    def max_pass_rows(self) -> int:
+        """The most rows one verification pass can hold: the last token and the draft, or a tree's nodes."""
+        rows = self.draft_max + 1
+        if self.tree is not None:
+            rows = max(rows, 1 + (self.tree_budget if self.tree_budget is not None else max(TREE_BUDGETS)))
+        if self.uses_trees and self.tree is None:
+            width = max(self.tree_width, PREFIX_WIDTH if self.acceptance != "exact" else 1)
+            rows = max(rows, 1 + self.draft_max * width)
+        return rows
 
 
 @dataclass
@@ -263,8 +278,7 @@ class Engine:
             noise = PositionNoise(params.seed, self.target.n_vocab, slots=self.config.draft_max + 2)
         verify = self.verify_backend
         verifier = verify.chain(self.target.n_vocab, params, rng, self.config.draft_max + 1, noise)
-        uses_trees = self.config.tree_width > 1 or self.tree_shape is not None or self.config.acceptance != "exact"
-        tree_verifier = verify.tree(self.target.n_vocab, params, rng, self.relaxed, noise) if uses_trees else None
+        tree_verifier = verify.tree(self.target.n_vocab, params, rng, self.relaxed, noise) if self.config.uses_trees else None
         chooser = self._chooser()
         adaptive = self.drafter is not None and chooser.fixed is None
         if adaptive:
@@ -324,7 +338,8 @@ class Engine:
             chooser.choose()  # its probe counter runs as if it had been asked
             return (yield from self._chain_step(context, last, 0, chooser, verifier, stats, record_margins))
         if self.budget_chooser is not None and self.drafter is not None:
-            return (yield from self._budgeted_step(context, last, chooser, verifier, tree_verifier, stats, record_margins))
+            return (yield from self._budgeted_step(context, last, chooser, verifier, tree_verifier, stats, record_margins,
+                                                   cap))
         k = min(chooser.choose(), self._draft_room(), 64 if cap is None else cap) if self.drafter else 0
         if k > 0 and tree_verifier is not None:
             width = max(self.config.tree_width, PREFIX_WIDTH if self.config.acceptance != "exact" else 1)
@@ -339,9 +354,13 @@ class Engine:
         return max(0, self.target.n_ctx - self.target.n_past - 2)
 
     def _budgeted_step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
-                       tree_verifier: TreeVerifier, stats: Stats, record_margins: bool) -> Generator[StepEvent, object, list[int]]:
-        """A grown tree of the chosen budget, or (budget 0) a chain step; the budget chooser learns from both."""
+                       tree_verifier: TreeVerifier, stats: Stats, record_margins: bool,
+                       cap: int | None) -> Generator[StepEvent, object, list[int]]:
+        """A grown tree of the chosen budget, or (budget 0) a chain step; the budget chooser learns from both.
+        A scheduler's cap bounds the drafted nodes (a capped budget is measured apart from the chooser's own)."""
         budget = self.budget_chooser.choose()
+        if cap is not None:
+            budget = min(budget, cap)
         stats.tree_budgets.append(budget)
         t0 = time.perf_counter()
         if budget > 0:
@@ -350,7 +369,7 @@ class Engine:
                                                     self.config.draft_max), expansions, None, tree_verifier, stats,
                                    len(context))
         else:
-            k = min(chooser.choose(), self._draft_room())
+            k = min(chooser.choose(), self._draft_room(), 64 if cap is None else cap)
             new = yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
         self.budget_chooser.record(budget, len(new), time.perf_counter() - t0)
         return new
@@ -401,7 +420,7 @@ class Engine:
         the chain; grown trees are measured by the budget chooser instead.
         """
         t0 = time.perf_counter()
-        tree: TokenTree = make_tree()
+        tree: TokenTree = self._within_leaves(make_tree())
         last = tree.tokens[0]
         t1 = time.perf_counter()
         room = self.target.n_ctx - self.target.n_past - 1
@@ -424,6 +443,15 @@ class Engine:
             stats.record_positions(int(tree_depths(tree.parents).max()), n_accepted)  # per depth
         stats.record_step(n_drafted, n_accepted, t1 - t0, t2 - t1)
         return [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
+
+    def _within_leaves(self, tree: TokenTree) -> TokenTree:
+        """The tree cut to the leaves the target can hold: a llama.cpp runner or pool gives each leaf a sequence
+        id of its own (`max_tree_leaves`), and a wide tree keeps its leading nodes, its most likely chain first."""
+        limit = getattr(self.target, "max_tree_leaves", None)
+        if not limit:
+            return tree
+        n = nodes_within_leaves(tree.parents, limit)
+        return tree if n == len(tree) else tree.first(n)
 
     def _emit(self, new: list[int], eos: frozenset[int], stats: Stats, max_tokens: int) -> tuple[list[int], bool]:
         """Cut the step's tokens at EOS, then at max_tokens; say whether the request is finished."""

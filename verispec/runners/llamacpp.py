@@ -17,7 +17,7 @@ import numpy as np
 from .. import llama_lib
 from ..errors import ModelFileError
 from ..llama_lib import decode, default_threads, exact_attention, init_backend
-from ..token_tree import tree_depths
+from ..token_tree import leaf_sequences, tree_depths
 from .base import Runner, Tokenizer
 
 VERIFY_MODES = ("exact", "one-pass")
@@ -240,7 +240,7 @@ class LlamaCppRunner(Runner):
 
     def _forward_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
         depths = tree_depths(parents)
-        node_seqs = _leaf_sequences(parents)
+        node_seqs = leaf_sequences(parents)
         n_leaves = max(max(s) for s in node_seqs)
         if n_leaves > self.max_tree_leaves:
             raise ValueError(f"the tree has {n_leaves} leaves; this runner was opened with max_tree_leaves={self.max_tree_leaves}")
@@ -360,10 +360,10 @@ class LlamaCppRunner(Runner):
         self._L.llama_memory_clear(self._mem, True)
         self.n_past = 0
 
-    def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0):
+    def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0, trees: bool = False):
         from .llamacpp_pool import KvPool
 
-        return KvPool(self, n_cells, n_seqs, prefix_entries=prefix_entries)
+        return KvPool(self, n_cells, n_seqs, prefix_entries=prefix_entries, tree_leaves=self.max_tree_leaves if trees else 0)
 
     def sibling(self, **overrides) -> "LlamaCppRunner":
         """Another context (its own KV cache) on the same loaded weights, e.g. one per server slot.
@@ -385,25 +385,6 @@ class LlamaCppRunner(Runner):
             self.close()
         except Exception:
             pass
-
-
-def _leaf_sequences(parents: Sequence[int]) -> list[list[int]]:
-    """Sequence ids per node: leaf k gets id k+1, and every node carries the ids of the leaves below it."""
-    n = len(parents)
-    has_child = [False] * n
-    for p in parents:
-        if p >= 0:
-            has_child[p] = True
-    seqs: list[list[int]] = [[] for _ in range(n)]
-    next_id = 1
-    for i in range(n):
-        if not has_child[i]:
-            seqs[i].append(next_id)
-            next_id += 1
-    for i in range(n - 1, -1, -1):
-        if parents[i] >= 0:
-            seqs[parents[i]].extend(seqs[i])
-    return seqs
 
 
 # -- memory accounting (used by the server's start-up check) ------------------------------------------

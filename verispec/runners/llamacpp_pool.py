@@ -58,6 +58,16 @@ admitted request has reserved and drops the rest, so the cache never keeps a req
 A draft model's pool (`exact_prefixes=False`) may share any common prefix: draft numerics do not
 change the output.
 
+Token trees (the server's --tree). A slot owns `tree_leaves` sequence ids for a tree's leaves. A tree
+pass tags them on the request's committed cells (`llama_memory_seq_cp`: nothing is copied) and decodes
+each node with the ids of the leaves below it, at the sequence's next position plus its depth, as
+`LlamaCppRunner` runs trees: a node attends to its ancestors and the committed cells, in cell order,
+in rows fused like any others (at most 3 per decode), so a node on the accepted path gets the bits its
+row gets in a chain. `keep_path` keeps the path in place when it is the tree's leading nodes (they were
+decoded first, so they lie below the rest) and decodes it again as a chain otherwise; the other
+nodes' cells are parked (freed when the sequence is alone and packed). The pool compacts, if it
+must, before a tree opens (`make_room`), never while one is open.
+
 Preemption. The pool remembers the token of every cell of a sequence, so `preempt` can free a
 sequence's cells (parked until the next compaction; its prompt's prefix goes to the prefix cache)
 and `resume` can decode them again: the prompt in prompt passes, the generated tokens in chunks of
@@ -69,13 +79,16 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import InvalidParameter, PromptError
 from ..llama_lib import decode
+from ..token_tree import leaf_sequences, tree_depths
 from .llamacpp import LlamaCppRunner, open_context
-from .pool import FusedScoring, PoolFull, Preempted, PrefixSharing, SequenceView, chunk_sizes  # noqa: F401 (PoolFull: raised here)
+from .pool import (FusedScoring, PoolFull, Preempted, PrefixSharing, SequenceView, TreeRow,  # noqa: F401 (PoolFull: raised here)
+                   chunk_sizes)
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
 
@@ -91,7 +104,7 @@ class KvPool(PrefixSharing, FusedScoring):
 
     def __init__(self, base: LlamaCppRunner, n_cells: int, n_seqs: int, n_batch: int = 512,
                  pad_single_rows: bool | None = None,
-                 prefix_entries: int = 0, exact_prefixes: bool = True) -> None:
+                 prefix_entries: int = 0, exact_prefixes: bool = True, tree_leaves: int = 0) -> None:
         import llama_cpp as L
 
         self._L = L
@@ -103,8 +116,14 @@ class KvPool(PrefixSharing, FusedScoring):
             raise InvalidParameter(f"{n_seqs} slots and {prefix_entries} cached prefixes exceed llama.cpp's "
                                    f"{LLAMA_MAX_SEQ} sequences per context", "prefix_cache")
         self._open_prefixes(n_seqs, range(n_seqs + 2, n_seqs + 2 + prefix_entries))
+        self.tree_leaves = _tree_leaves(tree_leaves, n_seqs, prefix_entries)
+        self._leaf_ids = n_seqs + 2 + prefix_entries  # slot s's leaves: the tree_leaves ids from here + s * tree_leaves
+        self._trees: dict[int, _OpenTree] = {}
+        self.trees = 0  # tree passes decoded
+        self.tree_redecodes = 0  # accepted paths that were not the tree's leading nodes (keep_path)
         self.exact_prefixes = exact_prefixes
-        self._ctx = open_context(base._model, n_ctx=n_cells, n_batch=n_batch, n_seq_max=n_seqs + 2 + prefix_entries,
+        n_seq_max = self._leaf_ids + n_seqs * self.tree_leaves
+        self._ctx = open_context(base._model, n_ctx=n_cells, n_batch=n_batch, n_seq_max=n_seq_max,
                                  n_threads=base.n_threads)
         if not self._ctx:
             raise InvalidParameter(f"llama.cpp could not create a KV pool of {n_cells} cells", "kv_pool")
@@ -117,7 +136,7 @@ class KvPool(PrefixSharing, FusedScoring):
         self.rows_per_decode: list[int] = []
         self._row_buffers: dict[int, np.ndarray] = {}
         self.n_vocab = base.n_vocab
-        self._batch = L.llama_batch_init(n_batch + 1, 0, 1)
+        self._batch = L.llama_batch_init(n_batch + 1, 0, max(1, self.tree_leaves))
         self.bump = 0  # cells handed out since the last compaction; every cell below it is occupied
         self.live = [0] * n_seqs  # committed tokens per sequence
         self.history: list[list[int]] = [[] for _ in range(n_seqs)]  # the token of each, for preemption
@@ -132,6 +151,7 @@ class KvPool(PrefixSharing, FusedScoring):
     # -- cells ------------------------------------------------------------------------------------
 
     def release(self, seq: int) -> None:
+        self._close_tree(seq, kept=0)
         super().release(seq)
         if not any(self.live) and not len(self.prefixes):  # idle: start again from cell 0, as a solo run does
             self._L.llama_memory_clear(self._mem, True)
@@ -217,6 +237,76 @@ class KvPool(PrefixSharing, FusedScoring):
         self.bump = sum(self.live) + sum(len(entry.tokens) for entry, _ in kept)
         self.compactions += 1
 
+    # -- token trees -------------------------------------------------------------------------------
+
+    def open_tree(self, seq: int, tokens: Sequence[int], parents: Sequence[int]) -> list[TreeRow]:
+        """As LlamaCppRunner runs a tree: leaf k of the tree gets a sequence id of the slot's own, tagged on the
+        sequence's committed cells (nothing is copied), and each node carries the ids of the leaves below it."""
+        if not self.tree_leaves:
+            return super().open_tree(seq, tokens, parents)
+        node_leaves = leaf_sequences(parents)
+        n_leaves = max(max(ids) for ids in node_leaves)
+        if n_leaves > self.tree_leaves:
+            raise ValueError(f"the tree has {n_leaves} leaves; this pool holds {self.tree_leaves} per sequence")
+        first = self._leaf_ids + seq * self.tree_leaves - 1  # leaf k (from 1) is sequence first + k
+        ids = [tuple(first + k for k in node) for node in node_leaves]
+        for k in range(1, n_leaves + 1):
+            self._L.llama_memory_seq_cp(self._mem, seq, first + k, -1, -1)
+        base = self.live[seq]
+        self.trees += 1
+        self._trees[seq] = _OpenTree(list(tokens), ids, range(first + 1, first + n_leaves + 1))
+        return [TreeRow(node_ids, base + int(depth)) for node_ids, depth in zip(ids, tree_depths(parents))]
+
+    def make_room(self, n_rows: int) -> None:
+        """Compact now if n_rows (and a dummy row) could outgrow the cells: not while a tree's leaves are tagged."""
+        if not self._trees and self.bump + n_rows + 1 > self.n_cells:
+            self.compact()
+
+    def keep_path(self, seq: int, path: Sequence[int]) -> None:
+        """Commit a root-to-node path of the tree; park (or, alone, free) the other nodes' cells.
+
+        As in `LlamaCppRunner.keep_path`, the kept cells must lie below every later cell of the sequence: a
+        path of the tree's leading nodes 0..m-1 does (they were decoded first, in order) and is kept where it
+        is; any other path is decoded again as a chain, in chunks of at most 3 rows, so its cells get the
+        bits a chain's decode gives them."""
+        tree = self._trees.get(seq)
+        if tree is None:
+            raise RuntimeError("keep_path() needs a tree pass first")
+        path = list(path)
+        kept = len(path) if path == list(range(len(path))) else 0
+        if kept:
+            base = self.live[seq]
+            self._L.llama_memory_seq_cp(self._mem, tree.ids[kept - 1][0], seq, base, base + kept)
+            self.live[seq] += kept
+            self.history[seq].extend(tree.tokens[:kept])
+        self._close_tree(seq, kept)
+        if kept or not path:
+            return
+        self.tree_redecodes += 1
+        tokens, done = [tree.tokens[i] for i in path], 0
+        for size in chunk_sizes(len(tokens), self.default_fuse_rows):
+            self.decode([seq] * size, tokens[done : done + size], [True] * size)  # rows out change no cell
+            done += size
+
+    def _close_tree(self, seq: int, kept: int) -> None:
+        """Untag the tree's leaf sequences; its nodes past the `kept` leading ones are parked, or freed when the
+        sequence is alone and packed (they are then the top cells, as after a solo runner's tree)."""
+        tree = self._trees.pop(seq, None)
+        if tree is None:
+            return
+        base = self.live[seq] - kept  # the tree's root position
+        alone = self.bump == base + len(tree.tokens) and not len(self.prefixes)
+        shared = {leaf: 0 for leaf in tree.leaves}  # leading kept nodes on each leaf's path
+        for node in range(kept):
+            for leaf in tree.ids[node]:
+                shared[leaf] = node + 1
+        for leaf in tree.leaves:
+            if not alone:
+                self._L.llama_memory_seq_cp(self._mem, leaf, self.park, base + shared[leaf], -1)
+            self._L.llama_memory_seq_rm(self._mem, leaf, -1, -1)
+        if alone:
+            self.bump = base + kept
+
     # -- preemption ---------------------------------------------------------------------------------
 
     preemptible = True
@@ -256,13 +346,17 @@ class KvPool(PrefixSharing, FusedScoring):
 
     # -- decoding ----------------------------------------------------------------------------------
 
-    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool]) -> np.ndarray:
-        """One llama_decode. Row i appends tokens[i] to seqs[i] at its next position; returns the wanted rows."""
+    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool],
+               places: Sequence[TreeRow | None] | None = None) -> np.ndarray:
+        """One llama_decode. Row i appends tokens[i] to seqs[i] at its next position, or decodes a tree node where
+        places[i] says (open_tree); returns the wanted rows."""
         n = len(tokens)
         if n > self.n_batch:
             raise ValueError(f"{n} rows exceed the pool's batch size {self.n_batch}")
         pad = self._needs_pad(seqs)
         if self.bump + n + pad > self.n_cells:
+            if self._trees:
+                raise RuntimeError("the KV pool cannot compact while a token tree is open (make_room first)")
             self.compact()
             pad = self._needs_pad(seqs)
             if self.bump + n + pad > self.n_cells:
@@ -270,11 +364,15 @@ class KvPool(PrefixSharing, FusedScoring):
         b = self._batch
         b.n_tokens = n + pad
         for i, (seq, tok, flag) in enumerate(zip(seqs, tokens, want)):
-            self._put(i, tok, self.live[seq], seq, flag)
+            place = places[i] if places is not None else None
+            if place is not None:
+                self._put(i, tok, place.pos, place.seq_ids, flag)
+                continue
+            self._put(i, tok, self.live[seq], (seq,), flag)
             self.live[seq] += 1
             self.history[seq].append(tok)
         if pad:  # last, so that its cell is the highest one and freeing it keeps the cells ordered
-            self._put(n, tokens[0], 0, self.pad, False)
+            self._put(n, tokens[0], 0, (self.pad,), False)
         status = decode(self._ctx, b)
         if pad:
             self._L.llama_memory_seq_rm(self._mem, self.pad, -1, -1)
@@ -286,10 +384,11 @@ class KvPool(PrefixSharing, FusedScoring):
         n_out = sum(bool(w) for w in want)
         return np.ctypeslib.as_array(self._L.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
 
-    def _put(self, i: int, token: int, pos: int, seq: int, want: bool) -> None:
+    def _put(self, i: int, token: int, pos: int, seq_ids: Sequence[int], want: bool) -> None:
         b = self._batch
-        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, int(want)
-        b.seq_id[i][0] = seq
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, len(seq_ids), int(want)
+        for j, seq in enumerate(seq_ids):
+            b.seq_id[i][j] = seq
 
     def _needs_pad(self, seqs: Sequence[int]) -> bool:
         """A one-row decode on the split-KV path, with other cells than its own packed sequence's in the pool?"""
@@ -306,6 +405,27 @@ class KvPool(PrefixSharing, FusedScoring):
             self._L.llama_batch_free(self._batch)
             self._L.llama_free(self._ctx)
             self._ctx = None
+
+
+@dataclass
+class _OpenTree:
+    """A tree decoded on a sequence and not yet resolved by keep_path."""
+
+    tokens: list[int]
+    ids: list[tuple[int, ...]]  # each node's sequence ids: those of the leaves below it
+    leaves: range  # the leaf sequences it tags
+
+
+def _tree_leaves(wanted: int, n_seqs: int, prefix_entries: int) -> int:
+    """Leaf sequence ids per slot: `wanted`, or as many as llama.cpp's sequences per context leave (at least 2)."""
+    if wanted <= 0:
+        return 0
+    fit = (LLAMA_MAX_SEQ - n_seqs - 2 - prefix_entries) // n_seqs
+    if fit < 2:
+        raise InvalidParameter(f"token trees need 2+ sequence ids per slot: {n_seqs} slots and {prefix_entries} cached "
+                               f"prefixes leave {max(fit, 0)} of llama.cpp's {LLAMA_MAX_SEQ} (lower --max-batch or "
+                               "--prefix-cache)", "tree")
+    return min(wanted, fit)
 
 
 class DirectSeqRunner(SequenceView):

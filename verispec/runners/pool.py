@@ -142,6 +142,15 @@ class Pool(ABC):
     def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:
         """`seq` has prefilled `tokens` from position 0 (a pool with a prefix cache keeps it at release)."""
 
+    # Leaf sequences a request's token tree may use (llamacpp_pool.KvPool gives each leaf a sequence id); 0: this
+    # pool runs chains only, and the server serves trees on a context per slot (context_pool.py) instead.
+    tree_leaves: int = 0
+
+    def keep_path(self, seq: int, path: Sequence[int]) -> None:
+        """After a tree pass of `seq`: commit one root-to-node path of the tree, drop the rest."""
+        raise InvalidParameter(f"token trees are not supported on the {type(self).__name__} (serve with --kv-pool 0)",
+                               "tree")
+
     def _record(self, rows: int, seconds: float) -> None:
         self.pass_seconds[rows] = ema(self.pass_seconds.get(rows), seconds, 0.2)
         self.rows_per_decode.append(rows)
@@ -149,6 +158,15 @@ class Pool(ABC):
     def take_rows(self) -> list[int]:
         rows, self.rows_per_decode = self.rows_per_decode, []
         return rows
+
+
+@dataclass(frozen=True)
+class TreeRow:
+    """Where a token tree's node is decoded: the sequence ids it carries (its first one sees exactly its ancestors
+    and the sequence's committed cells) and its position (the sequence's next position plus its depth)."""
+
+    seq_ids: tuple[int, ...]
+    pos: int
 
 
 @dataclass
@@ -173,10 +191,24 @@ class FusedScoring(Pool):
     differ from a solo run at near-ties (the server's --verify one-pass). The torch pool pads every
     decode to a multiple of 4 rows, where torch's matmul is row-independent, so its default is all
     of a step's rows in one decode. Prompt passes run alone, in the pool's own pass sizes.
+
+    A token tree's rows are fused like a chain's, in node order, where the pool says (`open_tree`);
+    the request then keeps one path (`keep_path`). Cells are made room for before any tree opens, so
+    nothing moves them while a tree's leaves are tagged.
     """
 
-    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool]) -> np.ndarray:
+    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool],
+               places: Sequence[TreeRow | None] | None = None) -> np.ndarray:
+        """One decode: row i appends tokens[i] to seqs[i], or where places[i] is given, decodes a tree node there."""
         raise NotImplementedError
+
+    def open_tree(self, seq: int, tokens: Sequence[int], parents: Sequence[int]) -> list[TreeRow]:
+        """Where each node of a token tree on `seq` is decoded (its cells stay uncommitted until keep_path)."""
+        raise InvalidParameter(f"token trees are not supported on the {type(self).__name__} (serve with --kv-pool 0)",
+                               "tree")
+
+    def make_room(self, n_rows: int) -> None:
+        """Make sure n_rows more cells can be decoded without the pool moving cells in between (trees are open)."""
 
     @property
     def mixes_prompts(self) -> bool:
@@ -188,26 +220,28 @@ class FusedScoring(Pool):
         """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness
         allows; then the rows of `prompts` (only where `mixes_prompts`), whose `logits` get their last row's
         logits when it ends the prompt."""
-        if any(f.parents is not None for _, f in works):
-            raise InvalidParameter("token trees are not supported on the shared KV pool (serve with --kv-pool 0)",
-                                   "tree_width")
         rows = [(w, i) for w, (_, f) in enumerate(works) for i in range(len(f.tokens))]
         rows += [(-1 - p, i) for p, part in enumerate(prompts) for i in range(len(part.tokens))]
         outs = [self._rows_buffer(seq, len(f.tokens)) for seq, f in works]
+        trees: dict[int, list[TreeRow]] = {}
+        if any(f.parents is not None for _, f in works):
+            self.make_room(len(rows))
+            trees = {w: self.open_tree(seq, f.tokens, f.parents) for w, (seq, f) in enumerate(works) if f.parents is not None}
         start = 0
         for size in chunk_sizes(len(rows), self.fuse_rows):
             part = rows[start : start + size]
             start += size
-            seqs, tokens, want = [], [], []
+            seqs, tokens, want, places = [], [], [], []
             for w, i in part:
                 if w >= 0:
                     seqs.append(works[w][0]), tokens.append(works[w][1].tokens[i]), want.append(True)
+                    places.append(trees[w][i] if w in trees else None)
                 else:
                     prompt = prompts[-1 - w]
-                    seqs.append(prompt.seq), tokens.append(prompt.tokens[i])
+                    seqs.append(prompt.seq), tokens.append(prompt.tokens[i]), places.append(None)
                     want.append(prompt.last and i == len(prompt.tokens) - 1)
             t0 = time.perf_counter()
-            logits = self.decode(seqs, tokens, want)
+            logits = self.decode(seqs, tokens, want, places) if trees else self.decode(seqs, tokens, want)
             for j, (w, i) in enumerate(row for row, wanted in zip(part, want) if wanted):
                 if w >= 0:
                     outs[w][i] = logits[j]
@@ -344,8 +378,12 @@ class SequenceView(Runner):
     def rollback(self, n_past: int) -> None:
         self.pool.drop(self.seq, n_past)
 
+    @property
+    def max_tree_leaves(self) -> int:
+        return self.pool.tree_leaves
+
     def keep_path(self, path: Sequence[int]) -> None:
-        raise RuntimeError("keep_path() needs a tree forward, which the pool does not run")
+        self.pool.keep_path(self.seq, path)
 
     def reset(self) -> None:
         self.rollback(0)

@@ -38,7 +38,8 @@ decodes would attend in two segments and could differ in rounding.)
 
 Not supported (`PoolUnsupported` at construction, serve with --kv-pool 0): sliding-window or other
 non-full attention layers (Gemma 2/3, Mistral v0.1), attention logit soft-capping, attention sinks.
-Trees: chains only, like KvPool (FusedScoring.score rejects parents).
+Trees: chains only. `TorchRunner.open_pool(trees=True)` raises PoolUnsupported, and the server gives each
+slot a context of its own instead (context_pool.py), where trees run.
 """
 
 from __future__ import annotations

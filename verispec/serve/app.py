@@ -51,6 +51,8 @@ class ServeConfig:
     prefill_share: float = 1.0  # while others decode: a prompt's rows per step take about this share of their decode
     verify: str = "exact"  # "one-pass": fused decodes take all of a step's rows at once (not bit-identical)
     prefix_cache: int = 32  # prompt prefixes the shared KV pool keeps for later requests (runners/prefix_cache.py); 0 = off
+    tree: str | None = None  # grow token trees ("dynamic", "static:4,2,2,1"); None = the loaded model's setting
+    tree_budget: int | None = None  # drafted nodes per tree; None = measured per request ("no tree" included)
 
 
 class Server:
@@ -59,8 +61,9 @@ class Server:
     def __init__(self, base: Model, config: ServeConfig) -> None:
         self.base = base
         self.config = config
+        self.spec = _serve_spec(base.spec, config)
         self.metrics = Metrics()
-        self.scheduler = _scheduler(base, config, self.metrics)
+        self.scheduler = _scheduler(base, config, self.metrics, self.spec)
         self.model_ids = [config.model] + ([base.target.name] if base.target.name != config.model else [])
         self.created = int(time.time())
         # The --draft drafter as a key: "model" (cloned onto every slot), "ngram" or None.
@@ -83,7 +86,7 @@ class Server:
 
     def speculative(self, opts: SpeculativeOptions | None) -> tuple[SpeculativeConfig, str | None, bool]:
         """The request's speculative config, its drafter key ("ngram", "model" or None) and whether it pinned it."""
-        base = self.base.spec
+        base = self.spec
         key, pinned, fixed, k_max = self.default_draft, False, base.draft_tokens, base.draft_max
         if opts is not None:
             if "draft" in opts.model_fields_set:
@@ -128,12 +131,21 @@ class Server:
             return self.base.prompt_tokens(prompt=prompt)
 
 
-def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
+def _serve_spec(spec: SpeculativeConfig, config: ServeConfig) -> SpeculativeConfig:
+    """The loaded model's speculative config with the server's tree options (--tree, --tree-budget) on top."""
+    if config.tree is None and config.tree_budget is None:
+        return spec
+    return replace(spec, tree=config.tree or spec.tree,
+                   tree_budget=spec.tree_budget if config.tree_budget is None else config.tree_budget)
+
+
+def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: SpeculativeConfig | None = None) -> Scheduler:
     """One shared KV pool unless --kv-pool 0; per-slot contexts otherwise, and for a target the pool
     cannot hold (e.g. sliding-window attention on torch) unless --kv-pool was asked for explicitly."""
     from ..drafters.draft_model import ModelDrafter
     from ..runners.pool import PoolUnsupported
 
+    spec = spec or _serve_spec(base.spec, config)
     default = base.drafter(base.spec.draft)
     model_drafter = default if isinstance(default, ModelDrafter) else None
     fuse_rows = config.fuse_rows
@@ -141,7 +153,7 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics) -> Scheduler:
         fuse_rows = 1 << 16  # as many as the pool's batch holds
 
     def make(cells: int | None) -> Scheduler:
-        return Scheduler(base.target, base.spec, model_drafter, config.max_batch, config.max_queue, config.ctx,
+        return Scheduler(base.target, spec, model_drafter, config.max_batch, config.max_queue, config.ctx,
                          config.spec_off_at, metrics, cells, fuse_rows, config.prefill_chunk, config.prefix_cache,
                          config.prefill_share)
 

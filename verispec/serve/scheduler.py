@@ -9,15 +9,17 @@ passes of a step into as few exact pool decodes as it can.
 The KV cache is one pool shared by all requests (`Runner.open_pool`: runners/llamacpp_pool.py, a
 llama.cpp context with a sequence per request and a prefix cache; runners/torch_pool.py, paged
 blocks for a torch target), or, with --kv-pool 0 and for torch models the paged pool cannot hold,
-one context per slot (runners/context_pool.py: nothing fused, token trees allowed). A llama.cpp draft model has a pool of its
-own with a sequence per slot; another draft runner gets a context per slot.
+one context per slot (runners/context_pool.py: nothing fused). Token trees (--tree) are verified in the
+same fused decodes on the llama.cpp pool (KvPool.open_tree); a torch target serving trees gets a context
+per slot. A llama.cpp draft model has a pool of its own with a sequence per slot; another draft runner
+gets a context per slot.
 
 KV on demand. On a pool that can preempt (the llama.cpp pool), a request is admitted when the
 pools can reserve its prompt and `RESERVE_AHEAD` cells more, and its reservation grows by that
 much whenever its next step could outgrow it. When the cells run out, the newest request is
 preempted: its cells are freed and, once cells are free again (before anyone new is admitted), they
 are decoded again, bit for bit (KvPool.resume), so its output is unchanged. Other pools reserve the
-cells a request can use at most at admission: prompt + max_tokens + draft_max + 2, capped by --ctx.
+cells a request can use at most at admission: prompt + max_tokens + its largest pass + 1, capped by --ctx.
 A request waits in the queue until its cells are free (first come, first served). Draft caps come from the goodput planner (goodput.py) once two or more requests share the
 passes; alone, a request's own chooser decides. A request that joins a running batch does not
 draft until planned for, and a draft model whose prompt prefill it skipped stays off for it
@@ -92,7 +94,7 @@ class Sequence:
     finished: bool = False
     # scheduler-thread state
     slot: int = -1
-    need: int = 0  # the most cells it can use: prompt + max_tokens + draft_max + 2, capped by --ctx
+    need: int = 0  # the most cells it can use: prompt + max_tokens + its largest pass + 1, capped by --ctx
     preempted: Preempted | None = None  # its cells were freed: what resuming them needs
     engine: Engine | None = None
     decoder: TextAssembler | None = None
@@ -139,7 +141,7 @@ class Scheduler:
         self._drafters: list[ModelDrafter | None] = [None] * max_batch
         try:
             self.pool = (ContextPool(target, self.n_ctx, max_batch) if cells == 0
-                         else target.open_pool(cells, max_batch, prefix_cache))  # PoolUnsupported: see app.py
+                         else target.open_pool(cells, max_batch, prefix_cache, trees=spec.uses_trees))  # PoolUnsupported: see app.py
             self.n_ctx = min(self.n_ctx, getattr(self.pool, "n_ctx", self.n_ctx))
             if fuse_rows is not None:
                 if fuse_rows < 1:
@@ -262,7 +264,7 @@ class Scheduler:
             if any(j is not None and j.preempted for j in self.slots):
                 break  # preempted requests get their cells back first
             job = self._waiting[0]
-            job.need = min(self.n_ctx, len(job.tokens) + job.params.max_tokens + job.spec.draft_max + 2)
+            job.need = min(self.n_ctx, len(job.tokens) + job.params.max_tokens + job.spec.max_pass_rows() + 1)
             if not self._reserve(job, seq, self._ahead(job, len(job.tokens))):
                 break  # first come, first served: the head waits for cells
             self._waiting.popleft()
@@ -278,8 +280,9 @@ class Scheduler:
 
     @staticmethod
     def _step_cells(job: Sequence) -> int:
-        """The most cells one step can add: the target's draft_max + 1 rows, and a draft model's run ahead of it by as many."""
-        return 2 * (job.spec.draft_max + 2)
+        """The most cells one step can add: the target's largest pass (draft_max + 1 rows, or a tree's nodes) and
+        its bonus token, and a draft model's run ahead of it by as many."""
+        return 2 * (job.spec.max_pass_rows() + 1)
 
     def _reserve(self, job: Sequence, seq: int, cells: int) -> bool:
         """Reserve `cells` for the request in the target pool and the draft pool; False (nothing changed) if they are not free."""

@@ -46,6 +46,10 @@ class TokenTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def first(self, n: int) -> TokenTree:
+        """The tree of its first n nodes (parents precede children, so they form one)."""
+        return TokenTree(self.tokens[:n], self.parents[:n], self.sources[:n])
+
 
 @dataclass
 class TreeVerdict:
