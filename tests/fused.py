@@ -1,6 +1,5 @@
 """Running request coroutines together on a pool from a test, through the stepper (verispec/stepper.py)."""
 
-from verispec.engine import Forward
 from verispec.stepper import Stepper
 
 
@@ -31,7 +30,7 @@ def collecting(run, into: list):
             event = run.send(reply)
         except StopIteration:
             return
-        if isinstance(event, Forward):
+        if not isinstance(event, list):  # a target pass (Forward) or a draft model's (DraftPass)
             reply = yield event
         else:
             into.extend(event)

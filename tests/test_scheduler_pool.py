@@ -365,8 +365,8 @@ def test_draft_sequence_is_refed_after_its_cells_are_released(smol):
 
 def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
     """Three greedy requests drafting with the model on two slots (the third reuses a slot): each slot's
-    draft is a sequence of one draft pool, every output equals the solo plain output, and both pools
-    are empty afterwards."""
+    draft is a sequence of one draft pool, their draft passes are fused into shared decodes, every output
+    equals the solo plain output, and both pools are empty afterwards."""
     from verispec.runners.llamacpp_pool import DirectSeqRunner
 
     texts, n = [PROMPTS[0], PROMPTS[4], PROMPTS[7]], 40
@@ -380,6 +380,7 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
         assert all(_until(lambda: events and events[-1].kind != "text") for _, events in runs)
         assert _until(lambda: not any(draft_pool.reserved) and not any(scheduler.pool.reserved))
         assert draft_pool.live == [0, 0] and scheduler.pool.live == [0, 0]
+        assert draft_pool.shared_decodes > 0  # two requests' draft passes in one decode
     finally:
         scheduler.close()
     for (job, events), want in zip(runs, solo):

@@ -347,12 +347,12 @@ def test_token_trees_served_fused_write_what_each_request_writes_alone(smol_sour
                 return out.choices[0].text, out.model_extra["speculative"]["drafted"]
 
             alone = [complete(i) for i in range(3)]
-            trees_alone = server.server.scheduler.pool.trees
+            trees_alone = server.metric("verispec_tree_passes")
             for i in (0, 1):  # greedy: the library's plain output (prompts under 64 tokens: the same prefill passes)
                 assert alone[i][0] == base.generate(prompts[i], SamplingParams(max_tokens=48)).text
             with ThreadPoolExecutor(3) as pool:
                 together = list(pool.map(complete, range(3)))
-            assert trees_alone > 0 and server.server.scheduler.pool.trees > trees_alone
+            assert trees_alone > 0 and server.metric("verispec_tree_passes") > trees_alone
             assert server.wait_idle()["active"] == 0
     finally:
         base.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .draft_length import TREE_BUDGETS, CarriedCosts, DraftLengthChooser, TreeBudgetChooser
-from .drafters.base import Drafter
+from .drafters.base import Drafter, DraftPass
 from .drafters.tree_growth import TreeShape, grow_tree
 from .errors import PromptError
 from .runners.base import Runner
@@ -108,8 +108,9 @@ class Forward:
     all_logits: bool = True  # False: a prompt prefill, only the last row's logits
 
 
-# What Engine.steps yields: a target pass to run (send back its logits), or the tokens a step emitted.
-StepEvent = Forward | list[int]
+# What Engine.steps yields: a target pass to run (send back its logits), a draft model's pass (send back its last
+# row's logits), or the tokens a step emitted.
+StepEvent = Forward | DraftPass | list[int]
 
 
 @dataclass
@@ -252,6 +253,8 @@ class Engine:
             while True:
                 if isinstance(event, Forward):
                     event = run.send(self.target.forward_native(event.tokens, event.parents, event.all_logits))
+                elif isinstance(event, DraftPass):
+                    event = run.send(event.run())
                 else:
                     yield event
                     event = next(run)
@@ -377,7 +380,7 @@ class Engine:
     def _chain_step(self, context: list[int], last: int, k: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
                     stats: Stats, record_margins: bool) -> Generator[StepEvent, object, list[int]]:
         t0 = time.perf_counter()
-        draft = self.drafter.propose(context, k) if k > 0 else None
+        draft = (yield from self.drafter.propose_steps(context, k)) if k > 0 else None
         drafted = draft.tokens[:k] if draft else []
         shadow = None
         if (not drafted and self.drafter and not self.drafter.costly and self.config.draft_tokens is None

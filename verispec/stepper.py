@@ -4,7 +4,10 @@ up to its next target pass, and the passes of all of them run together on one KV
 One call of `step()`:
 1. every request that has not started runs up to its first pass (the prompt prefill; a draft model
    prefills its own copy of the prompt on the way);
-2. the pool decodes: all requests' scoring rows (verification passes) fused in as few decodes as
+2. every drafting request runs its draft model's passes, in rounds: each round, one pass of every request
+   that needs one, together in one decode of the shared draft pool (`fused_last_rows`), until all
+   have drafted (a draft's numerics do not change the output, so no exactness rule bounds the rows);
+3. the pool decodes: all requests' scoring rows (verification passes) fused in as few decodes as
    exactness allows (`pool.score`), then prompt rows of one prompt, the one with the least done.
    While other requests are decoding, the prompt gets a budget of rows that takes about
    `prefill_share` times as long as their decodes just took (measured each step) for each prompt
@@ -15,8 +18,8 @@ One call of `step()`:
    other pools keep one fixed layout, whatever the budget. A pool past exactness (`pool.mixes_prompts`,
    the server's --verify one-pass) takes the prompt rows, of as many prompts as the budget holds, into
    the scoring decode itself, as llama-server does;
-3. every request whose pass completed gets its logits and runs on: it verifies, accepts, rolls back,
-   emits its tokens, and drafts its next step, up to its next pass.
+4. every request whose pass completed gets its logits and runs on: it verifies, accepts, rolls back,
+   emits its tokens, and runs on to its next pass (its next draft's first pass: step 2 of the next step).
 
 Everything runs on the caller's thread: the server's scheduler thread (serve/scheduler.py), or a
 test's. Engine.generate drives the same coroutine for a single request with no pool in between.
@@ -32,9 +35,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .cost_model import ema
+from .drafters.base import DraftPass
 from .engine import Forward, StepEvent
-
-from .runners.pool import PromptPart
+from .runners.pool import PromptPart, fused_last_rows
 
 if TYPE_CHECKING:
     from .runners.pool import Pool, Preempted
@@ -46,7 +49,7 @@ class Member:
 
     seq: int  # its sequence in the pool
     run: Generator[StepEvent, object, None]
-    pending: Forward | None = None
+    pending: Forward | DraftPass | None = None
     started: bool = False
     finished: bool = False
     error: BaseException | None = None
@@ -86,6 +89,9 @@ class Stepper:
         """Free a request's cells (the pool keeps what it needs to decode them again); it waits, its
         coroutine suspended at its pending pass, until `resume`."""
         member = self.members[seq]
+        while isinstance(member.pending, DraftPass):  # its draft's passes assume the draft cells the caller frees next
+            reply, member.pending = member.pending.run(), None
+            self._advance(member, reply)
         saved = self.pool.preempt(seq)
         member.paused = True
         if saved.prompt_len is None:
@@ -105,8 +111,9 @@ class Stepper:
             if not member.started:
                 member.started = True
                 self._advance(member, None)
-        scoring = [m for m in active if m.pending is not None and m.pending.all_logits]
-        prompts = [m for m in active if m.pending is not None and not m.pending.all_logits]
+        self._draft(active)
+        scoring = [m for m in active if isinstance(m.pending, Forward) and m.pending.all_logits]
+        prompts = [m for m in active if isinstance(m.pending, Forward) and not m.pending.all_logits]
         replies: list[tuple[Member, np.ndarray]] = []
         if self.pool.mixes_prompts:
             replies += self._mixed_decode(scoring, prompts)
@@ -125,6 +132,19 @@ class Stepper:
             self._advance(member, logits)
         return list(self.members.values())
 
+    def _draft(self, active: list[Member]) -> None:
+        """Run every drafting request's draft-model passes, in rounds: each round, the passes of all requests that
+        need one go together (`fused_last_rows`: one decode of the shared draft pool), until every request
+        has drafted and waits for its target pass."""
+        while True:
+            drafting = [m for m in active if isinstance(m.pending, DraftPass)]
+            if not drafting:
+                return
+            replies = self._guard(drafting, lambda: list(zip(drafting, fused_last_rows([m.pending for m in drafting]))))
+            for member, logits in replies:
+                member.pending = None
+                self._advance(member, logits)
+
     def _guard(self, members: list[Member], decode) -> list[tuple[Member, np.ndarray]]:
         """Run a pool decode; a failure fails the requests it was for, and the others go on."""
         try:
@@ -138,11 +158,11 @@ class Stepper:
         """Run the request's coroutine up to its next pass, collecting what it emits."""
         try:
             event = next(member.run) if reply is None else member.run.send(reply)
-            while not isinstance(event, Forward):
+            while isinstance(event, list):
                 member.out.extend(event)
                 event = next(member.run)
             member.pending = event
-            if not event.all_logits:
+            if isinstance(event, Forward) and not event.all_logits:
                 member.prefill_done = None
         except StopIteration:
             member.finished = True

@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..sampling import PositionNoise, SamplingParams
+
+if TYPE_CHECKING:
+    from ..runners.base import Runner
+
+
+@dataclass
+class DraftPass:
+    """A pass a draft model needs while it drafts (`Drafter.propose_steps`): whoever drives the steps runs it on
+    `runner` and sends back the logits of its last row. Engine.generate runs it at once; the server's stepper
+    runs the passes of all drafting requests together, one decode per round (verispec/stepper.py)."""
+
+    runner: Runner
+    tokens: list[int]
+
+    def run(self) -> np.ndarray:
+        return self.runner.forward(self.tokens, all_logits=False)[-1]
+
+
+def run_passes(steps: Generator[DraftPass, np.ndarray, object]):
+    """Drive a drafting coroutine alone: each of its passes runs at once. Returns what it returns."""
+    try:
+        event = next(steps)
+        while True:
+            event = steps.send(event.run())
+    except StopIteration as done:
+        return done.value
 
 
 @dataclass
@@ -54,6 +81,12 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, context: Sequence[int], k: int) -> Draft:
         """Up to k tokens that may follow `context` (prompt + accepted output). May return fewer."""
+
+    def propose_steps(self, context: Sequence[int], k: int) -> Generator[DraftPass, np.ndarray, Draft]:
+        """propose() as a coroutine that yields the model passes it needs (DraftPass), so that a server can run
+        those of many requests together. Default: a drafter with no such passes proposes at once."""
+        return self.propose(context, k)
+        yield  # a generator, that never yields
 
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
         """Candidate continuations for a token tree, most likely first. Default: the chain alone."""

@@ -6,14 +6,14 @@ accepted context, then feeds what is missing (the accepted tokens and the target
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import numpy as np
 
 from ..errors import TokenizerMismatch
 from ..runners.base import Runner
 from ..sampling import PositionNoise, SamplingParams, logits_to_probs, sample
-from .base import Candidates, Draft, Drafter
+from .base import Candidates, Draft, Drafter, DraftPass, run_passes
 
 
 class ModelDrafter(Drafter):
@@ -42,19 +42,35 @@ class ModelDrafter(Drafter):
     def _sync(self, context: Sequence[int], on_device: bool = False):
         """Make the cache hold context[:-1]... plus the last token; return the logits after the context
         (a host array, or with `on_device` the runner's own tensor)."""
+        if on_device:
+            missing = self._missing(context)
+            logits = self.runner.forward_native(missing, all_logits=False)[-1]
+            self._cached.extend(missing)
+            return logits
+        return run_passes(self._sync_steps(context))
+
+    def _missing(self, context: Sequence[int]) -> list[int]:
+        """Roll the cache back to what it shares with the context (at least the last token is left) and
+        return the tokens it must be fed."""
         del self._cached[self.runner.n_past :]  # cut under us: a server frees a slot's draft cells between requests
         common = _common_prefix(self._cached, context)
         if common == len(context):  # never re-feed nothing: we need the logits after the last token
             common -= 1
         self.runner.rollback(common)
         del self._cached[common:]
-        missing = list(context[common:])
-        forward = self.runner.forward_native if on_device else self.runner.forward
-        logits = forward(missing, all_logits=False)[-1]
+        return list(context[common:])
+
+    def _sync_steps(self, context: Sequence[int]) -> Generator[DraftPass, np.ndarray, np.ndarray]:
+        missing = self._missing(context)
+        logits = yield DraftPass(self.runner, missing)
         self._cached.extend(missing)
         return logits
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
+        return run_passes(self.propose_steps(context, k))
+
+    def propose_steps(self, context: Sequence[int], k: int) -> Generator[DraftPass, np.ndarray, Draft]:
+        """A chain of up to k tokens: a pass that catches the cache up on the context, then one per token."""
         if k <= 0:
             return Draft([], None, self.name)
         if k > self._q.shape[0]:
@@ -62,7 +78,7 @@ class ModelDrafter(Drafter):
         self.runner.check_fits(len(context) - self.runner.n_past + k)
         if self._chains_on_device():
             return Draft(self._greedy_chain_on_device(context, k), None, self.name)
-        logits = self._sync(context)
+        logits = yield from self._sync_steps(context)
         tokens: list[int] = []
         for i in range(k):
             token, confident = self._choose(logits, i, len(context) + i)
@@ -72,7 +88,7 @@ class ModelDrafter(Drafter):
             if not confident:
                 break
             if i + 1 < k:
-                logits = self.runner.forward([token], all_logits=False)[-1]
+                logits = yield DraftPass(self.runner, [token])
                 self._cached.append(token)
         # A seeded draft is verified by comparing argmaxes (sampling.PositionNoise): no q needed.
         probs = None if self.params.greedy or self.noise is not None else self._q[: len(tokens)]

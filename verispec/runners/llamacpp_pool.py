@@ -429,8 +429,11 @@ def _tree_leaves(wanted: int, n_seqs: int, prefix_entries: int) -> int:
 
 
 class DirectSeqRunner(SequenceView):
-    """A request's draft model on one sequence of the draft pool. Its passes are its own (each request
-    drafts on its own schedule) and decode at once; a prompt shares a cached prefix where it can."""
+    """A request's draft model on one sequence of the draft pool. A pass called here decodes at once (a prompt
+    shares a cached prefix where it can); while drafting, the server's stepper gathers the passes of all
+    drafting requests and runs each round of them in one decode (pool.fused_last_rows)."""
+
+    decodes_at_once = True
 
     def check_fits(self, n_tokens: int) -> None:
         super().check_fits(n_tokens)

@@ -24,6 +24,7 @@ from .base import Runner
 from .prefix_cache import PrefixCache
 
 if TYPE_CHECKING:
+    from ..drafters.base import DraftPass
     from ..engine import Forward
 
 
@@ -250,6 +251,23 @@ class FusedScoring(Pool):
             self._record(size, time.perf_counter() - t0)
         return outs
 
+    def last_rows(self, passes: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
+        """The last row's logits of each (sequence, tokens) pass, all of them in shared decodes of up to n_batch
+        rows: a draft model's passes (fused_last_rows), whose numerics do not change the output, so no
+        exactness rule bounds the rows of a decode."""
+        rows = [(p, i) for p, (_, tokens) in enumerate(passes) for i in range(len(tokens))]
+        out: list[np.ndarray] = [None] * len(passes)  # type: ignore[list-item]
+        for start in range(0, len(rows), self.n_batch):
+            part = rows[start : start + self.n_batch]
+            want = [i == len(passes[p][1]) - 1 for p, i in part]
+            logits = self.decode([passes[p][0] for p, _ in part], [passes[p][1][i] for p, i in part], want)
+            for j, (p, _) in enumerate(row for row, wanted in zip(part, want) if wanted):
+                out[p] = logits[j].copy()
+            self.shared_decodes += len({passes[p][0] for p, _ in part}) > 1
+        return out
+
+    shared_decodes: int = 0  # last_rows decodes that held passes of 2+ sequences
+
     def _rows_buffer(self, seq: int, n_rows: int) -> np.ndarray:
         """The sequence's reply rows, reused from step to step (its engine is done with them by its next pass)."""
         buf = self._row_buffers.get(seq)
@@ -348,6 +366,26 @@ class PrefixSharing:
     def _forget(self, entry_seq: int) -> None:
         """The entry is gone: its cells go when nothing else holds them."""
         raise NotImplementedError
+
+
+def fused_last_rows(passes: Sequence[DraftPass]) -> list[np.ndarray]:
+    """The last row's logits of each draft model pass of a step's round (stepper.Stepper._draft): passes on
+    sequences of one shared pool that decode at once (a server's draft pool, `decodes_at_once`) go together
+    (FusedScoring.last_rows); any other runs alone. A sequence with nothing in its cells yet runs alone too:
+    its first pass is a prompt, which may share a cached prefix (DirectSeqRunner.forward)."""
+    out: list[np.ndarray] = [None] * len(passes)  # type: ignore[list-item]
+    shared: dict[int, list[int]] = {}
+    for i, p in enumerate(passes):
+        runner = p.runner
+        if getattr(runner, "decodes_at_once", False) and runner.n_past > 0 and isinstance(runner.pool, FusedScoring):
+            shared.setdefault(id(runner.pool), []).append(i)
+        else:
+            out[i] = p.run()
+    for group in shared.values():
+        pool = passes[group[0]].runner.pool
+        for i, logits in zip(group, pool.last_rows([(passes[i].runner.seq, passes[i].tokens) for i in group])):
+            out[i] = logits
+    return out
 
 
 class SequenceView(Runner):

@@ -61,6 +61,11 @@ class Metrics:
                                    "(resumed by recompute, output unchanged)", registry=r)
         self.preempted = Gauge("verispec_preempted_requests", "Requests preempted and waiting to resume", registry=r)
         self.draft_pool_live = Gauge("verispec_kv_draft_pool_live_tokens", "Tokens the draft model holds in its pool", registry=r)
+        self.draft_shared_decodes = Gauge("verispec_draft_shared_decodes", "Draft-model decodes that held the draft "
+                                          "passes of 2+ requests", registry=r)
+        self.tree_passes = Gauge("verispec_tree_passes", "Token-tree verification passes in the shared pool", registry=r)
+        self.tree_redecodes = Gauge("verispec_tree_redecodes", "Accepted tree paths decoded again as a chain (not the "
+                                    "tree's leading nodes)", registry=r)
         self.prefix_lookups = Counter("verispec_prefix_cache_lookups", "Prompts prefilled with the prefix cache "
                                       "holding entries, by pool", ["pool"], registry=r)
         self.prefix_hits = Counter("verispec_prefix_cache_hits", "Prompts that shared a cached prefix's KV cells, by pool",

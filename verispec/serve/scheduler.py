@@ -463,6 +463,9 @@ class Scheduler:
         m.pool_compactions.set(pool.compactions)
         m.preempted.set(sum(1 for job in self.slots if job is not None and job.preempted))
         m.draft_pool_live.set(sum(self.draft_pool.live) if self.draft_pool is not None else 0)
+        m.draft_shared_decodes.set(self.draft_pool.shared_decodes if self.draft_pool is not None else 0)
+        m.tree_passes.set(getattr(pool, "trees", 0))
+        m.tree_redecodes.set(getattr(pool, "tree_redecodes", 0))
         m.publish_prefix_cache("target", pool.prefixes)
         if self.draft_pool is not None:
             m.publish_prefix_cache("draft", self.draft_pool.prefixes)
