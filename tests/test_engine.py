@@ -68,7 +68,7 @@ def qwen_drafted():
 def test_greedy_equality_llamacpp_qwen_pair(qwen_pair, qwen_drafted, prompt):
     model = qwen_pair
     tokens = model.prompt_tokens(prompt, chat=True)
-    params = SamplingParams(max_tokens=24)
+    params = SamplingParams(max_tokens=16)
     plain, _ = run(model.engine(SpeculativeConfig()), tokens, params)
     for i, spec in enumerate(QWEN_CONFIGS):
         out, stats = run(model.engine(spec), tokens, params)
