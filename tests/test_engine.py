@@ -103,7 +103,7 @@ def torch_drafted():
     return [0, 0]  # drafted, accepted by the noisy draft model over all prompts
 
 
-@pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (0, 5, 19)])  # each writes 16 tokens before EOS
+@pytest.mark.parametrize("prompt", [PROMPTS[i] for i in (0, 5)])  # each writes 16 tokens before EOS
 def test_greedy_equality_torch_smollm2(smol_torch_pair, torch_drafted, prompt):
     target, draft = smol_torch_pair
     tokens = target.tokenizer.encode(prompt)

@@ -102,8 +102,8 @@ def test_one_row_passes_split_by_visible_cells_and_under_256_cells_sum_as_before
         qwen_target.reset()
         return row
 
-    document = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 700))
-    for n_cells, differs in ((200, False), (700, True)):
+    document = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 300))
+    for n_cells, differs in ((200, False), (300, True)):
         split = one_row_logits(document[:n_cells])
         per_row = with_split("0", lambda: one_row_logits(document[:n_cells]))
         assert (np.abs(split - per_row).max() > 0) == differs, n_cells
