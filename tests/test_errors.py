@@ -41,6 +41,13 @@ def test_truncated_gguf(tmp_path, smol_source):
         files.resolve(str(cut))
 
 
+def test_gguf_cut_inside_its_header(tmp_path, smol_source):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smol_source.path.read_bytes()[:1000])
+    with pytest.raises(ModelFileError, match="not a readable GGUF file"):
+        files.resolve(str(cut))
+
+
 def test_hf_directory_without_config(tmp_path):
     with pytest.raises(ModelFileError, match="config.json"):
         files.resolve(str(tmp_path))

@@ -9,12 +9,9 @@ from ..errors import PromptError
 
 
 def gguf_chat_template(path: Path) -> str | None:
-    from gguf import GGUFReader
+    from ..llama_lib import gguf_string
 
-    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
-    if field is None:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    return gguf_string(path, "tokenizer.chat_template")
 
 
 @lru_cache(maxsize=8)

@@ -39,13 +39,11 @@ def check_gguf(path: Path) -> None:
         magic = f.read(4)
     if magic != GGUF_MAGIC:
         raise ModelFileError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
-    from gguf import GGUFReader
+    from ..llama_lib import gguf_tensor_data_end
 
-    try:
-        reader = GGUFReader(str(path))
-        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
-    except Exception as exc:  # the reader raises assorted errors on damaged headers or short files
-        raise ModelFileError(f"{path} is not a readable GGUF file (truncated or corrupted): {exc}") from None
+    end = gguf_tensor_data_end(path)
+    if end is None:
+        raise ModelFileError(f"{path} is not a readable GGUF file (truncated or corrupted header)")
     size = path.stat().st_size
     if end > size:
         raise ModelFileError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}")
