@@ -283,10 +283,7 @@ class KvPool(PrefixSharing, FusedScoring):
         if kept or not path:
             return
         self.tree_redecodes += 1
-        tokens, done = [tree.tokens[i] for i in path], 0
-        for size in chunk_sizes(len(tokens), self.default_fuse_rows):
-            self.decode([seq] * size, tokens[done : done + size], [True] * size)  # rows out change no cell
-            done += size
+        self._decode_chain(seq, [tree.tokens[i] for i in path])
 
     def _close_tree(self, seq: int, kept: int) -> None:
         """Untag the tree's leaf sequences; its nodes past the `kept` leading ones are parked, or freed when the
@@ -330,7 +327,12 @@ class KvPool(PrefixSharing, FusedScoring):
             self.decode([seq] * size, tokens[done : done + size], [False] * (size - 1) + [True])
             done += size
         self.remember_prompt(seq, tokens[:prompt_len])
-        for size in chunk_sizes(len(tokens) - prompt_len, self.default_fuse_rows):
+        self._decode_chain(seq, tokens[prompt_len:])
+
+    def _decode_chain(self, seq: int, tokens: Sequence[int]) -> None:
+        """Append generated tokens to `seq` again, in chunks of at most 3 rows: the bits a scoring pass gave them."""
+        done = 0
+        for size in chunk_sizes(len(tokens), self.default_fuse_rows):
             self.decode([seq] * size, tokens[done : done + size], [True] * size)  # rows out change no cell
             done += size
 
