@@ -278,9 +278,9 @@ def test_past_exactness_prompt_rows_ride_in_the_scoring_decode(smol):
     decodes = []
     decode = pool.decode
 
-    def spy(seqs, tokens, want):
+    def spy(seqs, tokens, want, places=None):
         decodes.append(set(seqs))
-        return decode(seqs, tokens, want)
+        return decode(seqs, tokens, want, places)
 
     pool.decode = spy
     events, got = _long_prompt_while_one_decodes(smol, pool, long_prompt, 20)

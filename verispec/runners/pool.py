@@ -242,7 +242,7 @@ class FusedScoring(Pool):
                     seqs.append(prompt.seq), tokens.append(prompt.tokens[i]), places.append(None)
                     want.append(prompt.last and i == len(prompt.tokens) - 1)
             t0 = time.perf_counter()
-            logits = self.decode(seqs, tokens, want, places) if trees else self.decode(seqs, tokens, want)
+            logits = self.decode(seqs, tokens, want, places if trees else None)
             for j, (w, i) in enumerate(row for row, wanted in zip(part, want) if wanted):
                 if w >= 0:
                     outs[w][i] = logits[j]

@@ -242,8 +242,9 @@ class PagedPool(PrefixSharing, FusedScoring):
 
     # -- decoding ----------------------------------------------------------------------------------
 
-    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool]) -> np.ndarray:
-        """One model forward. Row i appends tokens[i] to seqs[i] at its next position; returns the wanted rows."""
+    def decode(self, seqs: Sequence[int], tokens: Sequence[int], want: Sequence[bool], places=None) -> np.ndarray:
+        """One model forward. Row i appends tokens[i] to seqs[i] at its next position; returns the wanted rows.
+        `places` (tree rows) is always empty here: this pool opens no trees (FusedScoring.open_tree)."""
         if len(tokens) > self.n_batch:
             raise ValueError(f"{len(tokens)} rows exceed the pool's batch size {self.n_batch}")
         rows: dict[int, list[int]] = {}  # rows of each sequence, sequences in order of first appearance
