@@ -254,7 +254,9 @@ class FusedScoring(Pool):
     def last_rows(self, passes: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
         """The last row's logits of each (sequence, tokens) pass, all of them in shared decodes of up to n_batch
         rows: a draft model's passes (fused_last_rows), whose numerics do not change the output, so no
-        exactness rule bounds the rows of a decode."""
+        exactness rule bounds the rows of a decode. Each row lands in its sequence's reply buffer (reused: a
+        drafter is done with one pass's logits before its next pass), not in llama.cpp's, which the next
+        decode overwrites while the round's other requests may still draft."""
         rows = [(p, i) for p, (_, tokens) in enumerate(passes) for i in range(len(tokens))]
         out: list[np.ndarray] = [None] * len(passes)  # type: ignore[list-item]
         for start in range(0, len(rows), self.n_batch):
@@ -262,7 +264,8 @@ class FusedScoring(Pool):
             want = [i == len(passes[p][1]) - 1 for p, i in part]
             logits = self.decode([passes[p][0] for p, _ in part], [passes[p][1][i] for p, i in part], want)
             for j, (p, _) in enumerate(row for row, wanted in zip(part, want) if wanted):
-                out[p] = logits[j].copy()
+                out[p] = self._rows_buffer(passes[p][0], 1)[0]
+                out[p][:] = logits[j]
             self.shared_decodes += len({passes[p][0] for p, _ in part}) > 1
         return out
 
