@@ -197,38 +197,51 @@ def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     assert outs == solo
 
 
+CELLS_FOR_TREES = 700  # llama.cpp makes it 768: the 672 cells the requests below reserve, no room for what they park
+
+
 def test_token_trees_fused_with_other_requests_equal_solo_through_compactions(smol):
     """Dynamic and static n-gram trees and a chain, fused in one pool too small for all their cells without a
-    compaction: each greedy output equals its solo plain output, including steps whose accepted path was not
-    the tree's leading chain (decoded again) and trees cut to the leaves a slot holds."""
+    compaction, one of them on a prompt past 256 tokens: each greedy output equals its plain output alone on
+    the pool (and the solo runner's, for the prompts under 64 tokens, which it prefills the same way),
+    including steps whose accepted path was not the tree's leading chain (decoded again) and trees cut to
+    the leaves a slot holds."""
     from verispec.drafters.ngram import NgramDrafter
     from verispec.runners.llamacpp_pool import KvPool
     from verispec.runners.pool import SequenceView
 
     params = SamplingParams(max_tokens=96)
-    prompts = [smol.prompt_tokens(a + b) for a, b in ((PROMPTS[0], PROMPTS[1]), (PROMPTS[11], PROMPTS[4]),
-                                                        (PROMPTS[4], PROMPTS[19]))]
-    solo = [[t for new in Engine(smol.target).generate(p, params) for t in new] for p in prompts]
-    specs = [SpeculativeConfig(draft="ngram", tree="dynamic", tree_budget=8),
-             SpeculativeConfig(draft="ngram", tree="static:2,2,1", tree_budget=6),
+    prompts = [smol.prompt_tokens(" ".join(PROMPTS[2:17]) + "\n" + PROMPTS[0] + PROMPTS[1]),
+               smol.prompt_tokens(PROMPTS[11] + PROMPTS[4]), smol.prompt_tokens(PROMPTS[4] + PROMPTS[19])]
+    assert len(prompts[0]) > 256 and all(len(p) < 64 for p in prompts[1:])
+    solo = [[t for new in Engine(smol.target).generate(p, params) for t in new] for p in prompts[1:]]
+    specs = [SpeculativeConfig(draft="ngram", tree="dynamic", tree_budget=16),
+             SpeculativeConfig(draft="ngram", tree="static:3,2,2", tree_budget=12),
              SpeculativeConfig(draft="ngram", draft_tokens=2)]
-    pool = KvPool(smol.target, 420, 3, tree_leaves=3)
-    stats = [Stats() for _ in specs]
-    outs: list = [[] for _ in specs]
 
-    def request(seq: int):
+    def request(pool, seq: int, spec: SpeculativeConfig, stats: Stats, out: list):
         assert pool.reserve(seq, len(prompts[seq]) + 100)
-        engine = Engine(SequenceView(pool, seq, 1024), NgramDrafter(), specs[seq])
-        yield from collecting(engine.steps(prompts[seq], params, stats[seq]), outs[seq])
+        engine = Engine(SequenceView(pool, seq, 1024), NgramDrafter() if spec.draft else None, spec)
+        yield from collecting(engine.steps(prompts[seq], params, stats), out)
         pool.release(seq)
 
+    alone: list = [[] for _ in prompts]
+    for seq in range(3):
+        pool = KvPool(smol.target, 1024, 3)
+        try:
+            run_together(pool, {seq: request(pool, seq, SpeculativeConfig(), Stats(), alone[seq])})
+        finally:
+            pool.close()
+    pool = KvPool(smol.target, CELLS_FOR_TREES, 3, tree_leaves=4)
+    stats = [Stats() for _ in specs]
+    outs: list = [[] for _ in specs]
     try:
-        run_together(pool, {seq: request(seq) for seq in range(3)})
+        run_together(pool, {seq: request(pool, seq, specs[seq], stats[seq], outs[seq]) for seq in range(3)})
         assert pool.compactions > 0 and pool.tree_redecodes > 0 and pool.trees > 0
         assert max(pool.pass_seconds) <= 3  # tree rows too go in decodes of at most 3 rows
     finally:
         pool.close()
-    assert outs == solo
+    assert outs == alone and outs[1:] == solo
     assert stats[0].drafted > 0 and stats[1].drafted > 0
 
 
