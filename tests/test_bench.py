@@ -275,3 +275,25 @@ def test_the_demo_explains_its_best_mode_from_measured_costs():
     assert "drafted on 10 of its 50 steps" in line and "kept 2.20 tokens each" in line  # 1 + 12 / 10
     results["records"][0].update(drafted_at_position=[], drafted=0, accepted=0)
     assert "stayed at 0" in _why_line(results, {})
+
+
+def test_llama_server_reference_counts_tokens_as_verispec_does(smol_source, smol_llama):
+    """llama-server's `predicted_n` counts the EOS it sampled; the reference counts the tokens written, as
+    verispec's own stats do, so a prompt that stops is not ~1/n faster on llama.cpp's side."""
+    from verispec.bench.peers import LlamaServer, PeerContext, PeerUnavailable
+    from verispec.models.chat import chat_tokens
+
+    tok = smol_llama.tokenizer
+    ctx = PeerContext(smol_source.path, None, 2, 1024, 0.0, 0, tok.eos_ids)
+    peer = LlamaServer(ctx)
+    try:
+        peer.open()
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        prompt = chat_tokens(tok, [{"role": "user", "content": "What is the capital of France? One word."}])
+        turn = peer.turn_fn("plain", 48)("", prompt)
+    finally:
+        peer.close()
+    assert 0 < len(turn.tokens) < 48, "the answer should stop before the limit, at an EOS"
+    assert turn.extra["generated"] == len(turn.tokens)

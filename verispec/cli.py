@@ -542,6 +542,10 @@ def _scale_note(cluster) -> str:
 
 
 def main() -> None:
+    """The `verispec` command: restarted first with glibc asking for huge pages, where that helps (huge_pages.py)."""
+    from .huge_pages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     app()
 
 

@@ -9,6 +9,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from .. import huge_pages
+
 BUSY_LOAD = 0.5  # a load average above this before the run means the numbers may be skewed
 
 PACKAGES = ("verispec", "llama-cpp-python", "torch", "transformers", "numpy")
@@ -53,8 +55,9 @@ def load_average() -> list[float]:
 
 
 def memory() -> dict[str, int]:
-    """This process's peak (VmHWM) and current (VmRSS) resident memory, in bytes, from /proc/self/status."""
-    out = {}
+    """This process's peak (VmHWM) and current (VmRSS) resident memory, in bytes, from /proc/self/status,
+    and how much of its anonymous memory is on huge pages (AnonHugePages)."""
+    out = {"AnonHugePages": huge_pages.backed_bytes()}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -77,4 +80,5 @@ def describe(threads: int | None) -> dict:
         "versions": versions(),
         "commit": git_commit(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "huge_pages": {"requested": huge_pages.requested(), "thp_mode": huge_pages.thp_mode()},
     }

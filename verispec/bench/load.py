@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .. import huge_pages
 from ..prompts import load_prompts
 
 
@@ -373,7 +374,8 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
     header = (f"Load benchmark: {model}, draft {draft or 'server default'}, {max(requests, 1)}+ requests per cell "
               f"({max_tokens} tokens at most, greedy, bench prompts as chat), {os.cpu_count()} CPUs, load average "
               f"{load_before[0]:.2f} before / {load_after[0]:.2f} after, "
-              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}"
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, huge pages "
+              f"{'asked for' if huge_pages.requested() else 'not asked for'} (llama-server: not asked for)"
               + (f", server options {serve_options}" if serve_options else "")
               + (f"; peer `{peer_server.command_line()}`" if peer_server else "") + ".")
     table = markdown(cells, header)
@@ -447,4 +449,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    from ..huge_pages import reexec_with_huge_pages
+
+    reexec_with_huge_pages()
     main()

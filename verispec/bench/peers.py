@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..huge_pages import without_huge_pages
 from .conversation import Turn, TurnFn
 
 
@@ -291,8 +292,10 @@ def llama_cpp_tool(name: str, bin_dir: str | None = None) -> str | None:
 
 def llama_cpp_env() -> dict[str, str]:
     """llama.cpp's programs as users run them: OpenMP's own wait policy, not the PASSIVE that verispec's
-    Makefile sets for torch (that would slow every barrier of theirs, see docs/threading.md)."""
-    return {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GGML_CPU_USE_REF")}
+    Makefile sets for torch (that would slow every barrier of theirs, see docs/threading.md), and glibc's
+    default pages, not the huge pages verispec asks for (huge_pages.py; they gain as much from them)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GGML_CPU_USE_REF")}
+    return without_huge_pages(env)
 
 
 class LlamaServerProcess:
@@ -362,8 +365,9 @@ class LlamaServer(Peer):
     def describe(self) -> str:
         return (f"`{self.server.command_line()}` (built from the "
                 "llama-cpp-python sdist's vendored llama.cpp, OpenMP and its default wait policy), `/completion` with the "
-                "prompt as token ids, `cache_prompt: false`; tokens/s is its own `timings.predicted_per_second` "
-                "(prefill excluded), its time to first token `timings.prompt_ms`.")
+                "prompt as token ids, `cache_prompt: false`; tokens/s is counted as verispec's: tokens written (EOS "
+                "excluded) over its `timings.predicted_ms` (first token to last pass, prefill excluded); its time to "
+                "first token is `timings.prompt_ms`.")
 
     def turn_fn(self, variant: str, max_tokens: int) -> TurnFn:
         def generate(_text: str, tokens: list[int]) -> Turn:
@@ -381,7 +385,10 @@ class LlamaServer(Peer):
                     out = out[:i]
                     break
             timings = data["timings"]
-            extra = {"generated": timings["predicted_n"], "decode_seconds": timings["predicted_ms"] / 1e3,
+            # Counted as verispec counts its own: tokens written, an EOS not among them (predicted_n counts
+            # the EOS it sampled, which made llama.cpp ~1/n faster on every prompt that stopped), over the
+            # time from the first token to the last pass (predicted_ms).
+            extra = {"generated": len(out), "decode_seconds": timings["predicted_ms"] / 1e3,
                      "prefill_seconds": timings["prompt_ms"] / 1e3, "tokens_per_s": timings["predicted_per_second"]}
             return Turn(out, elapsed, extra=extra)
 

@@ -317,8 +317,19 @@ def _environment(results: dict) -> list[str]:
             f"{env['threads']} threads for the target",
             f"- {env['platform']}, Python {env['python']}; {versions}",
             f"- commit `{env['commit']}`; OMP_WAIT_POLICY={env['omp_wait_policy']}",
+            _pages(env, results.get("memory", {})),
             f"- load average (1, 5, 15 min) before {env['load_before']}, after {env['load_after']}",
             ""]
+
+
+def _pages(env: dict, mem: dict) -> str:
+    pages = env.get("huge_pages") or {}
+    backed = mem.get("target", {}).get("AnonHugePages")
+    asked = "glibc asked for huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`)" if pages.get("requested") \
+        else "glibc's default pages (no `glibc.malloc.hugetlb`)"
+    held = f", {_mb(backed)} of the process on huge pages with the target loaded" if backed is not None else ""
+    return (f"- memory: {asked}, transparent huge pages `{pages.get('thp_mode')}`{held}; llama.cpp's own programs "
+            "ran with glibc's default pages, as users run them (verispec/huge_pages.py)")
 
 
 def _get(d: dict, k):
