@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # T(n)/T(1) for one llama.cpp pass over n rows, per verify mode: the Qwen2.5-Coder-1.5B Q4_K_M target through
-# the runner (verispec's GGML_OPENMP=OFF build, 2 threads, a 121-token context), as `verispec bench` measured it
-# on 2026-12-06 (docs/bench-2026-12-06, "Verify cost"; n = 3 from the one-pass run beside it: the same pass).
+# the runner (verispec's GGML_OPENMP=OFF build, huge pages, 2 threads, a 121-token context), as `verispec bench`
+# measured it on 2026-12-06 (docs/bench-2026-12-06-huge-pages, "Verify cost"; up to 3 rows both modes run the
+# same pass, and the two columns differ there by the run's noise, ~5%).
 # "exact" scores in chunks of <= 3 rows, so its cost grows about linearly from 4 rows on; "one-pass" is one
 # batch, where ggml's repacked gemm takes over at 4 rows (4 rows cost less than 3; up to 3 rows both modes run
 # the same pass). Interpolated between sizes, extrapolated linearly beyond; measurements replace it as a run goes.
@@ -28,8 +29,8 @@ from dataclasses import dataclass, field
 # bf16 far steeper; the measurements replace the prior as a run goes. CUDA has no measured curve yet (see
 # scripts/device_check.py) and borrows the bf16 one, the flattest: a GPU's passes are flatter still.
 PRIOR_VERIFY_RATIO = {
-    "exact": {1: 1.0, 2: 1.55, 3: 1.94, 4: 2.95, 8: 5.27, 16: 10.65},
-    "one-pass": {1: 1.0, 2: 1.54, 3: 1.94, 4: 1.69, 8: 3.09, 16: 3.81},
+    "exact": {1: 1.0, 2: 1.51, 3: 1.78, 4: 2.77, 8: 5.02, 16: 10.16},
+    "one-pass": {1: 1.0, 2: 1.58, 3: 1.89, 4: 1.82, 8: 3.34, 16: 4.14},
     "torch-cpu-fp32": {1: 1.0, 2: 1.08, 3: 1.08, 4: 1.97, 8: 2.64, 16: 2.62, 32: 3.35},
     "torch-cpu-bf16": {1: 1.0, 2: 1.04, 3: 1.03, 4: 1.08, 8: 1.06, 16: 1.13, 32: 1.22},
 }
