@@ -45,6 +45,8 @@ def test_llama_cpp_programs_run_without_it(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     env = llama_cpp_env()
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.check=0" and "OMP_WAIT_POLICY" not in env
+    monkeypatch.setenv("VERISPEC_PEER_HUGE_PAGES", "1")  # like with like, when asked
+    assert huge_pages.requested(llama_cpp_env())
 
 
 @madvise_mode

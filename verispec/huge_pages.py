@@ -39,7 +39,7 @@ def thp_mode() -> str | None:
 def requested(env: dict[str, str] | None = None) -> bool:
     """Whether glibc was told to ask for huge pages in this environment."""
     env = os.environ if env is None else env
-    return "glibc.malloc.hugetlb=1" in env.get("GLIBC_TUNABLES", "").split(":")
+    return TUNABLE in env.get("GLIBC_TUNABLES", "").split(":")
 
 
 def with_huge_pages(env: dict[str, str]) -> dict[str, str]:
@@ -85,7 +85,10 @@ def reexec_with_huge_pages() -> None:
     if not worth_restarting():
         return
     argv = list(getattr(sys, "orig_argv", []) or [sys.executable, *sys.argv])
-    os.execve(sys.executable, [sys.executable, *argv[1:]], with_huge_pages(dict(os.environ)))
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], with_huge_pages(dict(os.environ)))
+    except OSError:
+        return  # the command runs on as it is, with glibc's default pages
 
 
 def backed_bytes() -> int:

@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .. import huge_pages
+from .peers import llama_cpp_env
 
 BUSY_LOAD = 0.5  # a load average above this before the run means the numbers may be skewed
 
@@ -80,5 +81,6 @@ def describe(threads: int | None) -> dict:
         "versions": versions(),
         "commit": git_commit(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "huge_pages": {"requested": huge_pages.requested(), "thp_mode": huge_pages.thp_mode()},
+        "huge_pages": {"requested": huge_pages.requested(), "thp_mode": huge_pages.thp_mode(),
+                       "peers": huge_pages.requested(llama_cpp_env())},
     }

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import huge_pages
+from .peers import llama_cpp_env
 from ..prompts import load_prompts
 
 
@@ -375,7 +376,8 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
               f"({max_tokens} tokens at most, greedy, bench prompts as chat), {os.cpu_count()} CPUs, load average "
               f"{load_before[0]:.2f} before / {load_after[0]:.2f} after, "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, huge pages "
-              f"{'asked for' if huge_pages.requested() else 'not asked for'} (llama-server: not asked for)"
+              f"{'asked for' if huge_pages.requested() else 'not asked for'} (llama-server: "
+              f"{'asked for' if huge_pages.requested(llama_cpp_env()) else 'not asked for'})"
               + (f", server options {serve_options}" if serve_options else "")
               + (f"; peer `{peer_server.command_line()}`" if peer_server else "") + ".")
     table = markdown(cells, header)

@@ -293,9 +293,10 @@ def llama_cpp_tool(name: str, bin_dir: str | None = None) -> str | None:
 def llama_cpp_env() -> dict[str, str]:
     """llama.cpp's programs as users run them: OpenMP's own wait policy, not the PASSIVE that verispec's
     Makefile sets for torch (that would slow every barrier of theirs, see docs/threading.md), and glibc's
-    default pages, not the huge pages verispec asks for (huge_pages.py; they gain as much from them)."""
+    default pages, not the huge pages verispec asks for (huge_pages.py; they gain as much from them), unless
+    VERISPEC_PEER_HUGE_PAGES=1 gives them the same pages, to compare like with like."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GGML_CPU_USE_REF")}
-    return without_huge_pages(env)
+    return env if os.environ.get("VERISPEC_PEER_HUGE_PAGES") == "1" else without_huge_pages(env)
 
 
 class LlamaServerProcess:

@@ -328,8 +328,10 @@ def _pages(env: dict, mem: dict) -> str:
     asked = "glibc asked for huge pages (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`)" if pages.get("requested") \
         else "glibc's default pages (no `glibc.malloc.hugetlb`)"
     held = f", {_mb(backed)} of the process on huge pages with the target loaded" if backed is not None else ""
+    peers = ("the same pages (VERISPEC_PEER_HUGE_PAGES=1)" if pages.get("peers") else
+             "glibc's default pages, as users run them")
     return (f"- memory: {asked}, transparent huge pages `{pages.get('thp_mode')}`{held}; llama.cpp's own programs "
-            "ran with glibc's default pages, as users run them (verispec/huge_pages.py)")
+            f"ran with {peers} (verispec/huge_pages.py)")
 
 
 def _get(d: dict, k):
