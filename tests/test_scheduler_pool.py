@@ -161,6 +161,34 @@ def test_a_cached_prompt_prefix_is_shared_and_changes_no_logit_through_compactio
         assert np.array_equal(cold, warm), f"differs by {np.abs(cold - warm).max()}"
 
 
+def test_past_exactness_a_cached_prompt_is_shared_but_its_last_token(smol):
+    """--verify one-pass: nothing is bit-identical to solo runs any more, so a prompt shares any cached prefix but
+    its last token (whose logits are the reply), not whole groups of 4 leaving 8 rows to prefill: a chat request
+    that repeats an earlier prompt gets its first token from one row."""
+    prompt = smol.prompt_tokens(" ".join(PROMPTS))[:61]
+
+    def request(pool) -> np.ndarray:
+        out = []
+        assert pool.reserve(0, len(prompt) + 4)
+        run_together(pool, {0: _passes([Forward(prompt, all_logits=False), Forward([11])], out)})
+        pool.release(0)
+        return np.concatenate(out)
+
+    saved = {}
+    for mode in ("exact", "one-pass"):
+        pool = _pool(smol, 1024, 1, prefix_entries=1)
+        try:
+            if mode == "one-pass":
+                pool.fuse_rows = pool.n_batch
+            cold = request(pool)
+            warm = request(pool)
+            saved[mode] = pool.prefixes.tokens_saved
+        finally:
+            pool.close()
+        assert int(cold[0].argmax()) == int(warm[0].argmax())
+    assert saved == {"exact": 52, "one-pass": 60}  # 61 less 8, in 4s; 61 less the last
+
+
 def test_concurrent_speculative_requests_equal_solo_through_compactions(smol):
     """Plain and n-gram speculative requests (several K) fused on a pool too small to hold all their
     cells without compaction (sequence 3 serves three requests in a row, the others hold theirs): each

@@ -56,7 +56,9 @@ without one. Cached cells are never freed while others may sit above them: an ev
 cells are parked. A compaction keeps the most recently used entries that fit in the cells no
 admitted request has reserved and drops the rest, so the cache never keeps a request waiting.
 A draft model's pool (`exact_prefixes=False`) may share any common prefix: draft numerics do not
-change the output.
+change the output. So may a pool past exactness (`mixes_prompts`, the server's --verify one-pass), where
+nothing is bit-identical to a solo run: a prompt then prefills only what it does not share, down to its
+last token.
 
 Token trees (the server's --tree). A slot owns `tree_leaves` sequence ids for a tree's leaves. A tree
 pass tags them on the request's committed cells (`llama_memory_seq_cp`: nothing is copied) and decodes
@@ -174,13 +176,20 @@ class KvPool(PrefixSharing, FusedScoring):
         return size - group
 
     @property
+    def _exact_prompts(self) -> bool:
+        """Whether a shared prefix must hold the bits the prompt's own prefill would compute. Not on a draft pool
+        (`exact_prefixes=False`), nor once prompt rows ride in scoring decodes (`mixes_prompts`, --verify
+        one-pass): nothing is bit-identical to a solo run there, and any common prefix is shared."""
+        return self.exact_prefixes and not self.mixes_prompts
+
+    @property
     def prefix_unit(self) -> int:
-        return self.row_group if self.exact_prefixes else 1
+        return self.row_group if self._exact_prompts else 1
 
     def shareable_prefix(self, n_tokens: int) -> int:
         """Leading prompt tokens whose cells another prompt's prefill would compute bit for bit the same: whole
         groups of 4, leaving at least 8 rows (so that the prompt's own passes keep to the rules too)."""
-        if not self.exact_prefixes:
+        if not self._exact_prompts:
             return super().shareable_prefix(n_tokens)
         return max(0, n_tokens - self.min_prompt_pass) // self.row_group * self.row_group
 
