@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .. import huge_pages
-from .peers import llama_cpp_env
 from ..prompts import load_prompts
+from .peers import llama_cpp_env
 
 
 @dataclass
