@@ -390,7 +390,7 @@ class LlamaServer(Peer):
             # the EOS it sampled, which made llama.cpp ~1/n faster on every prompt that stopped), over the
             # time from the first token to the last pass (predicted_ms).
             extra = {"generated": len(out), "decode_seconds": timings["predicted_ms"] / 1e3,
-                     "prefill_seconds": timings["prompt_ms"] / 1e3, "tokens_per_s": timings["predicted_per_second"]}
+                     "prefill_seconds": timings["prompt_ms"] / 1e3}
             return Turn(out, elapsed, extra=extra)
 
         return generate

@@ -4,7 +4,6 @@ prompt (A B C, A B C, ...), check greedy outputs against ar, run the peers, writ
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -242,8 +241,9 @@ def _run_methods(model, prompts: list[BenchPrompt], methods: list[Method], param
                 progress.update(task, description=f"{prompt.id} · llama.cpp")
                 conv = converse(model, prompt, "llama.cpp", reference_fn)
                 reference_convs.append(conv)
-                tps = [t.extra["tokens_per_s"] for t in conv.turns]
-                progress.update(task, advance=1, last=f"llama.cpp: {statistics.fmean(tps):.1f} tok/s")
+                generated = sum(t.extra["generated"] for t in conv.turns)
+                decode = sum(t.extra["decode_seconds"] for t in conv.turns)
+                progress.update(task, advance=1, last=f"llama.cpp: {generated / decode if decode else 0:.1f} tok/s")
     return conversations, reference_convs
 
 
