@@ -96,7 +96,11 @@ def _ggml_base() -> ctypes.CDLL:
     """ggml's own library, for its GGUF reader (llama-cpp-python binds llama.h only)."""
     import llama_cpp as L
 
-    lib = ctypes.CDLL(str(sorted((Path(L.__file__).parent / "lib").glob("libggml-base.so*"))[0]))
+    found = sorted((Path(L.__file__).parent / "lib").glob("libggml-base.so*"))
+    if not found:
+        raise RuntimeError(f"llama-cpp-python's libggml-base was not found in {Path(L.__file__).parent / 'lib'} "
+                           "(verispec reads GGUF headers with it; `make install` builds a llama-cpp-python that has it)")
+    lib = ctypes.CDLL(str(found[0]))
     lib.gguf_init_from_file.argtypes = [ctypes.c_char_p, _GgufInitParams]
     lib.gguf_init_from_file.restype = ctypes.c_void_p
     lib.gguf_free.argtypes = [ctypes.c_void_p]
