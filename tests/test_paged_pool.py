@@ -150,6 +150,47 @@ def test_reservations_take_whole_blocks(runner):
     assert pool.free_cells() == 2 * BLOCK
 
 
+def test_a_preempted_sequence_is_swapped_out_and_back_and_its_logits_do_not_change(runner):
+    """Preemption frees a sequence's blocks (another sequence then writes into them) and resume writes its
+    keys and values back into other blocks, sharing its cached prompt prefix: its next rows' logits equal
+    those of a sequence never preempted, bit for bit."""
+    prompt, after = list(range(3, 43)), [60, 61, 62]
+
+    def run(preempt: bool) -> np.ndarray:
+        pool = PagedPool(runner, 5 * BLOCK, 2, prefix_entries=1)
+        _prefill(pool, 0, prompt)
+        pool.remember_prompt(0, prompt)
+        pool.decode([0] * 8, list(range(44, 52)), [True] * 8)  # 48 cells: 3 blocks
+        if preempt:
+            saved = pool.preempt(0)
+            assert (saved.held, saved.prompt_len, pool.live[0], pool.reserved[0]) == (48, 40, 0, 0)
+            assert pool.cached_cells() == 32  # the prompt's 2 whole blocks stay cached, the third is free
+            _prefill(pool, 1, list(range(100, 164)))  # 4 blocks: the freed one and the cache's are overwritten
+            assert pool.prefixes.evictions == 1
+            pool.release(1)
+            _prefill(pool, 1, list(range(3, 20)))  # another prompt in the lowest blocks
+            pool.resume(0, saved)
+            assert pool.live[0] == 48 and pool.swapped_out == 48
+            assert pool._tables[0][0] != 0  # its cells now lie elsewhere
+            pool.release(1)
+        return pool.decode([0] * 3, after, [True] * 3).copy()
+
+    assert np.array_equal(run(preempt=True), run(preempt=False))
+
+
+def test_resume_shares_the_cached_prompt_prefix_back(runner):
+    pool = PagedPool(runner, 8 * BLOCK, 1, prefix_entries=1)
+    prompt = list(range(3, 43))
+    _prefill(pool, 0, prompt)
+    pool.remember_prompt(0, prompt)
+    before = pool.decode([0, 0], [44, 45], [True, True]).copy()
+    pool.drop(0, 40)
+    saved = pool.preempt(0)
+    pool.resume(0, saved)
+    assert pool.prefixes.hits == 1 and pool.used_cells() == 3 * BLOCK  # 2 blocks shared back, 1 written
+    assert np.array_equal(pool.decode([0, 0], [44, 45], [True, True]), before)
+
+
 # -- through the stepper and the scheduler --------------------------------------------------------------
 
 
@@ -228,6 +269,36 @@ def test_pooled_scheduler_on_a_torch_target_equals_alone(runner):
         runner.reset()
         solo = [t for new in Engine(runner).generate(prompt, params) for t in new]
         assert text == runner.tokenizer.decode(solo)
+
+
+def test_requests_preempted_on_a_torch_target_resume_and_write_what_they_write_alone(runner, monkeypatch):
+    """KV on demand on the paged pool: three requests fit a 256-cell pool at admission but not at their peak,
+    so the newest is preempted (swapped out) and resumed; each streams what it streams alone, drafting
+    (n-gram, K pinned) or not, and nothing stays reserved."""
+    from verispec.serve import scheduler as scheduling
+    from verispec.serve.scheduler import Scheduler
+    from verispec.serve.scheduler import Sequence as Job
+
+    monkeypatch.setattr(scheduling, "RESERVE_AHEAD", 16)  # grow (and run out) sooner
+    params = SamplingParams(max_tokens=90, ignore_eos=True)
+    prompts = [runner.tokenizer.encode(p)[:40] for p in (PROMPTS[0], "abc abc abc abc " * 3, PROMPTS[7])]
+    specs = [(None, SpeculativeConfig()), ("ngram", SpeculativeConfig(draft="ngram", draft_tokens=3)), (None, SpeculativeConfig())]
+
+    def jobs():
+        return [Job(tokens=p, params=params, spec=spec, draft=draft, pinned=True)
+                for p, (draft, spec) in zip(prompts, specs)]
+
+    scheduler = Scheduler(runner, SpeculativeConfig(), None, max_batch=3, n_ctx=256, pool_cells=256)
+    try:
+        assert scheduler.pool.preemptible
+        alone = [_collect(scheduler, [job])[0] for job in jobs()]
+        assert scheduler.metrics.preemptions._value.get() == 0
+        together = _collect(scheduler, jobs())
+        assert scheduler.metrics.preemptions._value.get() > 0 and scheduler.pool.swapped_out > 0
+        assert sum(scheduler.pool.reserved) == 0 and sum(scheduler.pool.live) == 0
+    finally:
+        scheduler.close()
+    assert together == alone
 
 
 @pytest.mark.real

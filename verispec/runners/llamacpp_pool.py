@@ -319,7 +319,7 @@ class KvPool(PrefixSharing, FusedScoring):
 
     def preempt(self, seq: int) -> Preempted:
         prompt = self._prompts[seq]
-        saved = Preempted(list(self.history[seq]), None if prompt is None else len(prompt))
+        saved = Preempted(len(self.history[seq]), None if prompt is None else len(prompt), tokens=list(self.history[seq]))
         self.release(seq)  # caches the prompt's shareable prefix: resume() may share it back
         return saved
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -53,10 +53,13 @@ class PoolFull(RuntimeError):
 
 @dataclass
 class Preempted:
-    """What a pool needs to decode a preempted sequence's cells again (Pool.resume)."""
+    """What a pool needs to give a preempted sequence its cells back (Pool.resume): the tokens to decode again
+    (llamacpp_pool, by recompute) or the cells' keys and values (torch_pool, swapped out to the host)."""
 
-    tokens: list[int]  # the tokens of its cells, in position order
+    held: int  # cells it held: what resuming takes back
     prompt_len: int | None  # how many of them its prompt passes decoded (None: its prompt was not done)
+    tokens: list[int] = field(default_factory=list)  # a recomputing pool's: the token of each cell, in position order
+    swapped: tuple[list, list] | None = None  # a swapping pool's: keys and values of each cell, per layer
 
 
 class Pool(ABC):
@@ -137,7 +140,7 @@ class Pool(ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot preempt")
 
     def resume(self, seq: int, saved: Preempted) -> None:
-        """Decode a preempted sequence's cells again, bit for bit as they were (its reservation is made)."""
+        """Give a preempted sequence its cells back, bit for bit as they were (its reservation is made)."""
         raise NotImplementedError(f"{type(self).__name__} cannot preempt")
 
     def remember_prompt(self, seq: int, tokens: Sequence[int]) -> None:

@@ -36,6 +36,9 @@ a step's scoring rows go into one forward, where llama.cpp's pool is exact only 
 decode. (FusedScoring splits a step's rows only beyond n_batch rows; a request split across two
 decodes would attend in two segments and could differ in rounding.)
 
+Preemption (KV on demand in the server's scheduler) swaps a sequence's cells out and back rather than
+decoding them again; see `preempt` for why.
+
 Not supported (`PoolUnsupported` at construction, serve with --kv-pool 0): sliding-window or other
 non-full attention layers (Gemma 2/3, Mistral v0.1), attention logit soft-capping, attention sinks.
 Trees: chains only. `TorchRunner.open_pool(trees=True)` raises PoolUnsupported, and the server gives each
@@ -53,7 +56,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .device_memory import GiB, MiB, InsufficientMemory, available_bytes
-from .pool import FusedScoring, PoolFull, PoolUnsupported, PrefixSharing
+from .pool import FusedScoring, PoolFull, PoolUnsupported, Preempted, PrefixSharing
 
 if TYPE_CHECKING:
     import torch
@@ -134,6 +137,7 @@ class PagedPool(PrefixSharing, FusedScoring):
         self.compactions = 0
         self.decodes = 0
         self.padded = 0  # dummy rows added to reach a multiple of row_multiple
+        self.swapped_out = 0  # cells preempt() copied out (and resume() back)
         self.row_multiple = row_multiple(self.model)
         self._open_prefixes(n_seqs, range(prefix_entries))
         self._entry_blocks: dict[int, list[int]] = {}  # the blocks of each cached prefix
@@ -321,6 +325,40 @@ class PagedPool(PrefixSharing, FusedScoring):
             raise PoolUnsupported(f"{self.base.name} cannot share a paged KV pool: {exc} (serve with --kv-pool 0)",
                                   "kv_pool") from None
         self.padded = 0
+
+    # -- preemption: swapped out, not recomputed ---------------------------------------------------
+    # A row's attention depends on the rows it was decoded with (its segment; see Exactness), and the pool does
+    # not record segments, so decoding a sequence's tokens again could change its cells' bits. Its keys and
+    # values are copied out instead (to the host, on a GPU), its blocks freed for others, and on resume copied
+    # into fresh blocks: the same bytes at the same positions, and attention finds cells by position.
+
+    preemptible = True
+
+    def preempt(self, seq: int) -> Preempted:
+        prompt, held = self._prompts[seq], self.live[seq]
+        saved = Preempted(held, None if prompt is None else len(prompt))
+        if prompt is not None:  # else its prompt is prefilled again from the start (the stepper's part)
+            cells = self._cells[seq][:held]
+            saved.swapped = ([k[cells].to("cpu") for k in self._flat(self._keys)],
+                             [v[cells].to("cpu") for v in self._flat(self._values)])
+            saved.tokens = [int(t) for t in prompt]
+        self.release(seq)  # caches the prompt's shareable prefix: resume() may share it back
+        self.swapped_out += held if prompt is not None else 0
+        return saved
+
+    def resume(self, seq: int, saved: Preempted) -> None:
+        """The prompt's cached prefix shared back where the prefix cache still holds it (the same bits:
+        rows are batch-invariant here), the rest of its cells written back from the host."""
+        if saved.prompt_len is None:
+            return
+        keys, values = saved.swapped
+        done = self.adopt_prefix(seq, saved.tokens)
+        self._grow({seq: range(saved.held - done)})
+        cells = self._cells[seq][done : saved.held]
+        for pool, kept in zip(self._flat(self._keys) + self._flat(self._values), keys + values):
+            pool[cells] = kept[done:].to(pool.device)
+        self.live[seq] = saved.held
+        self.remember_prompt(seq, saved.tokens)
 
     def close(self) -> None:
         self._keys, self._values = [], []

@@ -58,7 +58,7 @@ class Metrics:
         self.pool_reserved = Gauge("verispec_kv_pool_reserved_cells", "Cells reserved by admitted requests", registry=r)
         self.pool_compactions = Gauge("verispec_kv_pool_compactions", "Times the pool was compacted", registry=r)
         self.preemptions = Counter("verispec_preemptions", "Requests whose cells were freed for an older request's "
-                                   "(resumed by recompute, output unchanged)", registry=r)
+                                   "(resumed by recompute or swap, output unchanged)", registry=r)
         self.preempted = Gauge("verispec_preempted_requests", "Requests preempted and waiting to resume", registry=r)
         self.draft_pool_live = Gauge("verispec_kv_draft_pool_live_tokens", "Tokens the draft model holds in its pool", registry=r)
         self.draft_shared_decodes = Gauge("verispec_draft_shared_decodes", "Draft-model decodes that held the draft "

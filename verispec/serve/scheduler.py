@@ -14,11 +14,12 @@ same fused decodes on the llama.cpp pool (KvPool.open_tree); a torch target serv
 per slot. A llama.cpp draft model has a pool of its own with a sequence per slot; another draft runner
 gets a context per slot.
 
-KV on demand. On a pool that can preempt (the llama.cpp pool), a request is admitted when the
+KV on demand. On a pool that can preempt (the llama.cpp and the paged torch pools), a request is admitted when the
 pools can reserve its prompt and `RESERVE_AHEAD` cells more, and its reservation grows by that
 much whenever its next step could outgrow it. When the cells run out, the newest request is
 preempted: its cells are freed and, once cells are free again (before anyone new is admitted), they
-are decoded again, bit for bit (KvPool.resume), so its output is unchanged. Other pools reserve the
+are decoded again, bit for bit (KvPool.resume; the torch pool copies them out and back, PagedPool.resume),
+so its output is unchanged. A context per slot reserves the
 cells a request can use at most at admission: prompt + max_tokens + its largest pass + 1, capped by --ctx.
 A request waits in the queue until its cells are free (first come, first served). Draft caps come from the goodput planner (goodput.py) once two or more requests share the
 passes; alone, a request's own chooser decides. A request that joins a running batch does not
@@ -318,7 +319,7 @@ class Scheduler:
     def _resume(self) -> None:
         """Give preempted requests their cells back, oldest first, as soon as they are free."""
         for job in sorted((j for j in self.slots if j is not None and j.preempted), key=lambda j: j.arrived):
-            holds = len(job.preempted.tokens) if job.preempted.prompt_len is not None else len(job.tokens)
+            holds = job.preempted.held if job.preempted.prompt_len is not None else len(job.tokens)
             if not self._reserve(job, job.slot, self._ahead(job, holds)):
                 return
             saved, job.preempted = job.preempted, None
