@@ -2,6 +2,7 @@
 on SmolLM2-135M (llama.cpp). Exactness is checked bit for bit against solo runs."""
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -345,7 +346,6 @@ def drafting(smol_source):
 
 
 def _scheduler(model, max_batch: int, n_ctx: int = 512):
-    from verispec.serve.scheduler import Scheduler
 
     return Scheduler(model.target, model.spec, model.drafter(model.spec.draft), max_batch=max_batch, n_ctx=n_ctx)
 
@@ -433,7 +433,6 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
 @pytest.mark.parametrize("share", [0.0, -1.0, float("inf"), float("nan")])
 def test_a_prefill_share_that_is_not_a_positive_number_is_refused(smol, share):
     from verispec.errors import InvalidParameter
-    from verispec.serve.scheduler import Scheduler
 
     with pytest.raises(InvalidParameter, match="prefill-share"):
         Scheduler(smol.target, smol.spec, None, max_batch=1, n_ctx=512, prefill_share=share)
@@ -446,6 +445,9 @@ def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting
         scheduler.slots[0] = object()  # another request is running
         assert scheduler._initial_cap() == 0
         scheduler.slots[0] = None
+        scheduler._waiting.append(object())  # admitted in the same pass, into the other free slot
+        assert scheduler._initial_cap() == 0
+        scheduler._waiting.clear()
     finally:
         scheduler.close()
 
@@ -477,6 +479,47 @@ def test_a_costly_drafter_whose_prefill_a_cap_of_zero_skipped_stays_off(smol):
         list(run)
         assert engine.draft_stays_off is not drafts and drafter.prefilled is drafts
         assert (stats.drafted > 0) is drafts and (stats.capped_steps >= 5) is not drafts
+
+
+def test_a_gated_requests_draft_model_prefill_waits_for_its_second_step(smol):
+    """A scheduler's request (gated) whose costly drafter would draft is not prefilled before its prompt: its
+    first decode step is plain, and at the second the cap the scheduler planned meanwhile decides. Capped to 0
+    by then (others arrived with it), the drafter is never prefilled and stays off; left uncapped, it is
+    prefilled on the context and drafts. The planner gives a request still waiting to prefill no drafts."""
+    from verispec.drafters.base import Draft, Drafter
+
+    class Costly(Drafter):
+        name, costly = "model", True
+        prefilled_with: list[int] | None = None
+
+        def prefill(self, prompt):
+            self.prefilled_with = list(prompt)
+
+        def propose(self, context, k):
+            return Draft([1] * k, None, self.name)
+
+    prompt = smol.prompt_tokens(PROMPTS[0])
+    for planned, drafts in ((0, False), (None, True)):
+        drafter, stats = Costly(), Stats()
+        engine = Engine(smol.target, drafter, SpeculativeConfig(draft="model", draft_tokens=None))
+        engine.gated = True
+        run = engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True), stats)
+        first = next(run)  # the prompt's token, then the plain first step's
+        assert engine.draft_prefill_pending and drafter.prefilled_with is None
+        engine.cap = planned  # what the scheduler planned before the second step
+        rest = list(run)
+        assert len(first) + sum(map(len, rest)) == 8
+        assert not engine.draft_prefill_pending and engine.draft_stays_off is not drafts
+        assert (drafter.prefilled_with is not None) is drafts and (stats.drafted > 0) is drafts
+        if drafts:
+            assert drafter.prefilled_with[: len(prompt)] == prompt and len(drafter.prefilled_with) > len(prompt)
+
+    engine = Engine(smol.target, Costly(), SpeculativeConfig(draft="model"))
+    job = SimpleNamespace(draft="model", stats=Stats(), spec=SpeculativeConfig(draft="model"), engine=engine)
+    for pending, k_max in ((True, 0), (False, job.spec.draft_max)):
+        engine.gated = True
+        engine.draft_prefill_pending = pending
+        assert Scheduler._candidate(SimpleNamespace(carried={}), job).k_max == k_max
 
 
 def test_a_draft_model_skipped_at_the_start_stays_off_when_the_request_is_left_alone(drafting):
