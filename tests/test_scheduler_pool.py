@@ -42,6 +42,38 @@ def _passes(forwards, into: list):
 # -- exactness ---------------------------------------------------------------------------------------
 
 
+def test_an_idle_pool_and_a_reset_runner_leave_stale_kv_data_that_changes_no_logit(smol):
+    """An idle pool's cells are freed without zeroing the KV buffers (KEEP_KV_DATA), and so are a runner's at
+    reset: a shorter request after a longer one, in view of its stale cells, gets a fresh pool's logits."""
+    long_prompt, short = smol.prompt_tokens(" ".join(PROMPTS))[:200], smol.prompt_tokens(PROMPTS[3])[:40]
+
+    def request(pool, seq: int, prompt: list[int]) -> list[np.ndarray]:
+        got: list = []
+        assert pool.reserve(seq, len(prompt) + 8)
+        run_together(pool, {seq: _passes([Forward(prompt, all_logits=False)] + [Forward([t]) for t in (11, 12, 13)], got)})
+        pool.release(seq)
+        return got
+
+    fresh = _pool(smol, 512, 2)
+    used = _pool(smol, 512, 2)
+    try:
+        expected = request(fresh, 1, short)
+        request(used, 0, long_prompt)
+        assert used.bump == 0 and not any(used.live)  # idle again: cells freed, data kept
+        for got, want in zip(request(used, 1, short), expected):
+            assert np.array_equal(got, want)
+    finally:
+        fresh.close()
+        used.close()
+    runner = smol.target
+    runner.reset()
+    solo = runner.forward(short)
+    runner.reset()
+    runner.forward(long_prompt)
+    runner.reset()
+    assert np.array_equal(runner.forward(short), solo)
+
+
 def test_a_request_alone_decodes_like_plain_llama_cpp_past_256_tokens_without_dummy_rows(smol):
     """Alone and packed, one-row decodes are not padded: they equal the solo runner's, rollbacks included."""
     runner = smol.target

@@ -357,7 +357,7 @@ class LlamaCppRunner(Runner):
 
     def reset(self) -> None:
         self._tree_seqs = None
-        self._L.llama_memory_clear(self._mem, True)
+        self._L.llama_memory_clear(self._mem, False)  # the buffers are not zeroed: see llamacpp_pool.KEEP_KV_DATA
         self.n_past = 0
 
     def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0, trees: bool = False):
