@@ -58,7 +58,9 @@ class Preempted:
 
     held: int  # cells it held: what resuming takes back
     prompt_len: int | None  # how many of them its prompt passes decoded (None: its prompt was not done)
-    tokens: list[int] = field(default_factory=list)  # a recomputing pool's: the token of each cell, in position order
+    # A recomputing pool's: the token of each cell, in position order; a swapping pool's: its prompt's (to share
+    # the cached prefix back).
+    tokens: list[int] = field(default_factory=list)
     swapped: tuple[list, list] | None = None  # a swapping pool's: keys and values of each cell, per layer
 
 
