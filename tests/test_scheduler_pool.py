@@ -43,7 +43,7 @@ def _passes(forwards, into: list):
 
 
 def test_an_idle_pool_and_a_reset_runner_leave_stale_kv_data_that_changes_no_logit(smol):
-    """An idle pool's cells are freed without zeroing the KV buffers (KEEP_KV_DATA), and so are a runner's at
+    """An idle pool's cells are freed without zeroing the KV buffers (ZERO_KV_BUFFERS), and so are a runner's at
     reset: a shorter request after a longer one, in view of its stale cells, gets a fresh pool's logits."""
     long_prompt, short = smol.prompt_tokens(" ".join(PROMPTS))[:200], smol.prompt_tokens(PROMPTS[3])[:40]
 

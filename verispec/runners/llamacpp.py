@@ -25,6 +25,13 @@ VERIFY_MODES = ("exact", "one-pass")
 # (repacked gemm; tiled from 8), whose sums differ from a one-row pass by up to ~0.5 in the logits
 # (Qwen2.5 Q4_K_M); passes of <= 3 rows are bit-identical to one-row passes (tests/test_long_context.py).
 EXACT_CHUNK = 3
+# llama_memory_clear's `data` argument, whether clearing the cells also zeroes the KV buffers: not here (the
+# runner's reset and the server pool's, llamacpp_pool.py). Zeroing a 32,768-cell pool took 41 ms for the 0.5B
+# draft and ~100 ms for the 1.5B target, and a server's draft pool went idle at every release while no request
+# drafted: 41 ms of stall per finished request. Stale keys and values are finite (every cell was zeroed at
+# allocation or written by a decode) and lie in cells the mask hides, which flash attention skips and which get
+# softmax weight 0 without it: no logit changes.
+ZERO_KV_BUFFERS = False
 
 def open_context(model, *, n_ctx: int, n_batch: int, n_seq_max: int, n_threads: int):
     """A llama.cpp context as every part of verispec opens one (runner, KV pool, memory probe); NULL on failure.
@@ -357,7 +364,7 @@ class LlamaCppRunner(Runner):
 
     def reset(self) -> None:
         self._tree_seqs = None
-        self._L.llama_memory_clear(self._mem, False)  # the buffers are not zeroed: see llamacpp_pool.KEEP_KV_DATA
+        self._L.llama_memory_clear(self._mem, ZERO_KV_BUFFERS)
         self.n_past = 0
 
     def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0, trees: bool = False):

@@ -88,17 +88,11 @@ import numpy as np
 from ..errors import InvalidParameter, PromptError
 from ..llama_lib import decode
 from ..token_tree import leaf_sequences, tree_depths
-from .llamacpp import LlamaCppRunner, open_context
+from .llamacpp import ZERO_KV_BUFFERS, LlamaCppRunner, open_context
 from .pool import (FusedScoring, PoolFull, Preempted, PrefixSharing, SequenceView, TreeRow,  # noqa: F401 (PoolFull: raised here)
                    chunk_sizes)
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
-# llama_memory_clear's `data` argument: False frees the cells without zeroing the KV buffers. Zeroing a
-# 32,768-cell pool took 41 ms for the 0.5B draft and ~100 ms for the 1.5B target, and a server's draft pool
-# went idle at every release while no request drafted: 41 ms of stall per finished request. Stale keys and
-# values are finite (every cell was either zeroed at allocation or written by a decode) and lie in cells the
-# mask hides, which flash attention skips, and whose softmax weight is 0 without it: no logit changes.
-KEEP_KV_DATA = False
 
 
 class KvPool(PrefixSharing, FusedScoring):
@@ -162,7 +156,7 @@ class KvPool(PrefixSharing, FusedScoring):
         self._close_tree(seq, kept=0)
         super().release(seq)
         if not any(self.live) and not len(self.prefixes):  # idle: start again from cell 0, as a solo run does
-            self._L.llama_memory_clear(self._mem, KEEP_KV_DATA)
+            self._L.llama_memory_clear(self._mem, ZERO_KV_BUFFERS)
             self.bump = 0
 
     # -- prompts and the prefix cache -------------------------------------------------------------
@@ -245,7 +239,7 @@ class KvPool(PrefixSharing, FusedScoring):
             if len(entry.tokens) <= room:
                 room -= len(entry.tokens)
                 kept.append((entry, self._save(entry.seq)))
-        self._L.llama_memory_clear(self._mem, KEEP_KV_DATA)
+        self._L.llama_memory_clear(self._mem, ZERO_KV_BUFFERS)
         for seq, state in saved + [(entry.seq, state) for entry, state in kept]:
             self._restore(seq, state)
         self.prefixes.keep_only([entry for entry, _ in kept])
