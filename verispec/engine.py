@@ -241,7 +241,7 @@ class Engine:
         # alone for a few milliseconds, prefilled its 0.5B draft model inline (0.85 s for 146 tokens) while
         # the 12 requests that arrived with it waited.
         self.draft_prefill_pending = False
-        self._plain_steps_left = 0
+        self._first_step_plain = False
         # Tree budgets are measured per engine, not per request: their costs are facts of the hardware.
         self.budget_chooser = None
         if self.tree_shape:
@@ -302,7 +302,7 @@ class Engine:
             prefill_draft = chooser.drafted_last_step and self.cap != 0
             self.draft_stays_off = self.drafter.costly and not prefill_draft
             self.draft_prefill_pending = prefill_draft and self.drafter.costly and self.gated
-            self._plain_steps_left = 1 if self.draft_prefill_pending else 0
+            self._first_step_plain = self.draft_prefill_pending
             if prefill_draft and not self.draft_prefill_pending:
                 self.drafter.prefill(prompt)
                 stats.draft_prefill_seconds = time.perf_counter() - t0
@@ -363,8 +363,8 @@ class Engine:
     def _deferred_prefill(self, context: list[int], cap: int | None, chooser: DraftLengthChooser, stats: Stats) -> int | None:
         """A gated request's costly drafter: a plain first step, then, at the second, prefilled on the context if
         the scheduler's cap and the chooser still let it draft, or off for the request. The step's cap."""
-        if self._plain_steps_left:
-            self._plain_steps_left -= 1
+        if self._first_step_plain:
+            self._first_step_plain = False
             return 0
         self.draft_prefill_pending = False
         if cap == 0 or not (chooser.would_draft() or self.budget_chooser is not None):

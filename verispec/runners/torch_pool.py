@@ -341,7 +341,7 @@ class PagedPool(PrefixSharing, FusedScoring):
             cells = self._cells[seq][:held]
             saved.swapped = ([k[cells].to("cpu") for k in self._flat(self._keys)],
                              [v[cells].to("cpu") for v in self._flat(self._values)])
-            saved.tokens = [int(t) for t in prompt]
+            saved.tokens = prompt.tolist()
         self.release(seq)  # caches the prompt's shareable prefix: resume() may share it back
         self.swapped_out += held if prompt is not None else 0
         return saved

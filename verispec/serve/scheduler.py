@@ -363,8 +363,8 @@ class Scheduler:
         planned as alone, and its draft model's prompt prefill, ~0.85 s for a 146-token prompt on the
         0.5B draft, stalled the 12 requests admitted with it.)
         """
-        free_after = sum(s is None for s in self.slots) - 1  # before this request takes its slot
-        others = len(self.slots) - 1 - free_after + min(len(self._waiting), free_after)
+        running = sum(s is not None for s in self.slots)  # before this request takes its slot
+        others = running + min(len(self._waiting), len(self.slots) - running - 1)
         if self.spec_off_at > 0 and 1 + others >= self.spec_off_at:
             return 0
         return 0 if others else None
