@@ -6,6 +6,7 @@ Four greedy chat requests at once through the server's Scheduler, on the default
 - alone: the same steps with each request's draft passes decoded on their own (the behaviour before);
 - plain: no drafting, for scale.
 Run on a quiet machine: `.venv/bin/python scripts/draft_fusion.py` (N=40 tokens per request by default).
+TREE=dynamic (or static:B1,B2,...) grows token trees of budget 4 instead of chains: each expansion is a draft pass.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ PROMPTS = [
     "Write a bash one-liner that counts the lines in every .py file in a directory.",
 ]
 N = int(os.environ.get("N", 40))
+TREE = os.environ.get("TREE")
 
 
 def one_at_a_time(passes):
@@ -38,9 +40,11 @@ def one_at_a_time(passes):
 def run(model, mode: str) -> tuple[float, int, list[str]]:
     """Output tokens/s of the four requests together, shared draft decodes, and their texts."""
     stepper.fused_last_rows = one_at_a_time if mode == "alone" else fused_last_rows
-    scheduler = Scheduler(model.target, model.spec, model.drafter(model.spec.draft), max_batch=4, n_ctx=1024)
+    served = replace(model.spec, tree=TREE, tree_budget=4) if TREE else model.spec
+    scheduler = Scheduler(model.target, served, model.drafter(model.spec.draft), max_batch=4, n_ctx=1024)
     drafting = mode != "plain"
-    spec = replace(model.spec, draft=model.spec.draft if drafting else None, draft_tokens=3 if drafting else None)
+    spec = replace(served, draft=model.spec.draft if drafting else None, draft_tokens=3 if drafting else None,
+                   tree=TREE if drafting else None)
     jobs = []
     t0 = time.perf_counter()
     for text in PROMPTS:

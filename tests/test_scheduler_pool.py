@@ -382,14 +382,15 @@ def _scheduler(model, max_batch: int, n_ctx: int = 512):
     return Scheduler(model.target, model.spec, model.drafter(model.spec.draft), max_batch=max_batch, n_ctx=n_ctx)
 
 
-def _submit(scheduler, base, text: str, max_tokens: int):
-    """A greedy request drafting with the model (K = 4); returns the job and the list its events go to."""
+def _submit(scheduler, base, text: str, max_tokens: int, **spec_changes):
+    """A greedy request drafting with the model (K = 4, unless `spec_changes` say otherwise); returns the job and
+    the list its events go to."""
     from dataclasses import replace
 
     from verispec.serve.scheduler import Sequence as Job
 
     events = []
-    spec = replace(base.spec, draft=MODEL, draft_tokens=4)
+    spec = replace(base.spec, draft=MODEL, draft_tokens=4, **spec_changes)
     job = Job(base.prompt_tokens(text), SamplingParams(max_tokens=max_tokens), spec, "model", True, events.append)
     scheduler.submit(job)
     return job, events
@@ -460,6 +461,30 @@ def test_draft_model_requests_share_one_draft_pool_and_equal_solo(drafting):
         assert events[-1].kind == "done", events[-1]
         assert "".join(e.text for e in events) == want
         assert job.stats.drafted > 0 and job.stats.acceptance_rate > 0.9  # a model drafting for itself
+
+
+def test_draft_model_trees_of_concurrent_requests_grow_in_shared_draft_decodes(drafting):
+    """`serve --tree dynamic` with the draft model: two requests' trees grow together, an expansion of each in
+    every round's one draft decode (Drafter.expand_steps, stepper.Stepper._draft), where each expansion used to
+    run alone; each output equals the solo plain output."""
+    from dataclasses import replace
+
+    texts, n = [PROMPTS[0], PROMPTS[4]], 32
+    solo = [drafting.generate(t, SamplingParams(max_tokens=n), spec=SpeculativeConfig()).text for t in texts]
+    spec = replace(drafting.spec, tree="dynamic", tree_budget=4)
+    scheduler = Scheduler(drafting.target, spec, drafting.drafter(spec.draft), max_batch=2, n_ctx=512)
+    try:
+        draft_pool = scheduler.draft_pool
+        runs = [_submit(scheduler, drafting, t, n, tree="dynamic", tree_budget=4) for t in texts]
+        assert all(_until(lambda: events and events[-1].kind != "text") for _, events in runs)
+        assert draft_pool.shared_decodes > 0
+        assert scheduler.pool.trees > 0
+    finally:
+        scheduler.close()
+    for (job, events), want in zip(runs, solo):
+        assert events[-1].kind == "done", events[-1]
+        assert "".join(e.text for e in events) == want
+        assert job.stats.drafted > 0 and set(job.stats.tree_budgets) == {4}
 
 
 @pytest.mark.parametrize("share", [0.0, -1.0, float("inf"), float("nan")])

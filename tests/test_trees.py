@@ -187,6 +187,56 @@ def test_greedy_equality_for_trees_cascades_and_prefixes(seed):
         assert all(1 <= n <= d + 1 for n, d in zip(steps, stats.draft_lengths)), f"{label} accepted undrafted tokens"
 
 
+class CountingTable(NoisyTable):
+    """A draft model that counts its passes."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__(seed)
+        self.passes = 0
+
+    def forward(self, tokens, parents=None, all_logits=True):
+        self.passes += 1
+        return super().forward(tokens, parents, all_logits)
+
+
+@pytest.mark.parametrize("label", ["model dynamic b8", "model static", "cascade chain", "cascade dynamic", "cascade prefix"])
+def test_every_draft_model_pass_of_trees_and_cascades_is_yielded_by_the_step(label):
+    """A grown tree's expansions, a branch tree's chain and a cascade's model level run their draft-model passes
+    as DraftPasses yielded by Engine.steps, so that the server's stepper fuses them with other requests' passes
+    (one draft decode per round, stepper.Stepper._draft): after the prompt, no pass runs behind the stepper's
+    back. Driven here the way the stepper drives it, the output is plain decoding's."""
+    from verispec.drafters.base import DraftPass
+    from verispec.engine import Forward
+
+    target = TableRunner(VOCAB, 4)
+    draft_runner = CountingTable(4)
+    drafter = ModelDrafter(draft_runner)
+    if label.startswith("cascade"):
+        drafter = CascadeDrafter([NgramDrafter(3, 3), drafter], VOCAB)  # trigrams: the model level drafts too
+    spec = drafters_under_test(4)[1][label][1]
+    prompt = [int(t) for t in np.random.default_rng(4).integers(0, VOCAB, 12)]
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    steps, out, yielded = Engine(target, drafter, spec).steps(prompt, params), [], 0
+    event = next(steps)  # the prompt's pass; the draft model has prefilled the prompt on the way
+    passes_before = draft_runner.passes
+    while True:
+        if isinstance(event, Forward):
+            reply = target.forward(event.tokens, event.parents, event.all_logits)
+        elif isinstance(event, DraftPass):
+            yielded += 1
+            reply = event.run()
+        else:
+            out += event
+            reply = None
+        try:
+            event = steps.send(reply)
+        except StopIteration:
+            break
+    assert yielded > 0
+    assert draft_runner.passes - passes_before == yielded
+    assert out == run(Engine(target), prompt, params)[0]
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_perfect_draft_is_accepted_whole_at_every_step(seed):
     """A drafter that is the target itself: every greedy step keeps its whole chain, or the tree's deepest path."""

@@ -8,14 +8,14 @@ rolled back past the rejected tokens. K = 0 is plain autoregressive decoding thr
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .draft_length import TREE_BUDGETS, CarriedCosts, DraftLengthChooser, TreeBudgetChooser
 from .drafters.base import Drafter, DraftPass
-from .drafters.tree_growth import TreeShape, grow_tree
+from .drafters.tree_growth import TreeShape, grow_tree_steps
 from .errors import PromptError
 from .runners.base import Runner
 from .sampling import PositionNoise, SamplingParams
@@ -356,8 +356,8 @@ class Engine:
         k = min(chooser.choose(), self._draft_room(), 64 if cap is None else cap) if self.drafter else 0
         if k > 0 and tree_verifier is not None:
             width = max(self.config.tree_width, PREFIX_WIDTH if self.config.acceptance != "exact" else 1)
-            return (yield from self._tree_step(lambda: self._branch_tree(context, last, k, width), k, chooser,
-                                               tree_verifier, stats, len(context)))
+            return (yield from self._tree_step(self._branch_tree(context, last, k, width), k, chooser, tree_verifier,
+                                               stats, len(context)))
         return (yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins))
 
     def _deferred_prefill(self, context: list[int], cap: int | None, chooser: DraftLengthChooser, stats: Stats) -> int | None:
@@ -393,9 +393,8 @@ class Engine:
         t0 = time.perf_counter()
         if budget > 0:
             expansions = max(1, budget // 2) if self.drafter.costly else budget
-            new = yield from self._tree_step(lambda: grow_tree(self.drafter, context, self.tree_shape, budget, expansions,
-                                                    self.config.draft_max), expansions, None, tree_verifier, stats,
-                                   len(context))
+            tree = grow_tree_steps(self.drafter, context, self.tree_shape, budget, expansions, self.config.draft_max)
+            new = yield from self._tree_step(tree, expansions, None, tree_verifier, stats, len(context))
         else:
             k = min(chooser.choose(), self._draft_room(), 64 if cap is None else cap)
             new = yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
@@ -436,19 +435,20 @@ class Engine:
         stats.record_step(len(drafted), verdict.n_accepted, t1 - t0, t2 - t1)
         return drafted[: verdict.n_accepted] + [verdict.next_token]
 
-    def _branch_tree(self, context: list[int], last: int, k: int, width: int) -> TokenTree:
-        branches, sources = self.drafter.branch_sources(context, k, width)
+    def _branch_tree(self, context: list[int], last: int, k: int, width: int) -> Generator[DraftPass, np.ndarray, TokenTree]:
+        branches, sources = yield from self.drafter.branch_steps(context, k, width)
         return build_tree(last, branches, sources)
 
-    def _tree_step(self, make_tree: Callable[[], TokenTree], k: int, chooser: DraftLengthChooser | None,
+    def _tree_step(self, drafting: Generator[DraftPass, np.ndarray, TokenTree], k: int, chooser: DraftLengthChooser | None,
                    verifier: TreeVerifier, stats: Stats, position: int) -> Generator[StepEvent, object, list[int]]:
         """Verify a token tree (root = last token) in one pass; keep the accepted path in the cache.
+        `drafting` drafts the tree: its model passes are yielded as the step's own, as a chain's are.
 
         `chooser` (the chain's draft-length chooser) learns from branch trees, whose first branch is
         the chain; grown trees are measured by the budget chooser instead.
         """
         t0 = time.perf_counter()
-        tree: TokenTree = self._within_leaves(make_tree())
+        tree: TokenTree = self._within_leaves((yield from drafting))
         last = tree.tokens[0]
         t1 = time.perf_counter()
         room = self.target.n_ctx - self.target.n_past - 1

@@ -95,8 +95,14 @@ class Drafter(ABC):
 
     def branch_sources(self, context: Sequence[int], k: int, width: int) -> tuple[list[list[int]], list[str]]:
         """propose_branches() plus the drafter that proposed each branch (a cascade has several)."""
+        return run_passes(self.branch_steps(context, k, width))
+
+    def branch_steps(self, context: Sequence[int], k: int, width: int) -> Generator[DraftPass, np.ndarray,
+                                                                                      tuple[list[list[int]], list[str]]]:
+        """branch_sources() as a coroutine that yields its model passes (see propose_steps). Default: at once."""
         branches = self.propose_branches(context, k, width)
         return branches, [self.name] * len(branches)
+        yield  # a generator, that never yields
 
     def expand(self, context: Sequence[int], width: int) -> Candidates:
         """Up to `width` candidate next tokens after `context`, most likely first, with draft probabilities.
@@ -107,6 +113,12 @@ class Drafter(ABC):
         """
         tokens = self.propose(context, 1).tokens[:1]
         return Candidates(tokens, np.ones(len(tokens)), self.name)
+
+    def expand_steps(self, context: Sequence[int], width: int) -> Generator[DraftPass, np.ndarray, Candidates]:
+        """expand() as a coroutine that yields its model passes (see propose_steps): a server grows the trees of
+        all its requests together, one draft decode per round. Default: at once."""
+        return self.expand(context, width)
+        yield  # a generator, that never yields
 
     def accepted(self, row: int) -> None:
         """Called after every target pass with the row (in that pass's output) of the last kept token.

@@ -12,12 +12,12 @@ by side instead, and the target keeps the longest valid one.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 
 import numpy as np
 
 from ..sampling import SamplingParams
-from .base import Candidates, Draft, Drafter
+from .base import Candidates, Draft, Drafter, DraftPass, run_passes
 
 
 class CascadeDrafter(Drafter):
@@ -41,13 +41,18 @@ class CascadeDrafter(Drafter):
             level.prefill(prompt)
 
     def propose(self, context: Sequence[int], k: int) -> Draft:
+        return run_passes(self.propose_steps(context, k))
+
+    def propose_steps(self, context: Sequence[int], k: int) -> Generator[DraftPass, np.ndarray, Draft]:
+        """Each level continues after the levels before it; a model level's passes are yielded (a server fuses
+        them with other requests' draft passes)."""
         tokens: list[int] = []
         sources: list[str] = []
         parts: list[Draft] = []
         for level in self.levels:
             if len(tokens) >= k:
                 break
-            part = level.propose(list(context) + tokens, k - len(tokens))
+            part = yield from level.propose_steps(list(context) + tokens, k - len(tokens))
             parts.append(part)
             tokens += part.tokens
             sources += [part.source or level.name] * len(part.tokens)
@@ -73,21 +78,26 @@ class CascadeDrafter(Drafter):
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
         return self.branch_sources(context, k, width)[0]
 
-    def branch_sources(self, context: Sequence[int], k: int, width: int) -> tuple[list[list[int]], list[str]]:
+    def branch_steps(self, context: Sequence[int], k: int, width: int) -> Generator[DraftPass, np.ndarray,
+                                                                                      tuple[list[list[int]], list[str]]]:
         """Each level's own proposals side by side (the cheapest first), for prefix and tree verification."""
         branches: list[list[int]] = []
         sources: list[str] = []
         for level in self.levels:
-            for branch in level.propose_branches(context, k, width):
+            level_branches, _ = yield from level.branch_steps(context, k, width)
+            for branch in level_branches:
                 if branch and branch not in branches:
                     branches.append(branch)
                     sources.append(level.name)
         return branches, sources
 
     def expand(self, context: Sequence[int], width: int) -> Candidates:
+        return run_passes(self.expand_steps(context, width))
+
+    def expand_steps(self, context: Sequence[int], width: int) -> Generator[DraftPass, np.ndarray, Candidates]:
         """The first level with candidates answers; deeper (costlier) levels only when it has none."""
         for level in self.levels:
-            candidates = level.expand(context, width)
+            candidates = yield from level.expand_steps(context, width)
             if candidates.tokens:
                 return candidates
         return Candidates([], np.empty(0), self.name)

@@ -112,6 +112,14 @@ class ModelDrafter(Drafter):
         return tokens
 
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
+        return run_passes(self._branches(context, k, width))
+
+    def branch_steps(self, context: Sequence[int], k: int, width: int) -> Generator[DraftPass, np.ndarray,
+                                                                                      tuple[list[list[int]], list[str]]]:
+        branches = yield from self._branches(context, k, width)
+        return branches, [self.name] * len(branches)
+
+    def _branches(self, context: Sequence[int], k: int, width: int) -> Generator[DraftPass, np.ndarray, list[list[int]]]:
         """The draft's greedy chain, plus its next-best `width - 1` tokens at each depth as side leaves.
 
         Siblings are deterministic candidates, so the tree verifier treats them as one-hot drafts.
@@ -119,7 +127,7 @@ class ModelDrafter(Drafter):
         if k <= 0:
             return []
         self.runner.check_fits(len(context) - self.runner.n_past + k)
-        logits = self._sync(context)
+        logits = yield from self._sync_steps(context)
         chain: list[int] = []
         sides: list[list[int]] = []
         for i in range(k):
@@ -129,14 +137,17 @@ class ModelDrafter(Drafter):
             sides.extend(chain + [int(alt)] for alt in ranked[1:])
             chain.append(token)
             if i + 1 < k:
-                logits = self.runner.forward([token], all_logits=False)[-1]
+                logits = yield DraftPass(self.runner, [token])
                 self._cached.append(token)
         return [chain] + sides
 
     def expand(self, context: Sequence[int], width: int) -> Candidates:
+        return run_passes(self.expand_steps(context, width))
+
+    def expand_steps(self, context: Sequence[int], width: int) -> Generator[DraftPass, np.ndarray, Candidates]:
         """The draft's `width` most likely next tokens after `context` (one draft pass, plus any re-feed)."""
         self.runner.check_fits(len(context) - self.runner.n_past + 1)
-        logits = self._sync(context)
+        logits = yield from self._sync_steps(context)
         top = np.argpartition(logits, -width)[-width:] if width < logits.shape[0] else np.arange(logits.shape[0])
         top = top[np.argsort(-logits[top])]
         peak = float(logits[top[0]])

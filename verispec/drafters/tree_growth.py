@@ -8,19 +8,22 @@ tree. A child's cumulative probability never exceeds its parent's, so the chosen
 include their ancestors.
 
 Each expansion of a model drafter is one draft pass, so on a CPU `expansions` is what the tree
-costs to draft; the n-gram drafter expands for free.
+costs to draft; the n-gram drafter expands for free. The growth is a coroutine (`grow_tree_steps`) that
+yields those passes, so that a server runs the expansions of all its requests' trees together.
 """
 
 from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..errors import InvalidParameter
 from ..verify.tree import TokenTree
-from .base import Drafter
+from .base import Drafter, DraftPass, run_passes
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ class _Growth:
             node = self.parents[node]
         return self.context + path[::-1]
 
-    def add_children(self, drafter: Drafter, node: int, width: int, room: int) -> list[int]:
-        candidates = drafter.expand(self.path_context(node), width)
+    def add_children(self, drafter: Drafter, node: int, width: int, room: int) -> Generator[DraftPass, np.ndarray, list[int]]:
+        candidates = yield from drafter.expand_steps(self.path_context(node), width)
         added = []
         for token, prob in list(zip(candidates.tokens, candidates.probs))[: max(room, 0)]:
             self.tokens.append(int(token))
@@ -105,13 +108,21 @@ class _Growth:
 def grow_tree(drafter: Drafter, context: Sequence[int], shape: TreeShape, budget: int, expansions: int,
               max_depth: int = 12) -> TokenTree:
     """Grow a tree of at most `budget` drafted nodes under the context's last token."""
+    return run_passes(grow_tree_steps(drafter, context, shape, budget, expansions, max_depth))
+
+
+def grow_tree_steps(drafter: Drafter, context: Sequence[int], shape: TreeShape, budget: int, expansions: int,
+                    max_depth: int = 12) -> Generator[DraftPass, np.ndarray, TokenTree]:
+    """grow_tree() as a coroutine that yields the drafter's model passes (Drafter.expand_steps), one per
+    expansion: a server runs those of all its requests' trees together, one draft decode per round."""
     growth = _Growth(context)
     if shape.kind == "static":
-        return _grow_static(drafter, growth, shape.branching[:max_depth], budget)
-    return _grow_dynamic(drafter, growth, shape.width, budget, expansions, max_depth)
+        return (yield from _grow_static(drafter, growth, shape.branching[:max_depth], budget))
+    return (yield from _grow_dynamic(drafter, growth, shape.width, budget, expansions, max_depth))
 
 
-def _grow_static(drafter: Drafter, growth: _Growth, branching: Sequence[int], budget: int) -> TokenTree:
+def _grow_static(drafter: Drafter, growth: _Growth, branching: Sequence[int],
+                 budget: int) -> Generator[DraftPass, np.ndarray, TokenTree]:
     frontier = [0]
     for width in branching:
         next_frontier: list[int] = []
@@ -119,13 +130,13 @@ def _grow_static(drafter: Drafter, growth: _Growth, branching: Sequence[int], bu
             room = budget - (len(growth.tokens) - 1)
             if room <= 0:
                 break
-            next_frontier += growth.add_children(drafter, node, width, room)
+            next_frontier += yield from growth.add_children(drafter, node, width, room)
         frontier = next_frontier
     return growth.tree(range(1, len(growth.tokens)))
 
 
 def _grow_dynamic(drafter: Drafter, growth: _Growth, width: int, budget: int, expansions: int,
-                  max_depth: int) -> TokenTree:
+                  max_depth: int) -> Generator[DraftPass, np.ndarray, TokenTree]:
     heap = [(0.0, 0)]  # (-cumulative log probability, node) of nodes not yet expanded
     for _ in range(expansions):
         if not heap:
@@ -133,7 +144,7 @@ def _grow_dynamic(drafter: Drafter, growth: _Growth, width: int, budget: int, ex
         neg_logp, node = heapq.heappop(heap)
         if len(growth.tokens) - 1 >= budget and -neg_logp <= _kth_best(growth.logp, budget):
             break  # no child of this node could make the chosen `budget` nodes any more
-        for child in growth.add_children(drafter, node, width, room=width):
+        for child in (yield from growth.add_children(drafter, node, width, room=width)):
             if growth.depth[child] < max_depth:
                 heapq.heappush(heap, (-growth.logp[child], child))
     drafted = range(1, len(growth.tokens))
