@@ -353,11 +353,24 @@ def test_token_trees_served_fused_write_what_each_request_writes_alone(smol_sour
             with ThreadPoolExecutor(3) as pool:
                 together = list(pool.map(complete, range(3)))
             assert trees_alone > 0 and server.metric("verispec_tree_passes") > trees_alone
+            own = {}  # a request's own tree, and a chain on the tree server
+            for shape in ("static:2,2,1", "none"):
+                trees_before = server.metric("verispec_tree_passes")
+                out = client.completions.create(model=MODEL, prompt=prompts[1], max_tokens=48, temperature=0, extra_body={
+                    "speculative": {"draft": "ngram", "draft_tokens": 4, "tree": shape, "tree_budget": 5}})
+                own[shape] = (out.choices[0].text, out.model_extra["speculative"]["drafted"],
+                              server.metric("verispec_tree_passes") - trees_before)
+            with pytest.raises(openai.BadRequestError, match="tree"):
+                client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={
+                    "speculative": {"tree": "static:99"}})
             assert server.wait_idle()["active"] == 0
     finally:
         base.close()
     assert [text for text, _ in together] == [text for text, _ in alone]
     assert all(drafted > 0 for _, drafted in together)
+    assert own["static:2,2,1"][0] == own["none"][0] == alone[1][0]
+    assert own["static:2,2,1"][1] > 0 and own["static:2,2,1"][2] > 0  # drafted, in trees
+    assert own["none"][1] > 0 and own["none"][2] == 0  # drafted, in chains
 
 
 def test_a_soak_run_loses_nothing_and_leaks_no_cells(running):
@@ -409,6 +422,7 @@ BAD = [
     ("unknown draft", C, _with(speculative={"draft": "/etc/passwd"}), 400, "speculative.draft"),
     ("draft_tokens out of range", C, _with(speculative={"draft": "ngram", "draft_tokens": 999}), 400, "speculative.draft_tokens"),
     ("unknown speculative field", C, _with(speculative={"drafts": 3}), 400, "speculative.drafts"),
+    ("a tree on a server without --tree", C, _with(speculative={"tree": "dynamic"}), 400, "speculative.tree"),
     ("chat without messages", CHAT, {"model": MODEL}, 400, "messages"),
     ("chat empty messages", CHAT, {"model": MODEL, "messages": []}, 400, "messages"),
     ("chat bad role", CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),

@@ -88,17 +88,33 @@ class Server:
         """The request's speculative config, its drafter key ("ngram", "model" or None) and whether it pinned it."""
         base = self.spec
         key, pinned, fixed, k_max = self.default_draft, False, base.draft_tokens, base.draft_max
+        tree, budget = base.tree, base.tree_budget
         if opts is not None:
             if "draft" in opts.model_fields_set:
                 key, pinned = self._draft_key(opts.draft), True
             if opts.draft_tokens is not None:
                 fixed, pinned = opts.draft_tokens, True
             k_max = opts.draft_max if opts.draft_max is not None else k_max
+            if "tree" in opts.model_fields_set:
+                tree = self._tree(opts.tree)
+            if opts.tree_budget is not None:
+                budget, pinned = opts.tree_budget, True
         try:
-            spec = replace(base, draft=self.draft_name(key) if key else None, draft_tokens=fixed, draft_max=k_max)
+            spec = replace(base, draft=self.draft_name(key) if key else None, draft_tokens=fixed, draft_max=k_max,
+                           tree=tree, tree_budget=budget)
         except InvalidParameter as exc:
             raise ApiError(400, str(exc), f"speculative.{exc.param}") from None
         return spec, key, pinned
+
+    def _tree(self, shape: str | None) -> str | None:
+        """A request's own tree shape. Any shape needs a pool opened for trees (`serve --tree`: each slot then owns
+        sequence ids for leaves), so a server started without one offers only "none"."""
+        if shape in (None, "", "none"):
+            return None
+        if not self.spec.uses_trees:
+            raise ApiError(400, "this server verifies no token trees: start it with --tree to ask for one per request",
+                           "speculative.tree")
+        return shape
 
     def _draft_key(self, name: str | None) -> str | None:
         if name in (None, "", "none"):

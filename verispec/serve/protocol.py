@@ -38,6 +38,8 @@ class SpeculativeOptions(BaseModel):
     draft: StrictStr | None = None  # "none" | "ngram" | "auto" | the server's draft model
     draft_tokens: StrictInt | None = None  # fixed K; None = adaptive
     draft_max: StrictInt | None = None
+    tree: StrictStr | None = None  # "none" | "dynamic" | "static:B1,B2,..." (on a server started with --tree)
+    tree_budget: StrictInt | None = None  # drafted nodes per tree; None = the server's
 
 
 class StreamOptions(_Body):
