@@ -597,6 +597,68 @@ def test_model_drafter_gets_a_context_per_slot(smol_source):
         base.close()
 
 
+def test_a_cascade_server_drafts_with_each_slots_draft_model_fused(smol_source):
+    """`serve --draft cascade:ngram,MODEL` (SmolLM2 drafting for itself after n-gram lookup): each slot's cascade
+    drafts with n-gram lookup, then with that slot's draft model, a sequence of the draft pool whose passes are fused
+    across requests. Concurrent greedy outputs equal the library's plain ones. (A cascade used to be served as n-gram
+    lookup alone, its draft model loaded and never run.)"""
+    import verispec
+    from verispec.serve import ServeConfig
+
+    cascade = f"cascade:ngram,{MODEL}"
+    base = verispec.load(MODEL, n_ctx=512, draft=cascade, n_threads=1)
+    prompts = [PROMPTS[0], "Repeat this list exactly:\n" + COUNTING + "\n" + COUNTING[:20], PROMPTS[4]]
+    try:
+        plain = [base.generate(p, SamplingParams(max_tokens=32)).text for p in prompts]
+        with _serving(base, ServeConfig(model=MODEL, max_batch=3, ctx=512, api_key=KEY)) as server:
+            client = server.client()
+
+            def complete(prompt: str) -> tuple[str, dict]:
+                out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0,
+                                                extra_body={"speculative": {"draft_tokens": 4}})
+                return out.choices[0].text, out.model_extra["speculative"]
+
+            with ThreadPoolExecutor(3) as pool:
+                together = list(pool.map(complete, prompts))
+            model_alone = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=8, temperature=0,
+                                                    extra_body={"speculative": {"draft": MODEL, "draft_tokens": 4}})
+            shared = server.server.scheduler.draft_pool.shared_decodes
+            assert server.wait_idle()["active"] == 0
+    finally:
+        base.close()
+    assert [text for text, _ in together] == plain
+    assert all(spec["draft"] == cascade and spec["drafted"] > 0 for _, spec in together)
+    assert shared > 0  # the model level drafted, fused
+    assert model_alone.model_extra["speculative"]["draft"] == MODEL and model_alone.choices[0].text == plain[0][
+        : len(model_alone.choices[0].text)]
+
+
+def test_a_server_refuses_a_drafter_it_cannot_run_on_its_pool():
+    """Heads read the target's hidden states, which pool sequences do not keep, and a cascade runs one draft model per
+    slot: the server says so at start-up instead of serving something else."""
+    from tests.toy import TableRunner
+    from verispec.drafters.base import Draft, Drafter
+    from verispec.drafters.cascade import CascadeDrafter
+    from verispec.drafters.draft_model import ModelDrafter
+    from verispec.drafters.ngram import NgramDrafter
+    from verispec.errors import InvalidParameter
+    from verispec.serve.scheduler import served_drafters
+
+    class Heads(Drafter):
+        name = "medusa:heads.pt"
+
+        def propose(self, context, k):
+            return Draft([])
+
+    model = ModelDrafter(TableRunner(8))
+    assert served_drafters(CascadeDrafter([NgramDrafter(), model], 8)) == (model, ("ngram", "model"))
+    assert served_drafters(model) == (model, None) and served_drafters(NgramDrafter()) == (None, None)
+    for drafter in (Heads(), CascadeDrafter([NgramDrafter(), Heads()], 8),
+                    CascadeDrafter([model, ModelDrafter(TableRunner(8))], 8)):
+        with pytest.raises(InvalidParameter, match="verispec generate"):
+            served_drafters(drafter)
+
+
 def test_per_slot_contexts_without_pool(smol_source):
     """--kv-pool 0: one context per slot, passes not fused; concurrent outputs still equal solo ones."""
     from fastapi.testclient import TestClient

@@ -312,7 +312,8 @@ def bench(
 @app.command()
 def serve(
     model: str = typer.Option(registry.DEFAULT_TARGET, "--model", "-m", help="registered name, GGUF path or HF model directory"),
-    draft: str = typer.Option("auto", help="default drafter: auto, ngram, none, a registered model or a path"),
+    draft: str = typer.Option("auto", help="default drafter: auto, ngram, none, a registered model or a path, or "
+                              "cascade:ngram,MODEL (Medusa/EAGLE heads are for `verispec generate`)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, envvar="VERISPEC_API_KEY", help="require 'Authorization: Bearer KEY'"),

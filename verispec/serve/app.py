@@ -66,15 +66,19 @@ class Server:
         self.scheduler = _scheduler(base, config, self.metrics, self.spec)
         self.model_ids = [config.model] + ([base.target.name] if base.target.name != config.model else [])
         self.created = int(time.time())
-        # The --draft drafter as a key: "model" (cloned onto every slot), "ngram" or None.
-        self.default_draft = "model" if self.scheduler.model_drafter else ("ngram" if base.drafter(base.spec.draft) else None)
+        # The --draft drafter as a key: "cascade" or "model" (cloned onto every slot), "ngram" or None.
+        self.default_draft = ("cascade" if self.scheduler.cascade else "model" if self.scheduler.model_drafter
+                              else "ngram" if base.drafter(base.spec.draft) else None)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers must not encode concurrently
 
     def close(self) -> None:
         self.scheduler.close()
 
     def draft_name(self, key: str | None) -> str:
-        return self.scheduler.model_drafter.name if key == "model" else key or "none"
+        model = self.scheduler.model_drafter
+        if key == "cascade":
+            return "cascade:" + ",".join(model.name if level == "model" else level for level in self.scheduler.cascade)
+        return model.name if key == "model" else key or "none"
 
     def check_key(self, request: Request) -> None:
         if self.config.api_key is None:
@@ -123,10 +127,16 @@ class Server:
             return "ngram"
         if name == "auto":
             return self.default_draft or "ngram"
-        if self.default_draft == "model" and name in (self.base.spec.draft, self.draft_name("model")):
-            return "model"
-        allowed = ["none", "ngram", "auto"] + ([self.draft_name("model")] if self.default_draft == "model" else [])
+        offered = [key for key in ("model", "cascade") if self._offers(key)]
+        for key in offered:
+            if name == self.draft_name(key) or (key == self.default_draft and name == self.base.spec.draft):
+                return key
+        allowed = ["none", "ngram", "auto"] + [self.draft_name(key) for key in offered]
         raise ApiError(400, f"unknown draft {name!r}: this server offers {', '.join(allowed)}", "speculative.draft")
+
+    def _offers(self, key: str) -> bool:
+        """A server with a draft model offers it alone too; a cascade only where --draft named one."""
+        return self.scheduler.model_drafter is not None and (key == "model" or self.scheduler.cascade is not None)
 
     def encode(self, req: CompletionRequest | ChatRequest) -> list[int]:
         with self._tokenizer_lock:
@@ -158,18 +168,16 @@ def _serve_spec(spec: SpeculativeConfig, config: ServeConfig) -> SpeculativeConf
 def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: SpeculativeConfig | None = None) -> Scheduler:
     """One shared KV pool unless --kv-pool 0; per-slot contexts otherwise, and for a target the pool
     cannot hold (e.g. sliding-window attention on torch) unless --kv-pool was asked for explicitly."""
-    from ..drafters.draft_model import ModelDrafter
     from ..runners.pool import PoolUnsupported
 
     spec = spec or _serve_spec(base.spec, config)
     default = base.drafter(base.spec.draft)
-    model_drafter = default if isinstance(default, ModelDrafter) else None
     fuse_rows = config.fuse_rows
     if fuse_rows is None and config.verify == "one-pass":
         fuse_rows = 1 << 16  # as many as the pool's batch holds
 
     def make(cells: int | None) -> Scheduler:
-        return Scheduler(base.target, spec, model_drafter, config.max_batch, config.max_queue, config.ctx,
+        return Scheduler(base.target, spec, default, config.max_batch, config.max_queue, config.ctx,
                          config.spec_off_at, metrics, cells, fuse_rows, config.prefill_chunk, config.prefix_cache,
                          config.prefill_share)
 

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 
 from ..drafters.base import Drafter
+from ..drafters.cascade import CascadeDrafter
 from ..drafters.draft_model import ModelDrafter
 from ..drafters.ngram import NgramDrafter
 from ..draft_length import CarriedCosts
@@ -84,7 +85,7 @@ class Sequence:
     tokens: list[int]
     params: SamplingParams
     spec: SpeculativeConfig
-    draft: str | None  # "ngram", "model" or None
+    draft: str | None  # "ngram", "model", "cascade" or None
     pinned: bool  # the client chose the drafter or K: the planner does not cap it
     sink: Callable[[Event], None] = lambda event: None
     endpoint: str = "completions"
@@ -115,7 +116,7 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, target: Runner, spec: SpeculativeConfig, model_drafter: ModelDrafter | None,
+    def __init__(self, target: Runner, spec: SpeculativeConfig, drafter: Drafter | None,
                  max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None, spec_off_at: int = 0,
                  metrics: Metrics | None = None, pool_cells: int | None = None, fuse_rows: int | None = None,
                  prefill_chunk: int | None = None, prefix_cache: int = 32, prefill_share: float = 1.0) -> None:
@@ -127,7 +128,10 @@ class Scheduler:
             raise InvalidParameter(f"--prefix-cache must be >= 0, got {prefix_cache}", "prefix_cache")
         if not 0 < prefill_share < float("inf"):
             raise InvalidParameter(f"--prefill-share must be a number > 0, got {prefill_share}", "prefill_share")
-        self.target, self.spec, self.model_drafter = target, spec, model_drafter
+        self.target, self.spec = target, spec
+        # The loaded drafter (--draft) as the server runs it: its draft model cloned onto every slot, and a cascade
+        # rebuilt per slot around that slot's clone.
+        self.model_drafter, self.cascade = served_drafters(drafter)
         self.n_ctx = position_limit(target, n_ctx or target.n_ctx)
         self.max_queue, self.spec_off_at = max_queue, spec_off_at
         self.metrics = metrics or Metrics()
@@ -136,10 +140,11 @@ class Scheduler:
         if cells < 0 or 0 < cells < self.n_ctx:
             raise InvalidParameter(f"--kv-pool {cells} is smaller than --ctx {self.n_ctx}: one request could never fit"
                                    " (0 = a context per slot)", "kv_pool")
-        self.memory = check_server(target, model_drafter, max_batch, self.n_ctx, cells)
+        self.memory = check_server(target, self.model_drafter, max_batch, self.n_ctx, cells)
         self.pool = self.draft_pool = None
         self.slots: list[Sequence | None] = [None] * max_batch
         self._drafters: list[ModelDrafter | None] = [None] * max_batch
+        self._cascades: list[CascadeDrafter | None] = [None] * max_batch
         try:
             self.pool = (ContextPool(target, self.n_ctx, max_batch) if cells == 0
                          else target.open_pool(cells, max_batch, prefix_cache, trees=spec.uses_trees))  # PoolUnsupported: see app.py
@@ -176,6 +181,9 @@ class Scheduler:
             view = (DirectSeqRunner(self.draft_pool, seq, self.n_ctx) if self.draft_pool is not None
                     else clone_runner(runner, self.n_ctx))
             self._drafters[seq] = ModelDrafter(view, self.model_drafter.min_prob, self.spec.draft_max)
+            if self.cascade is not None:
+                levels = [self._drafters[seq] if level == "model" else self._ngram() for level in self.cascade]
+                self._cascades[seq] = CascadeDrafter(levels, self.target.n_vocab, self.spec.draft_max)
 
     # -- called from request handlers -----------------------------------------------------------
 
@@ -345,9 +353,14 @@ class Scheduler:
     def _drafter(self, key: str | None, seq: int) -> Drafter | None:
         if key == "model":
             return self._drafters[seq]
+        if key == "cascade":
+            return self._cascades[seq]
         if key == "ngram":
-            return NgramDrafter(self.spec.ngram_min, self.spec.ngram_max)
+            return self._ngram()
         return None
+
+    def _ngram(self) -> NgramDrafter:
+        return NgramDrafter(self.spec.ngram_min, self.spec.ngram_max)
 
     def _initial_cap(self) -> int | None:
         """No drafting for a request that joins a running batch until the planner has planned for it.
@@ -477,3 +490,19 @@ class Scheduler:
         if self.draft_pool is not None:
             m.publish_prefix_cache("draft", self.draft_pool.prefixes)
 
+
+def served_drafters(drafter: Drafter | None) -> tuple[ModelDrafter | None, tuple[str, ...] | None]:
+    """What the server makes of the loaded drafter: its draft model, if any (cloned onto every slot), and for a
+    cascade its levels as drafter keys ("ngram", "model"), rebuilt per slot. Heads read the target's hidden states,
+    which a pool's sequences do not keep, so a server does not draft with them, and says so at start-up."""
+    if drafter is None or isinstance(drafter, NgramDrafter):
+        return None, None
+    if isinstance(drafter, ModelDrafter):
+        return drafter, None
+    levels = drafter.levels if isinstance(drafter, CascadeDrafter) else [drafter]
+    models = [level for level in levels if isinstance(level, ModelDrafter)]
+    if len(models) > 1 or any(not isinstance(level, (ModelDrafter, NgramDrafter)) for level in levels):
+        raise InvalidParameter(f"the server drafts with n-gram lookup, a draft model or a cascade of n-gram lookup and "
+                               f"one draft model; {drafter.name} is for `verispec generate`", "draft")
+    return (models[0] if models else None), tuple("model" if isinstance(level, ModelDrafter) else "ngram"
+                                                   for level in levels)
