@@ -151,10 +151,24 @@ def test_load_cells_count_outputs_unlike_the_same_modes_solo_outputs():
     from verispec.bench.load import Cell, compare_with_solo, markdown
 
     cells = [Cell(1, "off", 1.0, texts={0: "a", 1: "b"}), Cell(1, "llama-server", 1.0, texts={0: "a", 1: "b"}),
-             Cell(4, "off", 1.0, texts={0: "a", 1: "b"}), Cell(4, "llama-server", 1.0, texts={0: "a", 1: "c"})]
+             Cell(4, "off", 1.0, texts={0: "a", 1: "b"}), Cell(4, "llama-server", 1.0, texts={0: "a", 1: "c"}),
+             Cell(1, "generate", 1.0, texts={0: "x", 1: "b"})]  # the library engine: compared with the server's off
     compare_with_solo(cells)
-    assert [c.differ_from_solo for c in cells] == [None, None, 0, 1]
-    assert markdown(cells[3:], "").splitlines()[-1].endswith("| 1 |")
+    assert [c.differ_from_solo for c in cells] == [None, None, 0, 1, 1]
+    assert markdown(cells[3:4], "").splitlines()[-1].endswith("| 1 |")
+
+
+def test_the_load_bench_compares_a_lone_server_request_with_the_library_engine():
+    from verispec.bench.load import Cell, RequestResult, compare_with_solo, engine_ratio_markdown
+
+    def cell(mode: str, itl: float, ttft: float, text: str) -> Cell:
+        return Cell(1, mode, 1.0, [RequestResult(ttft, itl, 10, 1.0)], texts={0: text})
+
+    cells = [cell("off", 0.070, 1.0, "a"), cell("on", 0.070, 1.0, "a"), cell("generate", 0.068, 0.9, "b")]
+    compare_with_solo(cells)
+    assert "decodes at 0.97x `verispec generate` (ITL p50 70.0 against 68.0 ms)" in engine_ratio_markdown(cells)
+    assert "1 of 1 outputs differ" in engine_ratio_markdown(cells)
+    assert engine_ratio_markdown(cells[:2]) == ""
 
 
 # -- end to end ---------------------------------------------------------------------------------
