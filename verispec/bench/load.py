@@ -232,6 +232,7 @@ def _generate_cell(model, prompts: list[str], n_requests: int, max_tokens: int) 
     return cell
 
 
+ARRIVAL_LEAD = "Read the whole document below before you answer anything about it.\n\n"
 FOLLOW_UPS = ("Which part of it matters most, and why?", "Show a short example of using it.",
               "Name two edge cases it handles.")
 
@@ -428,7 +429,9 @@ def run_load(model: str, draft: str | None, concurrency: list[int], requests: in
             chat = asyncio.run(_conversation(target, model, document, conversation_turns, max_tokens, timeout))
             print(conversation_markdown(chat), flush=True)
         if arrival:
-            document = conversation_document(prompts_source, int(3.5 * (ctx - 100)))
+            # Its own first line: the conversation's turns, run just before on the same document, must not have
+            # cached it (one such run measured a 0.4 s prefill of 6 gaps: a prefix-cache hit, not an arrival).
+            document = ARRIVAL_LEAD + conversation_document(prompts_source, int(3.5 * (ctx - 100 - 20)))
             arrived = asyncio.run(_arrival(target, model, prompts, document, 3, 512, timeout))
             print(arrival_markdown(arrived), flush=True)
     finally:
