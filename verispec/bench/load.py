@@ -197,7 +197,8 @@ def engine_ratio_markdown(cells: list[Cell]) -> str:
             f"`verispec generate` (ITL p50 {server['itl_p50_ms']:.1f} against {engine['itl_p50_ms']:.1f} ms), time to "
             f"first token {server['ttft_p50_ms'] / engine['ttft_p50_ms']:.2f}x its ({server['ttft_p50_ms']:.0f} against "
             f"{engine['ttft_p50_ms']:.0f} ms, the server's prefix cache included); {engine['differ_from_solo']} of {len(alone['generate'].texts)} outputs differ "
-            "(the engine prefills in 512-row passes, the server in exact passes under 64 rows: near-ties).\n")
+            "(they agree up to near-ties: the engine prefills in 512-row passes, the server in exact passes under 64 rows, "
+            "or with --verify one-pass in any; docs/losslessness.md).\n")
 
 
 def _generate_cell(model, prompts: list[str], n_requests: int, max_tokens: int) -> Cell:
