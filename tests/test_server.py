@@ -653,6 +653,7 @@ def test_a_server_refuses_a_drafter_it_cannot_run_on_its_pool():
     model = ModelDrafter(TableRunner(8))
     assert served_drafters(CascadeDrafter([NgramDrafter(), model], 8)) == (model, ("ngram", "model"))
     assert served_drafters(model) == (model, None) and served_drafters(NgramDrafter()) == (None, None)
+    assert served_drafters(CascadeDrafter([NgramDrafter(), NgramDrafter(1, 2)], 8)) == (None, None)  # n-gram lookup
     for drafter in (Heads(), CascadeDrafter([NgramDrafter(), Heads()], 8),
                     CascadeDrafter([model, ModelDrafter(TableRunner(8))], 8)):
         with pytest.raises(InvalidParameter, match="verispec generate"):

@@ -193,12 +193,12 @@ def engine_ratio_markdown(cells: list[Cell]) -> str:
     server, engine = alone["off"].row(), alone["generate"].row()
     if not server["itl_p50_ms"] or not engine["itl_p50_ms"]:
         return ""
-    return (f"\nAlone, speculation off: the server decodes at {engine['itl_p50_ms'] / server['itl_p50_ms']:.2f}x "
-            f"`verispec generate` (ITL p50 {server['itl_p50_ms']:.1f} against {engine['itl_p50_ms']:.1f} ms), time to "
-            f"first token {server['ttft_p50_ms'] / engine['ttft_p50_ms']:.2f}x its ({server['ttft_p50_ms']:.0f} against "
-            f"{engine['ttft_p50_ms']:.0f} ms, the server's prefix cache included); {engine['differ_from_solo']} of {len(alone['generate'].texts)} outputs differ "
-            "(they agree up to near-ties: the engine prefills in 512-row passes, the server in exact passes under 64 rows, "
-            "or with --verify one-pass in any; docs/losslessness.md).\n")
+    itl, ttft = (server["itl_p50_ms"], engine["itl_p50_ms"]), (server["ttft_p50_ms"], engine["ttft_p50_ms"])
+    return (f"\nAlone, speculation off: the server decodes at {itl[1] / itl[0]:.2f}x `verispec generate` (ITL p50 "
+            f"{itl[0]:.1f} against {itl[1]:.1f} ms), time to first token {ttft[0] / ttft[1]:.2f}x its ({ttft[0]:.0f} "
+            f"against {ttft[1]:.0f} ms, the server's prefix cache included); {engine['differ_from_solo']} of "
+            f"{len(alone['generate'].texts)} outputs differ (they agree up to near-ties: the engine prefills in 512-row "
+            "passes, the server in exact passes under 64 rows, or with --verify one-pass in any; docs/losslessness.md).\n")
 
 
 def _generate_cell(model, prompts: list[str], n_requests: int, max_tokens: int) -> Cell:

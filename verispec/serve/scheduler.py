@@ -504,5 +504,6 @@ def served_drafters(drafter: Drafter | None) -> tuple[ModelDrafter | None, tuple
     if len(models) > 1 or any(not isinstance(level, (ModelDrafter, NgramDrafter)) for level in levels):
         raise InvalidParameter(f"the server drafts with n-gram lookup, a draft model or a cascade of n-gram lookup and "
                                f"one draft model; {drafter.name} is for `verispec generate`", "draft")
-    return (models[0] if models else None), tuple("model" if isinstance(level, ModelDrafter) else "ngram"
-                                                   for level in levels)
+    if not models:  # n-gram levels alone: the server's n-gram lookup
+        return None, None
+    return models[0], tuple("model" if isinstance(level, ModelDrafter) else "ngram" for level in levels)
