@@ -301,6 +301,38 @@ def test_requests_preempted_on_a_torch_target_resume_and_write_what_they_write_a
     assert together == alone
 
 
+def test_torch_requests_preempted_over_http_resume_and_write_what_they_write_alone(runner, monkeypatch):
+    """The same through the real server and the `openai` client: the paged pool swaps the newest request's cells
+    out and back, and each request, drafting (n-gram, K pinned) or not, writes exactly what it writes alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_server import _serving
+    from verispec.api import Model
+    from verispec.serve import ServeConfig
+    from verispec.serve import scheduler as scheduling
+
+    monkeypatch.setattr(scheduling, "RESERVE_AHEAD", 16)  # grow (and run out) sooner
+    prompts = [PROMPTS[0][:40], "abc abc abc abc " * 3, PROMPTS[7][:40]]
+    drafts = [{"draft": "none"}, {"draft": "ngram", "draft_tokens": 3}, {"draft": "none"}]
+    with _serving(Model(runner, "torch"), ServeConfig(model="tiny", max_batch=3, ctx=256, kv_pool=256,
+                                                       api_key="k")) as server:
+        client = server.client("k")
+
+        def complete(i: int) -> tuple[str, int, int]:
+            out = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=90, temperature=0,
+                                            extra_body={"speculative": drafts[i]})
+            return out.choices[0].text, out.usage.completion_tokens, out.model_extra["speculative"]["drafted"]
+
+        alone = [complete(i) for i in range(3)]
+        assert server.metric("verispec_preemptions_total") == 0
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(complete, range(3)))
+        assert server.metric("verispec_preemptions_total") > 0 and server.server.scheduler.pool.swapped_out > 0
+        assert server.wait_idle()["active"] == 0 and sum(server.server.scheduler.pool.reserved) == 0
+    assert together == alone
+    assert together[1][2] > 0  # pinned K drafts
+
+
 @pytest.mark.real
 def test_smollm2_fused_rows_equal_alone_and_match_the_solo_runner(smol_torch):
     """The same on a real model (SmolLM2-135M, 30 layers, GQA 9/3): bit-identical fused rows, solo-close logits."""
