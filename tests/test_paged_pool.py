@@ -301,6 +301,21 @@ def test_requests_preempted_on_a_torch_target_resume_and_write_what_they_write_a
     assert together == alone
 
 
+def test_the_memory_check_counts_the_worst_case_of_swapped_out_cells_on_the_cpu(runner):
+    """Preemption copies a request's cells out into the same RAM: at worst every slot but one, each holding a whole
+    context. The check counts that, says so when it does not fit, and what it suggests fits."""
+    from verispec.serve.memory import InsufficientMemory, check, plan_server
+
+    plan = plan_server(runner, None, 4, 256, pool=1024)
+    swapped = {name: size for name, size in plan.parts().items() if "swapped" in name}
+    assert list(swapped.values()) == [3 * 256 * runner.kv_bytes_per_token()]
+    assert plan.needed() == 1024 * runner.kv_bytes_per_token() + 3 * 256 * runner.kv_bytes_per_token()
+    with pytest.raises(InsufficientMemory, match="swapped KV") as err:
+        check(plan, plan.needed() - 1)
+    slots = int(str(err.value).split("--max-batch ")[2].split()[0])  # "What would fit: --max-batch N at --ctx 256"
+    check(plan.with_(slots=slots), plan.needed() - 1)
+
+
 def test_torch_requests_preempted_over_http_resume_and_write_what_they_write_alone(runner, monkeypatch):
     """The same through the real server and the `openai` client: the paged pool swaps the newest request's cells
     out and back, and each request, drafting (n-gram, K pinned) or not, writes exactly what it writes alone."""

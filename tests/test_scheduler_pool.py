@@ -694,6 +694,7 @@ def test_memory_check_counts_the_draft_and_says_what_fits(smol_source):
         assert list(draft_parts) == [f"draft KV pool ({8 * 8192} tokens x {served.draft.kv_per_token / 1024:.1f} KiB)",
                                      "draft compute buffers (1 context)"]
         assert sum(draft_parts.values()) == served.draft.bytes(8 * 8192)  # the draft once, for the pool's cells
+        assert not served.swaps  # the llama.cpp pool preempts by recompute: no copies to count
     finally:
         base.close()
 

@@ -14,7 +14,8 @@ per slot beside the pool (scheduler.py), so it is counted per slot.
 
 A transformers (torch) model counts its KV cache only (layers x KV heads x head dim x K and V x
 the weights' element size per token): torch allocates its activations per pass, with no buffers
-sized up front to read off.
+sized up front to read off. On the CPU its paged pool's preemption copies cells out into the same
+memory, so the worst case of those copies is counted too.
 
 Available memory: runners/device_memory.py. This file only adds up what a server allocates.
 """
@@ -64,11 +65,18 @@ class MemoryPlan:
     ctx: int
     pool: int = 0  # cells of the shared KV pool(s); 0 = one context per slot
     draft_pooled: bool = True  # with a pool, the draft has a pool of its own (llama.cpp) or a cache per slot
+    # The pool preempts by copying a request's cells out (the paged torch pool) into this same memory (a CPU
+    # target): at worst every slot but one is preempted holding a whole context, (slots - 1) x ctx tokens of copies.
+    swaps: bool = False
 
     def parts(self) -> dict[str, int]:
         parts = self._parts("target", self.target, self.pool)
         if self.draft is not None:
             parts.update(self._parts("draft", self.draft, self.pool if self.draft_pooled else 0))
+        if self.swaps and self.pool:
+            held = min(self.ctx, self.pool)
+            parts[f"preempted requests' swapped KV, at worst ({self.slots - 1} x {held} tokens)"] = \
+                (self.slots - 1) * held * self.target.kv_per_token
         return {name: size for name, size in parts.items() if size}  # torch models have no buffers to count
 
     def _parts(self, role: str, cost: ContextCost, pool: int) -> dict[str, int]:
@@ -146,7 +154,15 @@ def plan_server(target, model_drafter, slots: int, ctx: int, pool: int = 0) -> M
     draft_pooled = isinstance(draft, LlamaCppRunner)  # with the pool, a llama.cpp draft gets one like the target's
     n_seq = slots + 1 if pool and draft_pooled else getattr(draft, "max_tree_leaves", 0) + 1
     draft_cost = measure(draft, n_seq) if draft is not None else None
-    return MemoryPlan(target_cost, draft_cost, slots, ctx, pool, draft_pooled)
+    return MemoryPlan(target_cost, draft_cost, slots, ctx, pool, draft_pooled, swaps=_swaps_in_place(target))
+
+
+def _swaps_in_place(target) -> bool:
+    """A torch target on the CPU: its paged pool's preempted cells are copied into the memory checked here. (On a
+    GPU they go to host memory, which this check does not count.)"""
+    from ..runners.torch import TorchRunner
+
+    return isinstance(target, TorchRunner) and target.device.type == "cpu"
 
 
 def check_server(target, model_drafter, slots: int, ctx: int, pool: int = 0) -> MemoryPlan | None:
