@@ -89,7 +89,8 @@ class Server:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
 
     def speculative(self, opts: SpeculativeOptions | None) -> tuple[SpeculativeConfig, str | None, bool]:
-        """The request's speculative config, its drafter key ("ngram", "model" or None) and whether it pinned it."""
+        """The request's speculative config, its drafter key ("ngram", "model", "cascade" or None) and whether it pinned
+        it."""
         base = self.spec
         key, pinned, fixed, k_max = self.default_draft, False, base.draft_tokens, base.draft_max
         tree, budget = base.tree, base.tree_budget
