@@ -364,6 +364,7 @@ class _LocalServer:
 
         options = {"n_ctx": min(ctx, 512)} | ({"n_threads": threads} if threads else {})
         self.base = verispec.load(model, draft=None if draft in (None, "none") else draft, **options)
+        self._solo = None  # solo_model()'s, opened on first use
         self.server = Server(self.base, ServeConfig(model=model, max_batch=max_batch, max_queue=1024, ctx=ctx,
                                                     **serve_options))
         with socket.socket() as s:
@@ -383,16 +384,15 @@ class _LocalServer:
         weights, as `verispec generate` runs it; None for a runner with no siblings."""
         from ..api import Model
 
-        if not hasattr(self.base.target, "sibling"):
-            return None
-        self._solo = Model(self.base.target.sibling(n_ctx=ctx), self.base.backend)
+        if self._solo is None and hasattr(self.base.target, "sibling"):
+            self._solo = Model(self.base.target.sibling(n_ctx=ctx), self.base.backend)
         return self._solo
 
     def close(self) -> None:
         self._uv.should_exit = True
         self._thread.join(30)
         self.server.close()
-        if getattr(self, "_solo", None) is not None:
+        if self._solo is not None:
             self._solo.close()  # before the weights it shares
         self.base.close()
 

@@ -93,13 +93,10 @@ class Drafter(ABC):
         draft = self.propose(context, k)
         return [draft.tokens] if draft.tokens else []
 
-    def branch_sources(self, context: Sequence[int], k: int, width: int) -> tuple[list[list[int]], list[str]]:
-        """propose_branches() plus the drafter that proposed each branch (a cascade has several)."""
-        return run_passes(self.branch_steps(context, k, width))
-
     def branch_steps(self, context: Sequence[int], k: int, width: int) -> Generator[DraftPass, np.ndarray,
                                                                                       tuple[list[list[int]], list[str]]]:
-        """branch_sources() as a coroutine that yields its model passes (see propose_steps). Default: at once."""
+        """propose_branches() plus the drafter that proposed each branch (a cascade has several), as a coroutine
+        that yields its model passes (see propose_steps). Default: at once."""
         branches = self.propose_branches(context, k, width)
         return branches, [self.name] * len(branches)
         yield  # a generator, that never yields

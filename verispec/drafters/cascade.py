@@ -76,7 +76,7 @@ class CascadeDrafter(Drafter):
         return self._q[:n]
 
     def propose_branches(self, context: Sequence[int], k: int, width: int) -> list[list[int]]:
-        return self.branch_sources(context, k, width)[0]
+        return run_passes(self.branch_steps(context, k, width))[0]
 
     def branch_steps(self, context: Sequence[int], k: int, width: int) -> Generator[DraftPass, np.ndarray,
                                                                                       tuple[list[list[int]], list[str]]]:

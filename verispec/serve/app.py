@@ -128,16 +128,13 @@ class Server:
             return "ngram"
         if name == "auto":
             return self.default_draft or "ngram"
-        offered = [key for key in ("model", "cascade") if self._offers(key)]
+        # A server with a draft model offers it alone too; a cascade only where --draft named one.
+        offered = (["model"] if self.scheduler.model_drafter else []) + (["cascade"] if self.scheduler.cascade else [])
         for key in offered:
             if name == self.draft_name(key) or (key == self.default_draft and name == self.base.spec.draft):
                 return key
         allowed = ["none", "ngram", "auto"] + [self.draft_name(key) for key in offered]
         raise ApiError(400, f"unknown draft {name!r}: this server offers {', '.join(allowed)}", "speculative.draft")
-
-    def _offers(self, key: str) -> bool:
-        """A server with a draft model offers it alone too; a cascade only where --draft named one."""
-        return self.scheduler.model_drafter is not None and (key == "model" or self.scheduler.cascade is not None)
 
     def encode(self, req: CompletionRequest | ChatRequest) -> list[int]:
         with self._tokenizer_lock:
