@@ -363,6 +363,9 @@ def test_token_trees_served_fused_write_what_each_request_writes_alone(smol_sour
             with pytest.raises(openai.BadRequestError, match="tree"):
                 client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={
                     "speculative": {"tree": "static:99"}})
+            from verispec.serve.protocol import SpeculativeOptions
+
+            assert server.server.speculative(SpeculativeOptions(tree="dynamic", tree_budget=8))[2]  # pinned
             assert server.wait_idle()["active"] == 0
     finally:
         base.close()
@@ -428,6 +431,16 @@ BAD = [
     ("chat bad role", CHAT, {"model": MODEL, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ("chat prompt too long", CHAT, {"model": MODEL, "messages": [{"role": "user", "content": "hello " * 2100}]}, 400, "messages"),
 ]
+
+
+def test_a_tree_budget_pins_a_request_only_where_it_grows_trees(running):
+    """On a server without --tree, a tree budget changes nothing, so it must not take the request from the goodput
+    planner either; choosing the drafter still pins it."""
+    from verispec.serve.protocol import SpeculativeOptions
+
+    spec, _, pinned = running.server.speculative(SpeculativeOptions(tree_budget=8))
+    assert spec.tree is None and not pinned
+    assert running.server.speculative(SpeculativeOptions(draft="ngram", tree_budget=8))[2]
 
 
 @pytest.mark.parametrize("path, body, status, param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])

@@ -102,8 +102,8 @@ class Server:
             k_max = opts.draft_max if opts.draft_max is not None else k_max
             if "tree" in opts.model_fields_set:
                 tree = self._tree(opts.tree)
-            if opts.tree_budget is not None:
-                budget, pinned = opts.tree_budget, True
+            if opts.tree_budget is not None:  # pins the request only where it grows trees
+                budget, pinned = opts.tree_budget, pinned or tree is not None
         try:
             spec = replace(base, draft=self.draft_name(key) if key else None, draft_tokens=fixed, draft_max=k_max,
                            tree=tree, tree_budget=budget)
