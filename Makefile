@@ -40,10 +40,13 @@ install-test: $(VENV)/.installed-test
 llama-tools:
 	build-support/llama-cpp.sh tools
 
+# Base dependencies only (`install`, not `install-test`): the demo is what `pip install verispec` gives a user.
+# Exits non-zero if any row fails. DEMO_ARGS: extra `verispec demo` options, e.g. CI's shorter run.
+DEMO_ARGS ?=
 demo: install llama-tools
 	$(BIN)/verispec models pull qwen2.5-coder-1.5b
 	$(BIN)/verispec models pull qwen2.5-coder-0.5b
-	$(BIN)/verispec demo
+	$(BIN)/verispec demo $(DEMO_ARGS)
 
 test: install-test llama-tools
 	$(BIN)/verispec models pull smollm2-135m

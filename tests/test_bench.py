@@ -274,23 +274,6 @@ def test_bench_end_to_end_flags_a_planted_lossy_method(smol_source, tmp_path, mo
         assert f"]({png})" in report
 
 
-def test_the_demo_explains_its_best_mode_from_measured_costs():
-    """The demo's 'Why' line: the drafting steps' kept tokens against the measured T(K+1)/T(1) of their K."""
-    from verispec.cli import _why_line
-
-    results = {
-        "verify_cost": {"ratio": {"1": 1.0, "2": 1.5, "3": 1.8, "4": 3.0}},
-        "summary": [{"method": "ar", "speedup": 1.0}, {"method": "ngram", "speedup": 1.1}],
-        "records": [{"method": "ngram", "target_passes": 50, "drafted_at_position": [10, 8], "drafted": 20,
-                     "accepted": 12}],
-    }
-    line = _why_line(results, {"ngram": "n-gram"})
-    assert "one pass over 3 tokens costs 1.80x" in line  # K = 20 / 10 drafting steps = 2
-    assert "drafted on 10 of its 50 steps" in line and "kept 2.20 tokens each" in line  # 1 + 12 / 10
-    results["records"][0].update(drafted_at_position=[], drafted=0, accepted=0)
-    assert "stayed at 0" in _why_line(results, {})
-
-
 def test_llama_server_reference_counts_tokens_as_verispec_does(smol_source, smol_llama):
     """llama-server's `predicted_n` counts the EOS it sampled; the reference counts the tokens written, as
     verispec's own stats do, so a prompt that stops is not ~1/n faster on llama.cpp's side."""

@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -49,7 +50,7 @@ def pull_with_progress(name: str, force: bool = False) -> Path:
 
 
 def fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {escape(str(exc))}")  # escaped: "verispec[cluster]" is no markup tag
     raise typer.Exit(2)
 
 
@@ -199,68 +200,29 @@ DEMO_PROMPT = (
 def demo(
     prompt: str = typer.Option(DEMO_PROMPT, help="the prompt (an edit of given code: drafts from the input are long)"),
     max_tokens: int = typer.Option(160, "--max-tokens", "-n"),
+    reference: bool = typer.Option(True, help="llama.cpp's own llama-server beside (`make llama-tools` builds it)"),
     out: str = typer.Option("demo-out", help="where the run's bench report goes"),
 ) -> None:
-    """The point of the project in one run: plain, n-gram, draft model and auto on one prompt, llama.cpp beside."""
+    """The point of the project in one run: plain, n-gram, draft model and auto on one prompt, llama.cpp beside.
+    Exits 1 if a row failed: a speculative text not plain decoding's, a method with no tokens, a missing reference."""
     import json
     import tempfile
 
     from .bench import BenchConfig, run_bench
+    from .bench.demo import print_demo
 
     try:
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
             f.write(json.dumps({"question_id": "demo", "category": "code-edit", "turns": [prompt]}) + "\n")
         results = run_bench(BenchConfig(methods="ar,ngram,draft,auto", prompts=f.name, max_new_tokens=max_tokens,
-                                        formats="", out=out, plots=False, print_table=False), console)
+                                        formats="", out=out, plots=False, print_table=False, reference=reference),
+                            console)
     except VerispecError as exc:
         fail(exc)
     finally:
         os.unlink(f.name)
-    print_demo(results)
-
-
-def print_demo(results: dict) -> None:
-    """One table from the run, and one line on why it came out so, from the measured verify costs."""
-    ref = results.get("llama_cpp") or {}
-    vs_llama = ref.get("ratios", {})
-    names = {"ar": "plain", "ngram": "n-gram", "draft": f"draft model ({results['config']['draft']})", "auto": "auto"}
-    table = Table(title=f"{results['target']['name']}, {results['config']['max_new_tokens']} new tokens, greedy")
-    for col in ("decoding", "tokens/s", "vs plain", "vs llama.cpp", "acceptance", "mean accepted length", "same text as plain"):
-        table.add_column(col, justify="left" if col == "decoding" else "right")
-    for r in results["summary"]:
-        speculative = r["method"] != "ar"
-        table.add_row(names.get(r["method"], r["method"]), f"{r['tokens_per_s']:.1f}", f"{r['speedup']:.2f}x",
-                      f"{vs_llama[r['method']]['speed']:.2f}x" if r["method"] in vs_llama else "–",
-                      f"{r['acceptance_rate']:.0%}" if speculative and r["drafted"] else "–",
-                      f"{r['mean_accepted_length']:.2f}", ("yes" if not r["mismatches"] else "NO") if speculative else "")
-    if ref:
-        tps = sorted(x["tokens_per_s"] for x in ref["records"].values())
-        table.add_row("llama.cpp (llama-server), plain", f"{tps[len(tps) // 2]:.1f}", "", "1.00x", "–", "1.00", "")
-    Console().print(table)
-    console.print(_why_line(results, names))
-
-
-def _why_line(results: dict, names: dict[str, str]) -> str:
-    """Why the best speculative mode came out as it did: what its drafting steps kept against what they cost."""
-    from .cost_model import ratio_at
-
-    r = {int(k): v for k, v in results["verify_cost"]["ratio"].items()}
-    measured = ", ".join(f"T({n})/T(1) = {v:.2f}" for n, v in sorted(r.items()) if n > 1)
-    best = max((x for x in results["summary"] if x["method"] != "ar"), key=lambda x: x["speedup"] or 0)
-    mine = [rec for rec in results["records"] if rec["method"] == best["method"]]
-    steps = sum(rec["target_passes"] for rec in mine)
-    drafting = sum((rec["drafted_at_position"] or [0])[0] for rec in mine)  # steps that drafted 1+ tokens
-    name = names.get(best["method"], best["method"])
-    if not drafting:
-        return (f"Why: on this machine a pass over K+1 tokens costs nearly K+1 one-token passes (measured: {measured}), "
-                "and the drafters' acceptance did not cover that, so the adaptive K stayed at 0: plain decoding's speed.")
-    k = max(1, round(sum(rec["drafted"] for rec in mine) / drafting))
-    cost = ratio_at(r, k + 1)
-    kept = 1 + sum(rec["accepted"] for rec in mine) / drafting
-    return (f"Why: on this machine one pass over {k + 1} tokens costs {cost:.2f}x a one-token pass (measured: {measured}). "
-            f"{name} drafted on {drafting} of its {steps} steps, about {k} tokens each, and those steps kept "
-            f"{kept:.2f} tokens each against their {cost:.2f}x cost; the other steps ran as plain decoding. Every "
-            "speculative output above is checked token for token against plain decoding.")
+    if print_demo(results, Console()):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 prompts.py (datasets) -> methods.py (names -> SpeculativeConfig) -> run.py (warm-up, interleaved runs)
 -> lossless.py (greedy equality with ar) -> aggregate.py (records, medians) -> report.py / plots.py;
-peers.py runs other implementations; verify_cost.py measures T(K)/T(1).
+peers.py runs other implementations; verify_cost.py measures T(K)/T(1); demo.py is what `verispec demo` prints.
 """
 
 from .run import BenchConfig, run_bench

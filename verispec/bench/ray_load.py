@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", help="write the runs as JSON here")
     args = p.parse_args(argv)
 
-    from ..serve.cluster import shutdown, start_ray
+    from ..serve.cluster import require_ray, shutdown, start_ray
 
+    require_ray("the Ray load bench")
     texts = [bp.turns[0] for bp in load_prompts()]
     work = (texts * (args.requests // len(texts) + 1))[: args.requests]
     short = (SHORT * args.latency_requests)[: args.latency_requests]

@@ -9,8 +9,9 @@ Routing is Ray Serve's default: power of two choices on each replica's ongoing r
 "Running on a cluster").
 """
 
-from .launch import ClusterConfig, ClusterError, deploy, parse_autoscale, run, shutdown, start_ray, threads_per_replica
+from .launch import (ClusterConfig, ClusterError, deploy, parse_autoscale, require_ray, run, shutdown, start_ray,
+                     threads_per_replica)
 from .replica import ReplicaSpec
 
-__all__ = ["ClusterConfig", "ClusterError", "ReplicaSpec", "deploy", "parse_autoscale", "run", "shutdown", "start_ray",
-           "threads_per_replica"]
+__all__ = ["ClusterConfig", "ClusterError", "ReplicaSpec", "deploy", "parse_autoscale", "require_ray", "run", "shutdown",
+           "start_ray", "threads_per_replica"]

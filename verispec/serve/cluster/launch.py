@@ -47,12 +47,18 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+def require_ray(what: str = "`serve --ray`") -> None:
+    """Ray is the [cluster] extra: its absence is one line naming it, before anything else is started."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ClusterError(f"{what} needs Ray Serve: pip install 'verispec[cluster]'") from None
+
+
 def start_ray(config: ClusterConfig) -> None:
     """Join `config.address`, or start a one-machine cluster whose every socket is on loopback."""
-    try:
-        import ray
-    except ImportError:
-        raise ClusterError("`serve --ray` needs Ray Serve: pip install 'verispec[cluster]'") from None
+    require_ray()
+    import ray
 
     if config.address:
         ray.init(address=config.address, log_to_driver=False)
