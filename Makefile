@@ -8,7 +8,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 # glibc asks the kernel for huge pages for the memory it maps, llama.cpp's repacked weights among it: one-row
 # passes ~7% faster where transparent huge pages are in `madvise` mode (verispec/huge_pages.py).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
-LLAMA_BUILD := build-support/llama-cpp.sh build-support/ggml-fa-split-kv-env.patch
+LLAMA_BUILD := build-support/llama-cpp.sh build-support/ggml-fa-split-kv-env.patch build-support/ggml-batch-invariant.patch
 
 .PHONY: install install-test llama-tools demo test bench clean
 

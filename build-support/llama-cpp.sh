@@ -2,12 +2,14 @@
 # Builds llama.cpp for verispec from the llama-cpp-python sdist that pyproject.toml pins, into a cache
 # folder outside the repository (never commit binaries).
 #
-#   llama-cpp.sh wheel   the binding's wheel: vendored llama.cpp with ggml-fa-split-kv-env.patch (see
-#                        docs/threading.md and runners/llamacpp.py), GGML_OPENMP=OFF (ggml's own threads,
-#                        which exist only during a pass). Prints its path.
+#   llama-cpp.sh wheel   the binding's wheel: vendored llama.cpp with PATCHES (ggml-fa-split-kv-env.patch: see
+#                        docs/threading.md; ggml-batch-invariant.patch: every pass of 1-64 rows gives each row
+#                        its one-row bits, see docs/batch-invariance.md), GGML_OPENMP=OFF (ggml's own threads,
+#                        which exist only during a pass), and only what the binding loads: no multimodal
+#                        library (LLAVA_BUILD=OFF), no llama.cpp `common` library. Prints its path.
 #   llama-cpp.sh tools   llama.cpp's own programs, unpatched and with its default OpenMP build, as the
-#                        bench's peers: llama-server, llama-cli, llama-simple, llama-bench,
-#                        llama-speculative-simple, llama-lookup. Prints their folder.
+#                        bench's peers: llama-server, llama-speculative-simple, llama-lookup (the ones
+#                        verispec/bench runs). Prints their folder.
 #
 # Each result is keyed by what went into it, so a changed patch or flag builds anew and a rerun is free.
 set -euo pipefail
@@ -15,13 +17,14 @@ VERSION=0.3.36
 HERE="$(cd "$(dirname "$0")" && pwd)"
 CACHE="${VERISPEC_CACHE:-$HOME/.cache/verispec}/llama.cpp"
 PYTHON="${PYTHON:-python3}"
-WHEEL_CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF"
+WHEEL_CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF"
+PATCHES="ggml-fa-split-kv-env.patch ggml-batch-invariant.patch"
 # AMX left out of every build: on this project's machines (Intel Xeon with AMX, under Firecracker) ggml's AMX
 # matmul dies with a general protection fault at its first ldtilecfg, although the kernel grants the tiles.
 # GCC keeps explicit -mno-* flags over what -march=native turns on.
 export CFLAGS="${CFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 export CXXFLAGS="${CXXFLAGS:-} -mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-TOOLS="llama-server llama-cli llama-simple llama-bench llama-speculative-simple llama-lookup"
+TOOLS="llama-server llama-speculative-simple llama-lookup"
 mkdir -p "$CACHE"
 
 sdist() {
@@ -37,12 +40,14 @@ key() {  # what a build depends on, hashed: the version, the arguments given, th
 }
 
 build_wheel() {
-    local out="$CACHE/wheel-$(key "$WHEEL_CMAKE_ARGS" "$(cat "$HERE/ggml-fa-split-kv-env.patch")")"
+    local out="$CACHE/wheel-$(key "$WHEEL_CMAKE_ARGS" no-common "$(cd "$HERE" && cat $PATCHES)")"
     if ! ls "$out"/llama_cpp_python-*.whl >/dev/null 2>&1; then
         local src; src="$(mktemp -d)"
         tar xzf "$(sdist)" -C "$src"
-        (cd "$src/llama_cpp_python-$VERSION" && patch -p1 --quiet < "$HERE/ggml-fa-split-kv-env.patch")
-        echo "building the llama-cpp-python wheel (about 12 minutes on 2 cores) ..." >&2
+        for p in $PATCHES; do (cd "$src/llama_cpp_python-$VERSION" && patch -p1 --quiet < "$HERE/$p"); done
+        # llama-cpp-python forces llama.cpp's `common` library on (its CMakeLists.txt), which only tools use
+        sed -i 's/set(LLAMA_BUILD_COMMON ON CACHE/set(LLAMA_BUILD_COMMON OFF CACHE/' "$src/llama_cpp_python-$VERSION/CMakeLists.txt"
+        echo "building the llama-cpp-python wheel (about 5 minutes on 2 cores) ..." >&2
         mkdir -p "$out.tmp"
         CMAKE_ARGS="$WHEEL_CMAKE_ARGS" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
             "$PYTHON" -m pip wheel --quiet --no-deps -w "$out.tmp" "$src/llama_cpp_python-$VERSION" >&2

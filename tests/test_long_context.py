@@ -18,7 +18,8 @@ import pytest
 
 from verispec.engine import SpeculativeConfig, Stats
 from verispec.llama_lib import SPLIT_KV_EXACT, build_info, exact_attention
-from verispec.runners.llamacpp import EXACT_CHUNK, LlamaCppRunner
+from verispec.llama_lib import exact_pass_rows
+from verispec.runners.llamacpp import LlamaCppRunner
 from verispec.sampling import SamplingParams
 
 pytestmark = pytest.mark.real
@@ -65,14 +66,40 @@ def qwen_target(qwen_pair):
 
 def test_the_build_keeps_one_row_passes_off_the_split_kv_path(qwen_target):
     assert exact_attention(), "llama-cpp-python was not built by `make install` (build-support/llama-cpp.sh)"
-    assert qwen_target.exact_chunk == EXACT_CHUNK and qwen_target.verify_mode == "exact"
+    assert qwen_target.exact_chunk == exact_pass_rows() and qwen_target.verify_mode == "exact"
 
 
 @pytest.mark.parametrize("context_tokens", [200, 1200])
 def test_exact_chunks_are_bit_identical_to_one_row_passes(qwen_target, context_tokens):
     context = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, context_tokens))
     assert len(context) >= context_tokens - 5
-    assert rows_alone_and_in_passes(qwen_target, context, 2, EXACT_CHUNK, more_k=(3, 8)) == 0.0, context_tokens
+    assert rows_alone_and_in_passes(qwen_target, context, 2, exact_pass_rows(), more_k=(3, 8)) == 0.0, context_tokens
+
+
+# Pass sizes across the batch-invariant range: the repacked Q4_K's groups of 4 and their remainders, the tiled
+# K-quant matmul's 8+ upstream, flash attention's 64-row tile, and the range's end.
+INVARIANT_PASS_SIZES = (2, 3, 4, 5, 7, 8, 9, 12, 16, 17, 24, 31, 32, 33, 48, 63, 64)
+
+
+@pytest.fixture(scope="module")
+def qwen_long(request):
+    from tests.conftest import _require
+
+    runner = LlamaCppRunner(_require("qwen2.5-coder-1.5b"), n_ctx=4096 + 256)
+    yield runner
+    runner.close()
+
+
+@pytest.mark.parametrize("context_tokens", [100, 1500, 4000])
+def test_every_row_of_passes_of_up_to_64_rows_is_its_one_row_pass(qwen_long, context_tokens):
+    """The batch-invariant build (build-support/ggml-batch-invariant.patch): on the Qwen target, whose Q4_K and
+    Q6_K kernels change with the rows of a pass upstream, every row of a pass of 2-64 rows has the bits of the
+    same token decoded alone, at short and long contexts; so exact verification scores a draft in one pass."""
+    assert exact_pass_rows() == 64, "llama-cpp-python was not built with the batch-invariant patch (`make install`)"
+    k_max = max(INVARIANT_PASS_SIZES)
+    context = qwen_long.tokenizer.encode(long_document(qwen_long.tokenizer, context_tokens + k_max))
+    assert rows_alone_and_in_passes(qwen_long, context[: context_tokens + k_max], INVARIANT_PASS_SIZES[0], k_max,
+                                    more_k=INVARIANT_PASS_SIZES[1:]) == 0.0, context_tokens
 
 
 def with_split(value: str, fn):
@@ -87,7 +114,7 @@ def with_split(value: str, fn):
 def test_under_upstreams_split_one_row_passes_differ_past_512_cells(qwen_target):
     """The check above has power: with upstream's split-KV path, the same rows differ."""
     context = qwen_target.tokenizer.encode(long_document(qwen_target.tokenizer, 1200))
-    assert with_split("1", lambda: rows_alone_and_in_passes(qwen_target, context, 3, EXACT_CHUNK)) > 1e-3
+    assert with_split("1", lambda: rows_alone_and_in_passes(qwen_target, context, 3, exact_pass_rows())) > 1e-3
 
 
 def test_one_row_passes_split_by_visible_cells_and_under_256_cells_sum_as_before(qwen_target):

@@ -11,6 +11,7 @@ import ctypes
 import functools
 import os
 import threading
+import warnings
 from pathlib import Path
 
 _backend_ready = False
@@ -82,6 +83,47 @@ def exact_attention() -> bool:
 
     A build with the switch but without the visible-block split takes "visible" as 0 (no split): exact too."""
     return build_info()["split_kv_switch"] and os.environ.get("GGML_CPU_FA_SPLIT_KV") in ("0", SPLIT_KV_EXACT)
+
+
+# Rows per exact pass on a build that is not batch-invariant: ggml's CPU matmul takes another kernel for 4+ rows
+# (the repacked Q4_K gemm, tiled K-quant matmul at 8+), whose rounding differs from one-row passes by up to ~0.9
+# in logits (Qwen2.5 Q4_K_M); passes of <= 3 rows are bit-identical to one-row passes (tests/test_long_context.py).
+FALLBACK_EXACT_ROWS = 3
+
+
+@functools.cache
+def batch_invariant_rows() -> int:
+    """The most rows one pass may hold with every row's bits those of a one-row pass, as the build says.
+
+    verispec's build (build-support/ggml-batch-invariant.patch) exports ggml_cpu_batch_invariant_max_rows: 64
+    where the patch covers the instruction set (x86 with AVX2 or AVX-512). 0 for a build without the patch, an
+    instruction set it does not cover, GGML_CPU_BATCH_INVARIANT=0, or attention that is not split by visible
+    blocks (VERISPEC_SPLIT_KV other than "visible": flash attention's rows are then not independent)."""
+    import llama_cpp as L
+
+    init_backend(False)
+    if os.environ.get("GGML_CPU_FA_SPLIT_KV") != SPLIT_KV_EXACT:
+        return 0
+    found = sorted((Path(L.__file__).parent / "lib").glob("libggml-cpu.so*"))
+    try:
+        max_rows = ctypes.CDLL(str(found[0])).ggml_cpu_batch_invariant_max_rows
+    except (IndexError, OSError, AttributeError):
+        return 0
+    max_rows.restype = ctypes.c_int
+    return int(max_rows())
+
+
+@functools.cache
+def exact_pass_rows() -> int:
+    """Rows per pass that keep every row bit-identical to a one-row pass: the whole batch-invariant range of
+    verispec's build, else FALLBACK_EXACT_ROWS (verification then costs about one pass per 3 rows), said once."""
+    rows = batch_invariant_rows()
+    if rows >= FALLBACK_EXACT_ROWS:
+        return rows
+    warnings.warn("this llama-cpp-python build is not batch-invariant (build it with `make install`, or the "
+                  "instruction set is not covered): exact verification scores drafts in passes of "
+                  f"{FALLBACK_EXACT_ROWS} rows, which costs about one pass per {FALLBACK_EXACT_ROWS} tokens", stacklevel=2)
+    return FALLBACK_EXACT_ROWS
 
 
 _GGUF_TYPE_STRING = 8  # enum gguf_type in ggml's gguf.h

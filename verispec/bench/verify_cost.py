@@ -80,9 +80,9 @@ def pass_shape_noise(runner: Runner, ks: Sequence[int], contexts: Sequence[Seque
     have their own. Each context is scored to its end, then K = max(ks) tokens of it are rescored.
     """
     if hasattr(runner, "exact_chunk"):  # llama.cpp: both verify modes, whichever the runner was opened with
-        from ..runners.llamacpp import EXACT_CHUNK
+        from ..llama_lib import exact_pass_rows
 
-        modes: dict[str, int | None] = {"exact": EXACT_CHUNK, "one-pass": 0}
+        modes: dict[str, int | None] = {"exact": exact_pass_rows(), "one-pass": 0}
     else:
         modes = {"as-run": None}
     result: dict[str, dict] = {mode: {} for mode in modes}

@@ -16,15 +16,11 @@ import numpy as np
 
 from .. import llama_lib
 from ..errors import ModelFileError
-from ..llama_lib import decode, default_threads, exact_attention, init_backend
+from ..llama_lib import decode, default_threads, exact_attention, exact_pass_rows, init_backend
 from ..token_tree import leaf_sequences, tree_depths
 from .base import Runner, Tokenizer
 
 VERIFY_MODES = ("exact", "one-pass")
-# Rows per scoring pass in the "exact" verify mode. ggml's CPU matmul takes another kernel for 4+ rows
-# (repacked gemm; tiled from 8), whose sums differ from a one-row pass by up to ~0.5 in the logits
-# (Qwen2.5 Q4_K_M); passes of <= 3 rows are bit-identical to one-row passes (tests/test_long_context.py).
-EXACT_CHUNK = 3
 # llama_memory_clear's `data` argument, whether clearing the cells also zeroes the KV buffers: not here (the
 # runner's reset and the server pool's, llamacpp_pool.py). Zeroing a 32,768-cell pool took 41 ms for the 0.5B
 # draft and ~100 ms for the 1.5B target, and a server's draft pool went idle at every release while no request
@@ -132,11 +128,11 @@ class LlamaCppRunner(Runner):
         self.source = source
         self._options = dict(n_ctx=n_ctx, n_threads=n_threads, max_tree_leaves=max_tree_leaves, n_batch=n_batch,
                              verbose=verbose, exact_chunk=exact_chunk, verify=verify)
-        # "exact": scoring passes in chunks of EXACT_CHUNK rows, bit-identical to plain decoding (see _score).
-        # "one-pass": all rows in one pass, cheaper where a pass's cost grows slowly with its rows, and
-        # lossless in distribution but not bit-identical (its rows differ from one-row passes by ggml's noise).
+        # "exact": scoring passes of at most exact_pass_rows() rows, bit-identical to plain decoding (see _score):
+        # 64 on verispec's batch-invariant build, so a draft is scored in one pass. "one-pass": all rows in one
+        # pass however many; beyond the invariant rows it is lossless in distribution but not bit-identical.
         self.verify_mode = verify
-        default_chunk = EXACT_CHUNK if verify == "exact" else 0
+        default_chunk = exact_pass_rows() if verify == "exact" else 0
         self.exact_chunk = int(os.environ.get("VERISPEC_EXACT_CHUNK", default_chunk)) if exact_chunk is None else exact_chunk
         self.exact_attention = exact_attention()
         if not self.exact_attention and verify == "exact":
@@ -213,10 +209,9 @@ class LlamaCppRunner(Runner):
     def _score(self, tokens: Sequence[int], seqs, positions, commit: bool, capture: bool = True) -> np.ndarray:
         """Decode with logits for every token, in chunks of at most `exact_chunk` tokens.
 
-        ggml's CPU matmul takes another kernel path for 4+ rows, whose results differ from a
-        single-token pass by up to ~0.5 in the logits (measured on the Qwen2.5 Q4_K_M files).
-        Chunks of <= 3 tokens are bit-identical to plain decoding, which makes greedy
-        speculative output equal plain greedy output exactly, at about the same cost.
+        Chunks of at most exact_pass_rows() tokens are bit-identical to one-token passes, which makes greedy
+        speculative output equal plain greedy output exactly (llama_lib.py: 64 rows on verispec's
+        batch-invariant build, so a whole draft is one pass; 3 on another build).
         """
         n = len(tokens)
         chunk = self.exact_chunk or n

@@ -32,6 +32,13 @@ while its context holds <= 256 tokens; beyond, they can differ at near-ties, as 
 one-row passes differ from its own multi-row passes there (see the report in the README). A draft
 model's pool never pads (`pad_single_rows=False`): draft numerics do not change greedy output.
 
+Batch invariance. On verispec's build of llama.cpp (build-support/ggml-batch-invariant.patch) every
+decode of up to 64 rows gives each row the bits it gets alone, whatever shares the decode and wherever
+its cells lie (tests/test_long_context.py, tests/test_kernels.py). The pool then fuses up to 64 rows per
+decode, mixes prompt rows into them, prefills prompts in passes of any size up to 64, and shares any
+common prefix: every cell holds the bits a token-by-token run would give it. The rules below (3-row
+decodes, prompt passes in groups of 4) are for a build without the patch (llama_lib.exact_pass_rows).
+
 Prompts. A prompt row's keys, values and logits depend on the passes it is prefilled in, as ggml
 picks kernels by the rows of a decode. Measured on the Qwen2.5-Coder 1.5B and 0.5B Q4_K_M files
 with 2 threads (tests/test_long_context.py), a prompt gets the same bits in every layout of passes
@@ -64,7 +71,7 @@ Token trees (the server's --tree). A slot owns `tree_leaves` sequence ids for a 
 pass tags them on the request's committed cells (`llama_memory_seq_cp`: nothing is copied) and decodes
 each node with the ids of the leaves below it, at the sequence's next position plus its depth, as
 `LlamaCppRunner` runs trees: a node attends to its ancestors and the committed cells, in cell order,
-in rows fused like any others (at most 3 per decode), so a node on the accepted path gets the bits its
+in rows fused like any others (at most `fuse_rows` per decode), so a node on the accepted path gets the bits its
 row gets in a chain. `keep_path` keeps the path in place when it is the tree's leading nodes (they were
 decoded first, so they lie below the rest) and decodes it again as a chain otherwise; the other
 nodes' cells are parked (freed when the sequence is alone and packed). The pool compacts, if it
@@ -73,7 +80,7 @@ must, before a tree opens (`make_room`), never while one is open.
 Preemption. The pool remembers the token of every cell of a sequence, so `preempt` can free a
 sequence's cells (parked until the next compaction; its prompt's prefix goes to the prefix cache)
 and `resume` can decode them again: the prompt in prompt passes, the generated tokens in chunks of
-at most 3 rows. Both rules give every row the bits it had (see Prompts, and FusedScoring for the 3),
+at most `default_fuse_rows` rows. Both rules give every row the bits it had (see Prompts, and FusedScoring),
 so a resumed request goes on exactly as if it had never left.
 """
 
@@ -86,7 +93,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidParameter, PromptError
-from ..llama_lib import decode
+from ..llama_lib import FALLBACK_EXACT_ROWS, decode, exact_pass_rows
 from ..token_tree import leaf_sequences, tree_depths
 from .llamacpp import ZERO_KV_BUFFERS, LlamaCppRunner, open_context
 from .pool import (FusedScoring, PoolFull, Preempted, PrefixSharing, SequenceView, TreeRow,  # noqa: F401 (PoolFull: raised here)
@@ -98,8 +105,9 @@ LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparam
 class KvPool(PrefixSharing, FusedScoring):
     """The shared context. Not thread-safe: one thread drives it (the server's scheduler thread)."""
 
-    default_fuse_rows = 3  # ggml's matmul is row-independent only below 4 rows (FusedScoring)
-    # The prompt pass rules (see the docstring): under 64 rows, starting at multiples of 4, at least 8 rows.
+    # On a build that is not batch-invariant (llama_lib.exact_pass_rows() == 3), the prompt pass rules of the
+    # docstring: under 64 rows, starting at multiples of 4, at least 8 rows. On verispec's batch-invariant build
+    # every pass of up to 64 rows gives each row its one-row bits, so any pass size and start will do.
     prefill_rows = 63  # the most rows of a pass: 64+ take the tiled flash attention
     row_group = 4  # the repacked matmul's group of rows: every pass but a prompt's last is whole groups
     min_prompt_pass = 8  # passes of 4-7 rows take other kernels
@@ -132,6 +140,10 @@ class KvPool(PrefixSharing, FusedScoring):
         self._mem = L.llama_get_memory(self._ctx)
         self.n_cells = L.llama_n_ctx(self._ctx)
         self.n_batch = n_batch
+        self.default_fuse_rows = exact_pass_rows()  # rows per decode that stay bit-identical to one-row passes
+        self.rows_invariant = self.default_fuse_rows > FALLBACK_EXACT_ROWS
+        if self.rows_invariant:
+            self.prefill_rows, self.row_group, self.min_prompt_pass = self.default_fuse_rows, 1, 1
         self.pass_rows = min(self.prefill_rows, n_batch)  # rows per prompt pass; a stepper may set fewer, once
         self.fuse_rows = self.default_fuse_rows
         self.pass_seconds: dict[int, float] = {}
@@ -339,7 +351,7 @@ class KvPool(PrefixSharing, FusedScoring):
         self._decode_chain(seq, tokens[prompt_len:])
 
     def _decode_chain(self, seq: int, tokens: Sequence[int]) -> None:
-        """Append generated tokens to `seq` again, in chunks of at most 3 rows: the bits a scoring pass gave them."""
+        """Append generated tokens to `seq` again, in chunks of exact rows: the bits a scoring pass gave them."""
         done = 0
         for size in chunk_sizes(len(tokens), self.default_fuse_rows):
             self.decode([seq] * size, tokens[done : done + size], [True] * size)  # rows out change no cell

@@ -89,6 +89,7 @@ class Pool(ABC):
     # cannot has every request reserve the most cells it can use at admission.
     preemptible: bool = False
     mixes_prompts: bool = False  # prompt rows ride in scoring decodes (FusedScoring.mixes_prompts)
+    rows_invariant: bool = False  # every decode of up to default_fuse_rows rows gives each row its one-row bits
     pass_seconds: dict[int, float]  # EMA of one scoring decode's seconds, by rows: the goodput planner's T(n)
     rows_per_decode: list[int]  # scoring decodes since the last take_rows() (for metrics)
     _row_buffers: dict[int, np.ndarray]  # FusedScoring's reply rows per sequence, reused
@@ -191,12 +192,13 @@ class FusedScoring(Pool):
     Scoring rows (verification passes, all logits) of all sequences are packed into decodes of at
     most `fuse_rows` rows: by default `default_fuse_rows`, the most that keeps a sequence's logits
     bit-identical to its rows decoded alone however they are packed with other sequences' rows.
-    On llama.cpp that is 3: ggml's CPU matmul is row-independent only below 4 rows (4+ rows take
-    another kernel path whose logits differ by up to ~0.5; tests/test_scheduler_pool.py checks the
-    3). A larger `fuse_rows` there is faster per row but not batch-invariant: greedy output may then
-    differ from a solo run at near-ties (the server's --verify one-pass). The torch pool pads every
-    decode to a multiple of 4 rows, where torch's matmul is row-independent, so its default is all
-    of a step's rows in one decode. Prompt passes run alone, in the pool's own pass sizes.
+    On llama.cpp that is 64 with verispec's batch-invariant build (llama_lib.exact_pass_rows), and
+    prompt rows then ride in the same decodes, exactly (`mixes_prompts`); on another build it is 3
+    (ggml's matmul takes other kernels from 4 rows, logits up to ~0.9 apart), and a larger
+    `fuse_rows` is faster per row but not batch-invariant: greedy output may then differ from a solo
+    run at near-ties (the server's --verify one-pass). The torch pool pads every decode to a multiple
+    of 4 rows, where torch's matmul is row-independent, so its default is all of a step's rows in one
+    decode; its prompt passes run alone, in the pool's own pass sizes.
 
     A token tree's rows are fused like a chain's, in node order, where the pool says (`open_tree`);
     the request then keeps one path (`keep_path`). Cells are made room for before any tree opens, so
@@ -218,9 +220,10 @@ class FusedScoring(Pool):
 
     @property
     def mixes_prompts(self) -> bool:
-        """Past the exact row count, nothing is bit-identical to solo runs any more: prompt rows may then ride in
-        the scoring decode too (PromptPart), as llama-server mixes them (the server's --verify one-pass)."""
-        return self.fuse_rows > self.default_fuse_rows
+        """Whether prompt rows ride in the scoring decodes too (PromptPart), as llama-server mixes them. Exactly so
+        where the pool's rows are batch-invariant (a row's bits do not depend on what shares its decode); past
+        the exact row count (the server's --verify one-pass), where nothing is bit-identical to solo runs."""
+        return self.rows_invariant or self.fuse_rows > self.default_fuse_rows
 
     def score(self, works: Sequence[tuple[int, "Forward"]], prompts: Sequence["PromptPart"] = ()) -> list[np.ndarray]:
         """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness
