@@ -321,6 +321,8 @@ class Engine:
         finally:
             if adaptive:
                 self.carried.absorb(chooser)
+            if self.drafter:
+                self.drafter.finish(context)
 
     def _decode(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
                 tree_verifier: TreeVerifier | None, stats: Stats, params: SamplingParams, record_margins: bool,
