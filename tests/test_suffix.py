@@ -353,3 +353,86 @@ def test_drafting_while_other_threads_add_requests():
         t.join()
     assert not errors and store.nbytes <= store.limit_bytes
     assert store.requests + store.evicted == 300
+
+
+# -- the Model and the server ------------------------------------------------------------------------
+
+
+def _tiny_model(**fields):
+    from tests.toy import tiny_runner
+    from verispec.api import Model
+
+    return Model(tiny_runner(0, scale=8.0), "torch", SpeculativeConfig(draft="suffix"), **fields)
+
+
+def test_a_models_requests_share_one_history_that_a_cache_file_keeps_across_restarts(tmp_path):
+    path = tmp_path / "history.bin"
+    params = SamplingParams(max_tokens=30)
+    spec = SpeculativeConfig(draft="suffix", draft_tokens=8)
+    model = _tiny_model(suffix_cache=str(path))
+    plain = model.generate("hello world, hello", params, spec=SpeculativeConfig())
+    first = model.generate("hello world, hello", params, spec=spec)
+    second = model.generate("hello world, hello", params, spec=spec)
+    assert first.tokens == second.tokens == plain.tokens
+    assert second.stats.accepted > first.stats.accepted and model.suffix_store.requests == 2
+    model.close()
+    restarted = _tiny_model(suffix_cache=str(path))
+    assert restarted.suffix_store.requests == 2
+    again = restarted.generate("hello world, hello", params, spec=spec)
+    assert again.tokens == plain.tokens and again.stats.accepted >= second.stats.accepted
+    restarted.close()
+
+
+def test_load_refuses_a_memory_limit_that_is_not_positive():
+    from verispec.api import load
+
+    with pytest.raises(InvalidParameter, match="> 0 MiB"):
+        load("tiny", suffix_memory_mib=0)  # refused before any model file is looked for
+
+
+@pytest.fixture(scope="module")
+def tiny_server():
+    from starlette.testclient import TestClient
+
+    from verispec.serve import ServeConfig, Server, create_app
+
+    base = _tiny_model()
+    server = Server(base, ServeConfig(model="tiny", max_batch=2, ctx=256))
+    with TestClient(create_app(server)) as client:
+        yield server, client
+    server.close()
+    base.close()
+
+
+def _complete(client, key: str, **speculative) -> dict:
+    body = {"model": "tiny", "prompt": "hello world, hello", "max_tokens": 40, "temperature": 0.0,
+            "speculative": {"draft": "suffix", "draft_tokens": 8, **speculative}}
+    response = client.post("/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_server_drafts_from_each_keys_own_earlier_requests(tiny_server):
+    server, client = tiny_server
+    server.scheduler.suffix_store.clear()
+    first_a, second_a, first_b = (_complete(client, key) for key in ("key-a", "key-a", "key-b"))
+    texts = {r["choices"][0]["text"] for r in (first_a, second_a, first_b)}
+    plain = server.base.generate("hello world, hello", SamplingParams(max_tokens=40), spec=SpeculativeConfig())
+    assert len(texts) == 1 and texts == {plain.text}
+    spec_a1, spec_a2, spec_b = (r["speculative"] for r in (first_a, second_a, first_b))
+    assert spec_a2["draft"] == "suffix" and spec_a2["accepted"] > spec_a1["accepted"]
+    assert spec_b["drafted"] == spec_a1["drafted"] and spec_b["accepted"] == spec_a1["accepted"]  # key A's are not B's
+    for spec in (spec_a1, spec_a2, spec_b):
+        assert sum(spec["drafted_at_position"]) == spec["drafted"]
+        assert sum(spec["accepted_at_position"]) == spec["accepted"]
+    assert server.scheduler.suffix_store.requests == 3
+    metrics = client.get("/metrics").text
+    assert "verispec_suffix_history_requests 3.0" in metrics and "verispec_accepted_at_position" in metrics
+
+
+def test_a_server_offers_suffix_drafting_and_says_so_for_an_unknown_draft(tiny_server):
+    _, client = tiny_server
+    body = {"model": "tiny", "prompt": "hi", "max_tokens": 4, "speculative": {"draft": "nonsense"}}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 400 and "suffix" in response.json()["error"]["message"]
+    assert client.get("/health").json()["draft"] == "suffix"

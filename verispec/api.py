@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .drafters.base import Drafter
-from .drafters.suffix_store import DEFAULT_MEMORY_MIB, SuffixStore, vocab_fingerprint
+from .drafters.suffix_store import DEFAULT_MEMORY_MIB, SuffixStore, check_memory_limit, vocab_fingerprint
 from .engine import Engine, SpeculativeConfig, Stats
 from .errors import InvalidParameter, PromptError, TokenizerMismatch, VerispecError
 from .models import files, registry
@@ -196,6 +196,7 @@ def load(model: str = registry.DEFAULT_TARGET, *, draft: str | None = None, back
          suffix_memory_mib: float = DEFAULT_MEMORY_MIB, **runner_options) -> Model:
     """Open a target by registered name, GGUF path or HF directory; `draft` sets the default drafter.
     `suffix_cache` keeps the suffix drafter's history of earlier requests in a file across restarts."""
+    check_memory_limit(suffix_memory_mib)
     source = files.resolve(model, pull_if_missing=pull)
     if backend == "auto":
         backend = "llamacpp" if source.kind == "gguf" else "torch"

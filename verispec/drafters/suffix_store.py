@@ -47,11 +47,15 @@ def vocab_fingerprint(tokenizer, n_vocab: int) -> str:
     return f"{n_vocab}:{digest}"
 
 
+def check_memory_limit(memory_mib: float) -> None:
+    if not memory_mib > 0:
+        raise InvalidParameter(f"the suffix history's memory limit must be > 0 MiB, got {memory_mib}", "suffix_memory")
+
+
 class SuffixStore:
     def __init__(self, memory_mib: float = DEFAULT_MEMORY_MIB, path: str | os.PathLike | None = None,
                  fingerprint: str = "", n_vocab: int | None = None, save_every: float = DEFAULT_SAVE_SECONDS) -> None:
-        if not memory_mib > 0:
-            raise InvalidParameter(f"the suffix history's memory limit must be > 0 MiB, got {memory_mib}", "suffix_memory")
+        check_memory_limit(memory_mib)
         self.limit_bytes = int(memory_mib * (1 << 20))
         self.fingerprint, self.n_vocab = fingerprint, n_vocab
         self.path = Path(path).expanduser() if path else None
