@@ -436,3 +436,57 @@ def test_a_server_offers_suffix_drafting_and_says_so_for_an_unknown_draft(tiny_s
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 400 and "suffix" in response.json()["error"]["message"]
     assert client.get("/health").json()["draft"] == "suffix"
+
+
+# -- auto ----------------------------------------------------------------------------------------------
+
+
+def _stats(generated: int, seconds: float) -> Stats:
+    return Stats(generated=generated, verify_seconds=seconds * 0.8, draft_seconds=seconds * 0.2)
+
+
+def test_auto_tries_each_drafter_then_keeps_the_fastest_and_explores_the_others():
+    from verispec.drafters.auto import AutoChoice
+
+    auto = AutoChoice(["suffix", "model", "cascade"], warmup=2, explore_every=4)
+    speed = {"suffix": 50.0, "model": 20.0, "cascade": 35.0}  # tokens per second of drafting + verification
+    warm = [auto.choose() for _ in range(6)]
+    assert sorted(warm) == sorted(["suffix", "model", "cascade"] * 2)
+    for key in warm:
+        auto.record(key, _stats(100, 100 / speed[key]))
+    later = [auto.choose() for _ in range(16)]
+    assert later.count("suffix") == 12 and {"model", "cascade"} <= set(later)
+    speed["suffix"] = 5.0  # the traffic changed: suffix lookup stops finding drafts
+    for _ in range(10):
+        auto.record("suffix", _stats(100, 100 / speed["suffix"]))
+        auto.record("cascade", _stats(100, 100 / speed["cascade"]))
+    assert auto.best() == "cascade"
+    auto.record("model", _stats(3, 0.001))  # too short to say anything
+    assert auto.rates["model"] == pytest.approx(20.0)
+
+
+def test_an_auto_server_picks_per_request_among_suffix_the_model_and_their_cascade():
+    from starlette.testclient import TestClient
+
+    from tests.toy import tiny_runner
+    from verispec.serve import ServeConfig, Server, create_app
+
+    base = _tiny_model()
+    base.spec = SpeculativeConfig(draft="auto")
+    base._drafters["auto"] = ModelDrafter(tiny_runner(0, scale=8.0))  # what auto found: a model sharing the vocabulary
+    server = Server(base, ServeConfig(model="tiny", max_batch=2, ctx=256))
+    try:
+        assert server.scheduler.cascade == ("suffix", "model") and server.scheduler.auto.candidates == [
+            "suffix", "model", "cascade"]
+        with TestClient(create_app(server)) as client:
+            assert client.get("/health").json()["draft"] == "auto"
+            drafts = []
+            for _ in range(7):
+                body = {"model": "tiny", "prompt": "hello world, hello", "max_tokens": 24, "temperature": 0.0}
+                response = client.post("/v1/completions", json=body).json()
+                drafts.append(response["speculative"]["draft"])
+        assert set(drafts[:6]) == {"suffix", "tiny-0", "cascade:suffix,tiny-0"}
+        assert set(server.scheduler.auto.rates) == {"suffix", "model", "cascade"}
+    finally:
+        server.close()
+        base.close()

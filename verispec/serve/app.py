@@ -32,6 +32,7 @@ from .scheduler import Sequence as Job
 DISCONNECT_POLL_SECONDS = 0.25
 if TYPE_CHECKING:
     from ..api import Model  # the loaded model the server is handed (the API layer sits above this one)
+    from ..drafters.base import Drafter
 
 log = logging.getLogger("verispec.serve")
 
@@ -69,7 +70,8 @@ class Server:
         self.created = int(time.time())
         # The --draft drafter as a key: "cascade" or "model" (cloned onto every slot), "suffix", "ngram" or None.
         loaded = base.drafter(base.spec.draft)
-        self.default_draft = ("cascade" if self.scheduler.cascade else "model" if self.scheduler.model_drafter
+        self.default_draft = ("auto" if base.spec.draft == "auto" else "cascade" if self.scheduler.cascade
+                              else "model" if self.scheduler.model_drafter
                               else "suffix" if loaded is not None and loaded.name == "suffix"
                               else "ngram" if loaded is not None else None)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers must not encode concurrently
@@ -107,6 +109,8 @@ class Server:
                 tree = self._tree(opts.tree)
             if opts.tree_budget is not None:  # pins the request only where it grows trees
                 budget, pinned = opts.tree_budget, pinned or tree is not None
+        if key == "auto":
+            key = self.scheduler.auto.choose()
         try:
             spec = replace(base, draft=self.draft_name(key) if key else None, draft_tokens=fixed, draft_max=k_max,
                            tree=tree, tree_budget=budget)
@@ -172,7 +176,7 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: Specula
     from ..runners.pool import PoolUnsupported
 
     spec = spec or _serve_spec(base.spec, config)
-    default = base.drafter(base.spec.draft)
+    default = _auto_drafters(base) if base.spec.draft == "auto" else base.drafter(base.spec.draft)
     fuse_rows = config.fuse_rows
     if fuse_rows is None and config.verify == "one-pass":
         fuse_rows = 1 << 16  # as many as the pool's batch holds
@@ -189,6 +193,19 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: Specula
             raise
         log.warning("%s. Falling back to one context per slot: passes are not fused.", exc)
     return make(0)
+
+
+def _auto_drafters(base: Model) -> Drafter:
+    """What `--draft auto` serves: suffix lookup, and where a draft model shares the target's vocabulary, the model and a
+    cascade of the two (suffix first, the model where it has no draft). Each request's pick is measured (AutoChoice)."""
+    from ..drafters.cascade import CascadeDrafter
+    from ..drafters.draft_model import ModelDrafter
+    from ..drafters.suffix import SuffixDrafter
+
+    model, suffix = base.drafter("auto"), SuffixDrafter(base.suffix_store)
+    if not isinstance(model, ModelDrafter):
+        return suffix
+    return CascadeDrafter([suffix, model], base.target.n_vocab, base.spec.draft_max)
 
 
 def create_app(server: Server) -> FastAPI:

@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+from ..drafters.auto import AutoChoice
 from ..drafters.base import Drafter
 from ..drafters.cascade import CascadeDrafter
 from ..drafters.draft_model import ModelDrafter
@@ -137,6 +138,9 @@ class Scheduler:
         # rebuilt per slot around that slot's clone.
         self.model_drafter, self.cascade = served_drafters(drafter)
         self.suffix_store = suffix_store or _store_of(drafter) or SuffixStore()  # the suffix drafter's global history
+        # What `auto` chooses among: suffix lookup, and the draft model and a suffix-then-model cascade where served.
+        self.auto = AutoChoice(["suffix"] + (["model"] if self.model_drafter else [])
+                               + (["cascade"] if self.cascade == ("suffix", "model") else []))
         self.n_ctx = position_limit(target, n_ctx or target.n_ctx)
         self.max_queue, self.spec_off_at = max_queue, spec_off_at
         self.metrics = metrics or Metrics()
@@ -476,6 +480,8 @@ class Scheduler:
             event = Event("done", finish_reason=outcome)
         if event is not None:
             job.emit(event)
+        if outcome in ("stop", "length") and job.draft:
+            self.auto.record(job.draft, job.stats)
         self.metrics.requests.labels(job.endpoint, outcome).inc()
         with self._cond:
             self.slots[job.slot] = None
