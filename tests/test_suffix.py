@@ -490,3 +490,29 @@ def test_an_auto_server_picks_per_request_among_suffix_the_model_and_their_casca
     finally:
         server.close()
         base.close()
+
+
+def test_drafting_for_sixteen_requests_takes_well_under_a_millisecond_per_request_step():
+    import time
+
+    rng = np.random.default_rng(0)
+    phrases = rng.integers(0, 32000, (2000, 20))  # repetitive text: documents are sequences of common phrases
+
+    def text(n: int) -> list[int]:
+        return phrases[rng.integers(0, 2000, n)].ravel().tolist()
+
+    store = SuffixStore()
+    for _ in range(500):
+        store.add("", text(15))
+    drafters, contexts = [SuffixDrafter(store) for _ in range(16)], [text(50) for _ in range(16)]
+    for drafter, context in zip(drafters, contexts):
+        drafter.begin(context, SamplingParams(), None)
+        drafter.propose(context, 12)  # the prompt is indexed at the first step
+    seconds = []
+    for _ in range(30):
+        for drafter, context in zip(drafters, contexts):
+            t0 = time.perf_counter()
+            draft = drafter.propose(context, 12)
+            seconds.append(time.perf_counter() - t0)
+            context += draft.tokens[:3] + [int(rng.integers(0, 32000))]  # some accepted, then the target's own
+    assert np.mean(seconds) < 1e-3, f"{np.mean(seconds) * 1e3:.3f} ms per request-step"

@@ -272,12 +272,15 @@ def _why_line(results: dict, names: dict[str, str]) -> str:
 def bench(
     target: str = typer.Option(registry.DEFAULT_TARGET, help="target model: registered name or GGUF path"),
     draft: str = typer.Option(registry.DEFAULT_DRAFT, help="the draft model of the `draft` methods"),
-    methods: str = typer.Option("ar,ngram,draft,auto", help="comma-separated: ar, ngram, draft, auto, each optionally -kN (fixed K)"),
-    prompts: str = typer.Option("builtin", help="a JSONL file (MT-bench `turns` or plain `prompt` lines) or 'builtin'"),
+    methods: str = typer.Option("ar,ngram,draft,auto", help="comma-separated: ar, ngram, suffix, draft, auto, cascade, "
+                                "suffix+draft, each optionally -kN (fixed K)"),
+    prompts: str = typer.Option("builtin", help="a JSONL file (MT-bench `turns` or plain `prompt` lines), 'builtin', "
+                                 "or 'sessions' (repetitive agentic sessions, run in order)"),
     max_new_tokens: int = typer.Option(128, help="new tokens at most per turn"),
     temperature: float = typer.Option(0.0, help="0 = greedy (outputs are then checked against ar)"),
     seed: int = typer.Option(0),
-    peers: str = typer.Option("", help="comma-separated: llamacpp-pld, hf, llama-speculative, llama-lookup, llama.cpp"),
+    peers: str = typer.Option("", help="comma-separated: llamacpp-pld, hf, llama-speculative, llama-lookup, llama.cpp, "
+                       "llama.cpp-ngram-mod"),
     llama_cpp_bin: Optional[str] = typer.Option(None, help="directory holding llama.cpp's programs (default: where "
                                                 "`make llama-tools` builds them, then PATH)"),
     limit: Optional[int] = typer.Option(None, help="run only the first N prompts"),
