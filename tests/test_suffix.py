@@ -516,3 +516,13 @@ def test_drafting_for_sixteen_requests_takes_well_under_a_millisecond_per_reques
             seconds.append(time.perf_counter() - t0)
             context += draft.tokens[:3] + [int(rng.integers(0, 32000))]  # some accepted, then the target's own
     assert np.mean(seconds) < 1e-3, f"{np.mean(seconds) * 1e3:.3f} ms per request-step"
+
+
+def test_a_server_runs_suffix_lookup_alone_or_in_a_cascade_with_n_grams_or_one_draft_model():
+    from verispec.drafters.ngram import NgramDrafter
+    from verispec.serve.scheduler import served_drafters
+
+    store, model = SuffixStore(), ModelDrafter(TableRunner(8))
+    assert served_drafters(SuffixDrafter(store)) == (None, None)
+    assert served_drafters(CascadeDrafter([SuffixDrafter(store), model], 8)) == (model, ("suffix", "model"))
+    assert served_drafters(CascadeDrafter([SuffixDrafter(store), NgramDrafter()], 8)) == (None, ("suffix", "ngram"))
