@@ -294,3 +294,46 @@ def test_llama_server_reference_counts_tokens_as_verispec_does(smol_source, smol
         peer.close()
     assert 0 < len(turn.tokens) < 48, "the answer should stop before the limit, at an EOS"
     assert turn.extra["generated"] == len(turn.tokens)
+
+
+def test_the_sessions_prompt_set_holds_the_agentic_categories_in_order():
+    prompts = load_prompts("sessions")
+    assert {p.category for p in prompts} == {"agentic-edit", "agentic-json", "agentic-sql", "agentic-rag"}
+    edits = [p for p in prompts if p.category == "agentic-edit"]
+    assert len(edits) >= 4 and all("def rgb_to_hsv" in p.turns[0] for p in edits)  # one real file, edited in turn
+    assert [p.id for p in edits] == sorted(p.id for p in edits)
+
+
+def test_suffix_method_names():
+    methods = {m.name: m for m in parse_methods("suffix,suffix-k8,suffix+draft,suffix-dyn-b16", draft="d")}
+    assert methods["suffix"].draft == "suffix" and methods["suffix-k8"].config().draft_tokens == 8
+    assert methods["suffix+draft"].draft == "cascade:suffix,d" and methods["suffix-dyn-b16"].config().tree == "dynamic"
+
+
+def test_bench_sessions_give_each_suffix_method_its_own_warm_history():
+    """Prompts run in order, every method on each: a suffix method drafts from its own earlier requests of the run,
+    never from another method's answer to the same prompt (warm-ups keep histories of their own)."""
+    from rich.console import Console
+
+    from tests.toy import tiny_runner
+    from verispec.api import Model
+    from verispec.bench import run as bench_run
+    from verispec.bench.run import BenchConfig
+    from verispec.prompts import BenchPrompt
+    from verispec.sampling import SamplingParams
+
+    model = Model(tiny_runner(0, scale=8.0), "torch")
+    prompts = [BenchPrompt(f"p{i}", "agentic-edit", ("Reply with the module: def f(x): return x",)) for i in range(2)]
+    methods = parse_methods("suffix-k8,suffix-dyn-b8", draft="d")
+    config = BenchConfig(max_new_tokens=24, draft_max=8)
+    params = SamplingParams(max_tokens=24)
+    bench_run._warm_up(model, prompts[0], methods[1], params, config)
+    conversations, _ = bench_run._run_methods(model, prompts, methods, params, config, Console(quiet=True))
+    store = model.suffix_store
+    assert {key: index.documents for key, index in store._histories.items()} == {
+        "warm-up suffix-k8": 1, "suffix-k8": 2, "suffix-dyn-b8": 2}
+    for m in methods[1:]:  # after ar
+        first, second = (conversations[(p.id, m.name)].turns[0] for p in prompts)
+        assert first.tokens == second.tokens == conversations[(prompts[0].id, "ar")].turns[0].tokens
+        assert second.stats.accepted > first.stats.accepted  # the second found the first in its method's history
+    model.close()

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .drafters.base import Drafter
+from .drafters.suffix_store import DEFAULT_MEMORY_MIB, SuffixStore, check_memory_limit, vocab_fingerprint
 from .engine import Engine, SpeculativeConfig, Stats
 from .errors import InvalidParameter, PromptError, TokenizerMismatch, VerispecError
 from .models import files, registry
@@ -41,6 +42,17 @@ class Model:
     _engines: dict[str, Engine] = field(default_factory=dict)
     runner_options: dict = field(default_factory=dict)
     draft_choice_note: str = ""
+    suffix_cache: str | None = None  # where the suffix drafter's global history is kept across restarts
+    suffix_memory_mib: float = DEFAULT_MEMORY_MIB  # its memory limit
+    _suffix_store: SuffixStore | None = None
+
+    @property
+    def suffix_store(self) -> SuffixStore:
+        """The global history of the suffix drafter, shared by every request of this Model (and its server)."""
+        if self._suffix_store is None:
+            fingerprint = vocab_fingerprint(self.tokenizer, self.target.n_vocab) if self.suffix_cache else ""
+            self._suffix_store = SuffixStore(self.suffix_memory_mib, self.suffix_cache, fingerprint, self.target.n_vocab)
+        return self._suffix_store
 
     @property
     def tokenizer(self):
@@ -56,7 +68,7 @@ class Model:
         return self.tokenizer.encode(prompt, add_special=True)
 
     def drafter(self, name: str | None) -> Drafter | None:
-        """The drafter for a --draft value: None/'none', 'ngram', 'auto', 'medusa:PATH', 'eagle:PATH',
+        """The drafter for a --draft value: None/'none', 'ngram', 'suffix', 'auto', 'medusa:PATH', 'eagle:PATH',
         a registered name or a path."""
         if name in (None, "", "none"):
             return None
@@ -69,6 +81,10 @@ class Model:
 
         if name == "ngram":
             return NgramDrafter(self.spec.ngram_min, self.spec.ngram_max)
+        if name == "suffix":
+            from .drafters.suffix import SuffixDrafter
+
+            return SuffixDrafter(self.suffix_store)
         if name == "auto":
             return self._auto_drafter()
         if name.startswith(("medusa:", "eagle:")):
@@ -170,12 +186,17 @@ class Model:
     def close(self) -> None:
         for d in self._drafters.values():
             d.close()
+        if self._suffix_store is not None:
+            self._suffix_store.close()  # saves it, with a cache path
         self.target.close()
 
 
 def load(model: str = registry.DEFAULT_TARGET, *, draft: str | None = None, backend: str = "auto",
-         spec: SpeculativeConfig | None = None, pull: bool = False, **runner_options) -> Model:
-    """Open a target by registered name, GGUF path or HF directory; `draft` sets the default drafter."""
+         spec: SpeculativeConfig | None = None, pull: bool = False, suffix_cache: str | None = None,
+         suffix_memory_mib: float = DEFAULT_MEMORY_MIB, **runner_options) -> Model:
+    """Open a target by registered name, GGUF path or HF directory; `draft` sets the default drafter.
+    `suffix_cache` keeps the suffix drafter's history of earlier requests in a file across restarts."""
+    check_memory_limit(suffix_memory_mib)
     source = files.resolve(model, pull_if_missing=pull)
     if backend == "auto":
         backend = "llamacpp" if source.kind == "gguf" else "torch"
@@ -183,7 +204,14 @@ def load(model: str = registry.DEFAULT_TARGET, *, draft: str | None = None, back
     spec = spec or SpeculativeConfig(draft=draft)
     if draft is not None:
         spec.draft = draft
-    loaded = Model(target, backend, spec, runner_options=runner_options)
-    if spec.draft:
-        loaded.drafter(spec.draft)  # load now so errors surface at start-up
+    loaded = Model(target, backend, spec, runner_options=runner_options, suffix_cache=suffix_cache,
+                   suffix_memory_mib=suffix_memory_mib)
+    try:
+        if suffix_cache is not None or suffix_memory_mib != DEFAULT_MEMORY_MIB:
+            loaded.suffix_store  # noqa: B018 - read the cache (and check the limit and the path) at start-up
+        if spec.draft:
+            loaded.drafter(spec.draft)  # load now so errors surface at start-up
+    except BaseException:
+        loaded.close()
+        raise
     return loaded

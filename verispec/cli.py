@@ -112,16 +112,19 @@ def models_verify(name: str) -> None:
 
 
 DEVICE_HELP = "torch backend: auto (CUDA if present), cpu or cuda"
+SUFFIX_CACHE_HELP = ("file that keeps the suffix drafter's history of earlier requests across restarts: read at start, "
+                     "saved every 5 minutes and at exit; an unreadable one is reported and ignored")
+SUFFIX_MEMORY_HELP = "memory limit of the suffix drafter's history of earlier requests, in MiB (the oldest go first)"
 VERIFY_HELP = ("exact (default): drafts scored in passes of <= 3 rows, greedy output bit-identical to plain decoding | "
                "one-pass: all rows in one pass, cheaper where a pass's cost grows slowly with its rows; lossless in "
                "distribution but NOT bit-identical (rows differ from plain decoding's by ggml's measured noise)")
 
 
 def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Optional[int], spec, device: str = "auto",
-          verify: str = "exact", dtype: str = "auto"):
+          verify: str = "exact", dtype: str = "auto", suffix_cache: Optional[str] = None, suffix_memory: float = 256.0):
     from .api import load
 
-    kwargs = {"n_ctx": ctx, "verify": verify}
+    kwargs = {"n_ctx": ctx, "verify": verify, "suffix_cache": suffix_cache, "suffix_memory_mib": suffix_memory}
     if device != "auto":
         kwargs["device"] = device
     if dtype != "auto":
@@ -141,7 +144,7 @@ def generate(
     prompt: str = typer.Option(..., "--prompt", "-p", help="the prompt text"),
     model: str = typer.Option(registry.DEFAULT_TARGET, "--model", "-m", help="registered name, GGUF path or HF model directory"),
     draft: Optional[str] = typer.Option(None, "--draft", "--drafter",
-                                        help="drafter: ngram, auto, a registered model, a path, or cascade:ngram,MODEL; omit for plain decoding"),
+                                        help="drafter: ngram, suffix, auto, a registered model, a path, or cascade:suffix,MODEL; omit for plain decoding"),
     draft_tokens: Optional[int] = typer.Option(None, help="fixed draft length K (default: adaptive)"),
     draft_max: int = typer.Option(12, help="upper bound for the adaptive draft length"),
     draft_min_prob: float = typer.Option(0.0, help="stop a model draft when its top probability falls below this"),
@@ -161,6 +164,8 @@ def generate(
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     verify: str = typer.Option("exact", help=VERIFY_HELP),
+    suffix_cache: Optional[str] = typer.Option(None, help=SUFFIX_CACHE_HELP),
+    suffix_memory: float = typer.Option(256.0, help=SUFFIX_MEMORY_HELP),
 ) -> None:
     """Stream text from a model, plainly or speculatively, and print decoding stats."""
     from .engine import SpeculativeConfig, Stats
@@ -174,7 +179,7 @@ def generate(
             console.print(f"[yellow]acceptance {spec.acceptance} is LOSSY: output may differ from the target's own[/]")
         if verify == "one-pass" and draft:
             console.print("[yellow]--verify one-pass: lossless in distribution, not bit-identical to plain decoding[/]")
-        loaded = _load(model, draft, backend, ctx, threads, spec, device, verify, dtype)
+        loaded = _load(model, draft, backend, ctx, threads, spec, device, verify, dtype, suffix_cache, suffix_memory)
         if loaded.draft_choice_note:
             console.print(loaded.draft_choice_note)
         stats = Stats()
@@ -229,12 +234,15 @@ def demo(
 def bench(
     target: str = typer.Option(registry.DEFAULT_TARGET, help="target model: registered name or GGUF path"),
     draft: str = typer.Option(registry.DEFAULT_DRAFT, help="the draft model of the `draft` methods"),
-    methods: str = typer.Option("ar,ngram,draft,auto", help="comma-separated: ar, ngram, draft, auto, each optionally -kN (fixed K)"),
-    prompts: str = typer.Option("builtin", help="a JSONL file (MT-bench `turns` or plain `prompt` lines) or 'builtin'"),
+    methods: str = typer.Option("ar,ngram,draft,auto", help="comma-separated: ar, ngram, suffix, draft, auto, cascade, "
+                                "suffix+draft, each optionally -kN (fixed K)"),
+    prompts: str = typer.Option("builtin", help="a JSONL file (MT-bench `turns` or plain `prompt` lines), 'builtin', "
+                                 "or 'sessions' (repetitive agentic sessions, run in order)"),
     max_new_tokens: int = typer.Option(128, help="new tokens at most per turn"),
     temperature: float = typer.Option(0.0, help="0 = greedy (outputs are then checked against ar)"),
     seed: int = typer.Option(0),
-    peers: str = typer.Option("", help="comma-separated: llamacpp-pld, hf, llama-speculative, llama-lookup, llama.cpp"),
+    peers: str = typer.Option("", help="comma-separated: llamacpp-pld, hf, llama-speculative, llama-lookup, llama.cpp, "
+                       "llama.cpp-ngram-mod"),
     llama_cpp_bin: Optional[str] = typer.Option(None, help="directory holding llama.cpp's programs (default: where "
                                                 "`make llama-tools` builds them, then PATH)"),
     limit: Optional[int] = typer.Option(None, help="run only the first N prompts"),
@@ -274,8 +282,8 @@ def bench(
 @app.command()
 def serve(
     model: str = typer.Option(registry.DEFAULT_TARGET, "--model", "-m", help="registered name, GGUF path or HF model directory"),
-    draft: str = typer.Option("auto", help="default drafter: auto, ngram, none, a registered model or a path, or "
-                              "cascade:ngram,MODEL (Medusa/EAGLE heads are for `verispec generate`)"),
+    draft: str = typer.Option("auto", help="default drafter: auto, ngram, suffix, none, a registered model or a path, or "
+                              "cascade:suffix,MODEL (Medusa/EAGLE heads are for `verispec generate`)"),
     host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network"),
     port: int = typer.Option(8000),
     api_key: Optional[str] = typer.Option(None, envvar="VERISPEC_API_KEY", help="require 'Authorization: Bearer KEY'"),
@@ -310,6 +318,8 @@ def serve(
                                               "'no tree' included)"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
+    suffix_cache: Optional[str] = typer.Option(None, help=SUFFIX_CACHE_HELP),
+    suffix_memory: float = typer.Option(256.0, help=SUFFIX_MEMORY_HELP),
 ) -> None:
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from .engine import SpeculativeConfig
@@ -327,7 +337,7 @@ def serve(
         # The loaded runner only tokenizes and owns the weights; each slot gets its own --ctx context.
         spec = SpeculativeConfig(tree=tree, tree_budget=tree_budget)  # a bad --tree fails before the model loads
         loaded = _load(model, None if draft == "none" else draft, backend, min(ctx, 512), threads, spec, device, verify,
-                       dtype)
+                       dtype, suffix_cache, suffix_memory)
     except VerispecError as exc:
         fail(exc)
     if loaded.draft_choice_note:

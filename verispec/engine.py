@@ -321,6 +321,8 @@ class Engine:
         finally:
             if adaptive:
                 self.carried.absorb(chooser)
+            if self.drafter:
+                self.drafter.finish(context)
 
     def _decode(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
                 tree_verifier: TreeVerifier | None, stats: Stats, params: SamplingParams, record_margins: bool,
@@ -454,9 +456,14 @@ class Engine:
         room = self.target.n_ctx - self.target.n_past - 1
         if len(tree) > room:
             tree = build_tree(last, [])
-        rows = yield Forward(list(tree.tokens), list(tree.parents))
+        # A tree that is one path (a suffix drafter's, where the history agrees) is sent as a chain.
+        chain, base = tree.parents == list(range(-1, len(tree) - 1)), self.target.n_past
+        rows = yield Forward(list(tree.tokens), None if chain else list(tree.parents))
         verdict = verifier.verify(tree, rows, position)
-        self.target.keep_path(verdict.path)
+        if chain:
+            self.target.rollback(base + len(verdict.path))
+        else:
+            self.target.keep_path(verdict.path)
         self.drafter.accepted(verdict.path[-1])
         t2 = time.perf_counter()
         n_drafted, n_accepted = len(tree) - 1, len(verdict.path) - 1

@@ -19,6 +19,10 @@ from .errors import PromptError
 
 BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).parent / "bench" / "data" / "prompts.jsonl"  # the bench's own set
+# Repetitive agentic sessions (edits of one file, JSON tool calls and SQL against one schema, answers quoting one
+# context), run in file order so that each request finds the session's earlier ones in suffix lookup's history.
+SESSIONS = "sessions"
+NAMED_SETS = {BUILTIN: BUILTIN_PATH, SESSIONS: BUILTIN_PATH.parent / "sessions.jsonl"}
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function in one code block.\n\n"
     "```python\n{prompt}```"
@@ -34,8 +38,8 @@ class BenchPrompt:
 
 def load_prompts(source: str | Path = BUILTIN, limit: int | None = None,
                  categories: list[str] | None = None) -> list[BenchPrompt]:
-    """Read a prompt file ('builtin' for the shipped set); keep `categories` only, then the first `limit`."""
-    path = BUILTIN_PATH if str(source) == BUILTIN else Path(source).expanduser()
+    """Read a prompt file ('builtin' or 'sessions' for the shipped sets); keep `categories` only, then the first `limit`."""
+    path = NAMED_SETS.get(str(source)) or Path(source).expanduser()
     if not path.is_file():
         raise PromptError(f"prompt file {path} does not exist (pass a JSONL file or 'builtin')", "prompts")
     prompts = []

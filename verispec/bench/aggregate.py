@@ -160,6 +160,7 @@ def _pooled(recs: list[dict]) -> dict:
         "mean_accepted_length": statistics.fmean(lengths) if lengths else 0.0,
         "mean_draft_length": statistics.fmean(draft_lengths) if draft_lengths else 0.0,
         "draft_seconds": sum(r["draft_seconds"] for r in recs),
+        "draft_ms_per_step": 1e3 * sum(r["draft_seconds"] for r in recs) / len(lengths) if lengths else 0.0,
         "verify_seconds": sum(r["verify_seconds"] for r in recs),
         "nodes_per_pass": 1 + statistics.fmean(draft_lengths) if draft_lengths else 1.0,
         "drafted_by_source": _sum_dicts(r.get("drafted_by_source", {}) for r in recs),

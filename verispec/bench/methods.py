@@ -1,7 +1,8 @@
 """Method names on the bench command line -> SpeculativeConfig.
 
-ar = plain decoding; ngram, draft (the --draft model), auto (`--draft auto`) and cascade
-(`cascade:ngram,<draft>`) draft with adaptive K. `medusa:PATH` and `eagle:PATH` draft from heads
+ar = plain decoding; ngram, suffix (suffix lookup in the request and in the method's own earlier requests of
+the run), draft (the --draft model), auto (`--draft auto`), cascade (`cascade:ngram,<draft>`) and suffix+draft
+(`cascade:suffix,<draft>`) draft with adaptive K. `medusa:PATH` and `eagle:PATH` draft from heads
 trained by `verispec train-heads`. Suffixes, in this order, all optional:
   -kN        fix K = N (ngram-k4, draft-k3)
   -wN        verify a tree of N candidates per depth instead of a chain (draft-k3-w2)
@@ -21,7 +22,7 @@ from ..engine import SpeculativeConfig
 from ..errors import InvalidParameter
 
 _SUFFIXES = r"(?:-k(?P<k>\d+))?(?:-w(?P<w>\d+))?(?:-(?P<tree>dyn|s[\d.]+))?(?:-b(?P<b>\d+))?(?:-(?P<acc>prefix|relaxed[\d.]+))?$"
-_PATTERN = re.compile(r"^(?P<family>ngram|draft|auto|cascade)" + _SUFFIXES)
+_PATTERN = re.compile(r"^(?P<family>ngram|suffix\+draft|suffix|draft|auto|cascade)" + _SUFFIXES)
 _HEADS = re.compile(r"^(?P<family>medusa|eagle):(?P<path>.+?)" + _SUFFIXES)
 BASELINE = "ar"
 
@@ -31,7 +32,7 @@ class Method:
     name: str
     draft: str | None  # the SpeculativeConfig.draft value; None = plain decoding
     fixed_k: int | None = None
-    family: str = BASELINE  # ar | ngram | draft | auto | cascade | medusa | eagle
+    family: str = BASELINE  # ar | ngram | suffix | draft | auto | cascade | suffix+draft | medusa | eagle
     tree_width: int = 1
     tree: str | None = None  # "dynamic" | "static:4,2,2,1"
     tree_budget: int | None = None
@@ -56,7 +57,7 @@ def parse_methods(text: str | list[str], draft: str) -> list[Method]:
         match = _HEADS.match(name) or _PATTERN.match(name)
         if not match:
             raise InvalidParameter(
-                f"unknown bench method {name!r}: use ar, ngram, draft, auto, cascade, medusa:PATH, eagle:PATH, "
+                f"unknown bench method {name!r}: use ar, ngram, suffix, draft, auto, cascade, suffix+draft, medusa:PATH, eagle:PATH, "
                 "optionally with -kN, -wN, -dyn or -sB1.B2, -bN, -prefix or -relaxedTAU (e.g. ngram-k4, draft-dyn-b8)",
                 "methods",
             )
@@ -66,7 +67,8 @@ def parse_methods(text: str | list[str], draft: str) -> list[Method]:
 
 def _method(name: str, match: re.Match, draft: str) -> Method:
     family = match["family"]
-    draft_name = {"ngram": "ngram", "draft": draft, "auto": "auto", "cascade": f"cascade:ngram,{draft}"}.get(family)
+    draft_name = {"ngram": "ngram", "suffix": "suffix", "draft": draft, "auto": "auto", "cascade": f"cascade:ngram,{draft}",
+                  "suffix+draft": f"cascade:suffix,{draft}"}.get(family)
     if draft_name is None:  # medusa / eagle heads
         draft_name = f"{family}:{match['path']}"
     tree = match["tree"]

@@ -358,9 +358,11 @@ class LlamaServer(Peer):
     variants = ("plain",)
     timing = "decode"
 
+    extra_args: tuple[str, ...] = ()
+
     def open(self) -> None:
         self.server = LlamaServerProcess(self.ctx.target_path, self.ctx.threads, self.ctx.n_ctx, 1,
-                                         self.ctx.llama_cpp_bin, ("--no-cache-prompt",))
+                                         self.ctx.llama_cpp_bin, ("--no-cache-prompt", *self.extra_args))
         self.cmd, self._client = self.server.cmd, self.server.client
 
     def describe(self) -> str:
@@ -390,7 +392,8 @@ class LlamaServer(Peer):
             # the EOS it sampled, which made llama.cpp ~1/n faster on every prompt that stopped), over the
             # time from the first token to the last pass (predicted_ms).
             extra = {"generated": len(out), "decode_seconds": timings["predicted_ms"] / 1e3,
-                     "prefill_seconds": timings["prompt_ms"] / 1e3}
+                     "prefill_seconds": timings["prompt_ms"] / 1e3,
+                     **{k: timings[k] for k in ("draft_n", "draft_n_accepted") if k in timings}}
             return Turn(out, elapsed, extra=extra)
 
         return generate
@@ -400,5 +403,19 @@ class LlamaServer(Peer):
             self.server.close()
 
 
+class LlamaServerNgramMod(LlamaServer):
+    """llama-server with `--spec-type ngram-mod`: one hashed n-gram pool shared by all its slots and kept across
+    requests, so that a session's later requests draft from its earlier ones: the peer of verispec's suffix lookup.
+    One server serves the whole run, prompts in file order, as verispec's methods run them."""
+
+    name = "llama.cpp-ngram-mod"
+    variants = ("ngram-mod",)
+    extra_args = ("--spec-type", "ngram-mod")
+
+    def describe(self) -> str:
+        return (f"`{self.server.command_line()}`, one server for the whole run (its n-gram pool stays warm across "
+                "requests), `/completion` with token ids; tokens/s counted as for llama.cpp plain.")
+
+
 PEERS: dict[str, type[Peer]] = {p.name: p for p in (LlamaCppPromptLookup, HFAssisted, LlamaSpeculativeBinary,
-                                                    LlamaLookupBinary, LlamaServer)}
+                                                    LlamaLookupBinary, LlamaServer, LlamaServerNgramMod)}

@@ -29,7 +29,7 @@ def markdown(results: dict, plots: list[tuple[str, str]]) -> str:
         lines += [f"> **Warning:** the load average was {env['load_before'][0]} before the run (above "
                   f"{env['busy_threshold']}). Other processes competed for the CPU; ggml's threads spin, so these "
                   "numbers are skewed. Rerun on a quiet machine.", ""]
-    lines += _seeds_table(results) + _reference(results) + _category_table(results) + _trees(results) + _plots(plots) + _verify_cost(results) + _noise(results)
+    lines += _seeds_table(results) + _reference(results) + _category_table(results) + _drafting_cost(results) + _trees(results) + _plots(plots) + _verify_cost(results) + _noise(results)
     lines += formats.markdown(results)
     lines += _memory(results) + _lossless(results) + _per_prompt(results) + _peers(results) + _environment(results)
     return "\n".join(lines) + "\n"
@@ -119,6 +119,18 @@ def _category_table(results: dict) -> list[str]:
                          f"{_pct(r['acceptance_rate'])}" if r else "–")
         n = per.get(BASELINE, {}).get("prompts", "")
         out.append(f"| {cat} | {n} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
+def _drafting_cost(results: dict) -> list[str]:
+    rows = [r for r in results["summary"] if r["method"] != BASELINE and r.get("draft_ms_per_step") is not None]
+    if not rows:
+        return []
+    out = ["## Drafting cost", "", "Drafting time per target pass (every step, drafted or not) and its share of the time "
+           "spent drafting and verifying.", "", "| method | draft ms per step | share of step time |", "|---|---|---|"]
+    for r in rows:
+        total = r["draft_seconds"] + r["verify_seconds"]
+        out.append(f"| {r['method']} | {r['draft_ms_per_step']:.3f} | {_pct(r['draft_seconds'] / total if total else None)} |")
     return out + [""]
 
 

@@ -198,7 +198,16 @@ def _with_tolerance(config: BenchConfig, tolerance: float) -> BenchConfig:
 
 
 def _warm_up(model, prompt: BenchPrompt, method: Method, params: SamplingParams, config: BenchConfig) -> None:
+    _use_history(model, method, f"warm-up {method.name}")
     converse(model, prompt, method.name, engine_turn(model, method.config(config.draft_max), params), max_turns=1)
+
+
+def _use_history(model, method: Method, history: str) -> None:
+    """Suffix lookup drafts from the method's own earlier requests of the run (the prompts run in file order, so a
+    session's later requests find its earlier ones), never from another method's answer to the same prompt."""
+    levels = (method.draft or "").removeprefix("cascade:").split(",")
+    if "suffix" in levels:
+        model.drafter("suffix").history = history
 
 
 def _draft_info(model, draft: str) -> dict:
@@ -232,6 +241,7 @@ def _run_methods(model, prompts: list[BenchPrompt], methods: list[Method], param
         for prompt in prompts:
             for m in methods:
                 progress.update(task, description=f"{prompt.id} · {m.name}")
+                _use_history(model, m, m.name)
                 conv = converse(model, prompt, m.name, engine_turn(model, m.config(config.draft_max), params))
                 conversations[(prompt.id, m.name)] = conv
                 generated = sum(t.stats.generated for t in conv.turns)

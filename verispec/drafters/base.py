@@ -124,5 +124,9 @@ class Drafter(ABC):
         hidden states (Medusa/EAGLE heads) take it from there. Most drafters ignore it.
         """
 
+    def finish(self, context: Sequence[int]) -> None:
+        """The request ended (done, stopped or cancelled) with `context`: its prompt and every token it kept.
+        A drafter that learns across requests (suffix) keeps it; most ignore it."""
+
     def close(self) -> None:
         pass

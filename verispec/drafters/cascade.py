@@ -106,6 +106,10 @@ class CascadeDrafter(Drafter):
         for level in self.levels:
             level.accepted(row)
 
+    def finish(self, context: Sequence[int]) -> None:
+        for level in self.levels:
+            level.finish(context)
+
     def close(self) -> None:
         for level in self.levels:
             level.close()

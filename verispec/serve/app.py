@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import threading
@@ -31,6 +32,7 @@ from .scheduler import Sequence as Job
 DISCONNECT_POLL_SECONDS = 0.25
 if TYPE_CHECKING:
     from ..api import Model  # the loaded model the server is handed (the API layer sits above this one)
+    from ..drafters.base import Drafter
 
 log = logging.getLogger("verispec.serve")
 
@@ -66,9 +68,12 @@ class Server:
         self.scheduler = _scheduler(base, config, self.metrics, self.spec)
         self.model_ids = [config.model] + ([base.target.name] if base.target.name != config.model else [])
         self.created = int(time.time())
-        # The --draft drafter as a key: "cascade" or "model" (cloned onto every slot), "ngram" or None.
-        self.default_draft = ("cascade" if self.scheduler.cascade else "model" if self.scheduler.model_drafter
-                              else "ngram" if base.drafter(base.spec.draft) else None)
+        # The --draft drafter as a key: "cascade" or "model" (cloned onto every slot), "suffix", "ngram" or None.
+        loaded = base.drafter(base.spec.draft)
+        self.default_draft = ("auto" if base.spec.draft == "auto" else "cascade" if self.scheduler.cascade
+                              else "model" if self.scheduler.model_drafter
+                              else "suffix" if loaded is not None and loaded.name == "suffix"
+                              else "ngram" if loaded is not None else None)
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers must not encode concurrently
 
     def close(self) -> None:
@@ -89,7 +94,7 @@ class Server:
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", None, "invalid_api_key")
 
     def speculative(self, opts: SpeculativeOptions | None) -> tuple[SpeculativeConfig, str | None, bool]:
-        """The request's speculative config, its drafter key ("ngram", "model", "cascade" or None) and whether it pinned
+        """The request's speculative config, its drafter key ("ngram", "suffix", "model", "cascade" or None) and whether it pinned
         it."""
         base = self.spec
         key, pinned, fixed, k_max = self.default_draft, False, base.draft_tokens, base.draft_max
@@ -104,6 +109,8 @@ class Server:
                 tree = self._tree(opts.tree)
             if opts.tree_budget is not None:  # pins the request only where it grows trees
                 budget, pinned = opts.tree_budget, pinned or tree is not None
+        if key == "auto":
+            key = self.scheduler.auto.choose()
         try:
             spec = replace(base, draft=self.draft_name(key) if key else None, draft_tokens=fixed, draft_max=k_max,
                            tree=tree, tree_budget=budget)
@@ -124,8 +131,8 @@ class Server:
     def _draft_key(self, name: str | None) -> str | None:
         if name in (None, "", "none"):
             return None
-        if name == "ngram":
-            return "ngram"
+        if name in ("ngram", "suffix"):
+            return name
         if name == "auto":
             return self.default_draft or "ngram"
         # A server with a draft model offers it alone too; a cascade only where --draft named one.
@@ -133,7 +140,7 @@ class Server:
         for key in offered:
             if name == self.draft_name(key) or (key == self.default_draft and name == self.base.spec.draft):
                 return key
-        allowed = ["none", "ngram", "auto"] + [self.draft_name(key) for key in offered]
+        allowed = ["none", "ngram", "suffix", "auto"] + [self.draft_name(key) for key in offered]
         raise ApiError(400, f"unknown draft {name!r}: this server offers {', '.join(allowed)}", "speculative.draft")
 
     def encode(self, req: CompletionRequest | ChatRequest) -> list[int]:
@@ -169,7 +176,7 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: Specula
     from ..runners.pool import PoolUnsupported
 
     spec = spec or _serve_spec(base.spec, config)
-    default = base.drafter(base.spec.draft)
+    default = _auto_drafters(base) if base.spec.draft == "auto" else base.drafter(base.spec.draft)
     fuse_rows = config.fuse_rows
     if fuse_rows is None and config.verify == "one-pass":
         fuse_rows = 1 << 16  # as many as the pool's batch holds
@@ -177,7 +184,7 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: Specula
     def make(cells: int | None) -> Scheduler:
         return Scheduler(base.target, spec, default, config.max_batch, config.max_queue, config.ctx,
                          config.spec_off_at, metrics, cells, fuse_rows, config.prefill_chunk, config.prefix_cache,
-                         config.prefill_share)
+                         config.prefill_share, base.suffix_store)
 
     try:
         return make(config.kv_pool)
@@ -186,6 +193,19 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: Specula
             raise
         log.warning("%s. Falling back to one context per slot: passes are not fused.", exc)
     return make(0)
+
+
+def _auto_drafters(base: Model) -> Drafter:
+    """What `--draft auto` serves: suffix lookup, and where a draft model shares the target's vocabulary, the model and a
+    cascade of the two (suffix first, the model where it has no draft). Each request's pick is measured (AutoChoice)."""
+    from ..drafters.cascade import CascadeDrafter
+    from ..drafters.draft_model import ModelDrafter
+    from ..drafters.suffix import SuffixDrafter
+
+    model, suffix = base.drafter("auto"), SuffixDrafter(base.suffix_store)
+    if not isinstance(model, ModelDrafter):
+        return suffix
+    return CascadeDrafter([suffix, model], base.target.n_vocab, base.spec.draft_max)
 
 
 def create_app(server: Server) -> FastAPI:
@@ -285,7 +305,16 @@ async def _parse(server: Server, request: Request, chat: bool) -> tuple[Completi
     max_tokens = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
     params = SamplingParams(max_tokens=req.default_max_tokens(room) if max_tokens is None else max_tokens,
                             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)
-    return req, Job(tokens, params, spec, draft, pinned)
+    return req, Job(tokens, params, spec, draft, pinned, history=_history(request))
+
+
+def _history(request: Request) -> str:
+    """Whose earlier requests the suffix drafter may draft from: those sent with the same bearer token (hashed, so
+    that no key is kept in memory or in the suffix cache). A server shared by several keys never drafts one key's
+    tokens for another."""
+    given = request.headers.get("authorization", "")
+    token = given[7:] if given.lower().startswith("bearer ") else ""
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else ""
 
 
 def _spec_stats(job: Job) -> dict:

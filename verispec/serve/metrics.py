@@ -74,6 +74,12 @@ class Metrics:
                                            "to the prefix cache, by pool", ["pool"], registry=r)
         self.prefix_entries = Gauge("verispec_prefix_cache_entries", "Prompt prefixes the pool keeps, by pool", ["pool"],
                                     registry=r)
+        self.suffix_bytes = Gauge("verispec_suffix_history_bytes", "Estimated memory of the suffix drafter's global "
+                                  "history (all keys)", registry=r)
+        self.suffix_requests = Gauge("verispec_suffix_history_requests", "Finished requests the suffix drafter's "
+                                     "global history holds", registry=r)
+        self.suffix_evicted = Gauge("verispec_suffix_history_evicted", "Requests the suffix history forgot to stay "
+                                    "within its memory limit, oldest first", registry=r)
         self._published_prefix: dict[str, tuple[int, int, int]] = {}
         self._lock = threading.Lock()
         self._steps = 0

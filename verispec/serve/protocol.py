@@ -150,6 +150,9 @@ def speculative(stats: Stats, draft: str, disabled_steps: int, draft_prefill_sec
         "speculation_disabled_steps": disabled_steps,
         "draft_seconds": round(stats.draft_seconds, 4),
         "draft_prefill_seconds": None if draft_prefill_seconds is None else round(draft_prefill_seconds, 4),
+        # per 1-based draft position (tree depth): tokens verified there and tokens accepted
+        "drafted_at_position": list(stats.drafted_at_position),
+        "accepted_at_position": list(stats.accepted_at_position),
     }
 
 

@@ -39,10 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
+from ..drafters.auto import AutoChoice
 from ..drafters.base import Drafter
 from ..drafters.cascade import CascadeDrafter
 from ..drafters.draft_model import ModelDrafter
 from ..drafters.ngram import NgramDrafter
+from ..drafters.suffix import SuffixDrafter
+from ..drafters.suffix_store import SuffixStore
 from ..draft_length import CarriedCosts
 from ..engine import Engine, SpeculativeConfig, Stats
 from ..errors import InvalidParameter, VerispecError
@@ -85,8 +88,9 @@ class Sequence:
     tokens: list[int]
     params: SamplingParams
     spec: SpeculativeConfig
-    draft: str | None  # "ngram", "model", "cascade" or None
+    draft: str | None  # "ngram", "suffix", "model", "cascade" or None
     pinned: bool  # the client chose the drafter or K: the planner does not cap it
+    history: str = ""  # whose earlier requests a suffix drafter may draft from (the server's: a hash of the API key)
     sink: Callable[[Event], None] = lambda event: None
     endpoint: str = "completions"
     stats: Stats = field(default_factory=Stats)
@@ -119,7 +123,8 @@ class Scheduler:
     def __init__(self, target: Runner, spec: SpeculativeConfig, drafter: Drafter | None,
                  max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None, spec_off_at: int = 0,
                  metrics: Metrics | None = None, pool_cells: int | None = None, fuse_rows: int | None = None,
-                 prefill_chunk: int | None = None, prefix_cache: int = 32, prefill_share: float = 1.0) -> None:
+                 prefill_chunk: int | None = None, prefix_cache: int = 32, prefill_share: float = 1.0,
+                 suffix_store: SuffixStore | None = None) -> None:
         if max_batch < 1:
             raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
         if max_queue < 0:
@@ -132,6 +137,10 @@ class Scheduler:
         # The loaded drafter (--draft) as the server runs it: its draft model cloned onto every slot, and a cascade
         # rebuilt per slot around that slot's clone.
         self.model_drafter, self.cascade = served_drafters(drafter)
+        self.suffix_store = suffix_store or _store_of(drafter) or SuffixStore()  # the suffix drafter's global history
+        # What `auto` chooses among: suffix lookup, and the draft model and a suffix-then-model cascade where served.
+        self.auto = AutoChoice(["suffix"] + (["model"] if self.model_drafter else [])
+                               + (["cascade"] if self.cascade == ("suffix", "model") else []))
         self.n_ctx = position_limit(target, n_ctx or target.n_ctx)
         self.max_queue, self.spec_off_at = max_queue, spec_off_at
         self.metrics = metrics or Metrics()
@@ -170,19 +179,19 @@ class Scheduler:
 
     def _open_drafters(self, slots: int, prefix_cache: int) -> None:
         """A draft model per slot: on a sequence of one draft pool when it runs on llama.cpp and the target
-        shares a pool, else on a context of its own."""
-        if self.model_drafter is None:
-            return
-        runner = self.model_drafter.runner
-        if isinstance(runner, LlamaCppRunner) and not isinstance(self.pool, ContextPool):
-            self.draft_pool = KvPool(runner, self.pool.n_cells, slots, pad_single_rows=False,
-                                     prefix_entries=prefix_cache, exact_prefixes=False)
-        for seq in range(slots):
-            view = (DirectSeqRunner(self.draft_pool, seq, self.n_ctx) if self.draft_pool is not None
-                    else clone_runner(runner, self.n_ctx))
-            self._drafters[seq] = ModelDrafter(view, self.model_drafter.min_prob, self.spec.draft_max)
-            if self.cascade is not None:
-                levels = [self._drafters[seq] if level == "model" else self._ngram() for level in self.cascade]
+        shares a pool, else on a context of its own. A cascade per slot, around the slot's draft model."""
+        if self.model_drafter is not None:
+            runner = self.model_drafter.runner
+            if isinstance(runner, LlamaCppRunner) and not isinstance(self.pool, ContextPool):
+                self.draft_pool = KvPool(runner, self.pool.n_cells, slots, pad_single_rows=False,
+                                         prefix_entries=prefix_cache, exact_prefixes=False)
+            for seq in range(slots):
+                view = (DirectSeqRunner(self.draft_pool, seq, self.n_ctx) if self.draft_pool is not None
+                        else clone_runner(runner, self.n_ctx))
+                self._drafters[seq] = ModelDrafter(view, self.model_drafter.min_prob, self.spec.draft_max)
+        if self.cascade is not None:
+            for seq in range(slots):
+                levels = [self._drafters[seq] if level == "model" else self._drafter(level, seq) for level in self.cascade]
                 self._cascades[seq] = CascadeDrafter(levels, self.target.n_vocab, self.spec.draft_max)
 
     # -- called from request handlers -----------------------------------------------------------
@@ -339,7 +348,7 @@ class Scheduler:
 
     def _start(self, job: Sequence, seq: int, need: int) -> None:
         target = self.pool.view(seq, need)
-        drafter = self._drafter(job.draft, seq)
+        drafter = self._drafter(job.draft, seq, job.history)
         job.engine = Engine(target, drafter, job.spec, self.carried.setdefault(job.draft, CarriedCosts()))
         if drafter is not None and not job.pinned:
             job.engine.gated = True
@@ -350,13 +359,18 @@ class Scheduler:
         self.stepper.add(seq, job.engine.steps(job.tokens, job.params, job.stats))
         self.metrics.prompt_tokens.inc(len(job.tokens))
 
-    def _drafter(self, key: str | None, seq: int) -> Drafter | None:
+    def _drafter(self, key: str | None, seq: int, history: str = "") -> Drafter | None:
         if key == "model":
             return self._drafters[seq]
         if key == "cascade":
+            for level in self._cascades[seq].levels:
+                if isinstance(level, SuffixDrafter):
+                    level.history = history  # the slot's cascade serves this request now
             return self._cascades[seq]
         if key == "ngram":
             return self._ngram()
+        if key == "suffix":
+            return SuffixDrafter(self.suffix_store, history)
         return None
 
     def _ngram(self) -> NgramDrafter:
@@ -466,6 +480,8 @@ class Scheduler:
             event = Event("done", finish_reason=outcome)
         if event is not None:
             job.emit(event)
+        if outcome in ("stop", "length") and job.draft:
+            self.auto.record(job.draft, job.stats)
         self.metrics.requests.labels(job.endpoint, outcome).inc()
         with self._cond:
             self.slots[job.slot] = None
@@ -486,6 +502,9 @@ class Scheduler:
         m.draft_shared_decodes.set(self.draft_pool.shared_decodes if self.draft_pool is not None else 0)
         m.tree_passes.set(getattr(pool, "trees", 0))
         m.tree_redecodes.set(getattr(pool, "tree_redecodes", 0))
+        m.suffix_bytes.set(self.suffix_store.nbytes)
+        m.suffix_requests.set(self.suffix_store.requests)
+        m.suffix_evicted.set(self.suffix_store.evicted)
         m.publish_prefix_cache("target", pool.prefixes)
         if self.draft_pool is not None:
             m.publish_prefix_cache("draft", self.draft_pool.prefixes)
@@ -493,17 +512,27 @@ class Scheduler:
 
 def served_drafters(drafter: Drafter | None) -> tuple[ModelDrafter | None, tuple[str, ...] | None]:
     """What the server makes of the loaded drafter: its draft model, if any (cloned onto every slot), and for a
-    cascade its levels as drafter keys ("ngram", "model"), rebuilt per slot. Heads read the target's hidden states,
-    which a pool's sequences do not keep, so a server does not draft with them, and says so at start-up."""
-    if drafter is None or isinstance(drafter, NgramDrafter):
+    cascade its levels as drafter keys ("ngram", "suffix", "model"), rebuilt per slot. Heads read the target's hidden
+    states, which a pool's sequences do not keep, so a server does not draft with them, and says so at start-up."""
+    if drafter is None or isinstance(drafter, (NgramDrafter, SuffixDrafter)):
         return None, None
     if isinstance(drafter, ModelDrafter):
         return drafter, None
     levels = drafter.levels if isinstance(drafter, CascadeDrafter) else [drafter]
     models = [level for level in levels if isinstance(level, ModelDrafter)]
-    if len(models) > 1 or any(not isinstance(level, (ModelDrafter, NgramDrafter)) for level in levels):
-        raise InvalidParameter(f"the server drafts with n-gram lookup, a draft model or a cascade of n-gram lookup and "
-                               f"one draft model; {drafter.name} is for `verispec generate`", "draft")
-    if not models:  # n-gram levels alone: the server's n-gram lookup
+    if len(models) > 1 or any(not isinstance(level, (ModelDrafter, NgramDrafter, SuffixDrafter)) for level in levels):
+        raise InvalidParameter(f"the server drafts with n-gram lookup, suffix lookup, a draft model or a cascade of "
+                               f"these with one draft model; {drafter.name} is for `verispec generate`", "draft")
+    keys = tuple(_LEVEL_KEYS[type(level)] for level in levels)
+    if not models and "suffix" not in keys:  # n-gram levels alone: the server's n-gram lookup
         return None, None
-    return models[0], tuple("model" if isinstance(level, ModelDrafter) else "ngram" for level in levels)
+    return (models[0] if models else None), keys
+
+
+_LEVEL_KEYS = {ModelDrafter: "model", NgramDrafter: "ngram", SuffixDrafter: "suffix"}
+
+
+def _store_of(drafter: Drafter | None) -> SuffixStore | None:
+    """The global suffix history of the loaded drafter (its Model's), so that the server and the Model share it."""
+    levels = drafter.levels if isinstance(drafter, CascadeDrafter) else [drafter]
+    return next((level.store for level in levels if isinstance(level, SuffixDrafter)), None)
