@@ -14,15 +14,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .draft_length import TREE_BUDGETS, CarriedCosts, DraftLengthChooser, TreeBudgetChooser
-from .drafters.base import Drafter, DraftPass
+from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree_steps
 from .errors import PromptError
 from .runners.base import Runner
+from .runners.passes import DraftPass, Forward
 from .sampling import PositionNoise, SamplingParams
-from .token_tree import nodes_within_leaves, tree_depths
+from .token_tree import TokenTree, build_tree, nodes_within_leaves, tree_depths
 from .verify import backend
 from .verify.rejection import ChainVerifier
-from .verify.tree import TokenTree, TreeVerifier, build_tree
+from .verify.tree import TreeVerifier
 
 PREFIX_WIDTH = 4  # candidate continuations per drafter level in prefix mode
 
@@ -93,19 +94,6 @@ class SpeculativeConfig:
             width = max(self.tree_width, PREFIX_WIDTH if self.acceptance != "exact" else 1)
             rows = max(rows, 1 + self.draft_max * width)
         return rows
-
-
-@dataclass
-class Forward:
-    """A target pass a request's steps need: whoever drives them runs it and sends back its rows' logits.
-
-    Engine.generate runs it at once on the engine's own target; the server's scheduler gathers the
-    passes of all its requests and runs them fused (serve/scheduler.py). Either way the steps are
-    the same code."""
-
-    tokens: list[int]
-    parents: list[int] | None = None  # a token tree's parent per node (None: a chain)
-    all_logits: bool = True  # False: a prompt prefill, only the last row's logits
 
 
 # What Engine.steps yields: a target pass to run (send back its logits), a draft model's pass (send back its last
