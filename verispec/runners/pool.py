@@ -1,6 +1,6 @@
 """The seam between a model's runner and the server: a KV pool that holds many sequences at once.
 
-`Pool` is what the stepper and the scheduler use; `Runner.open_pool()` opens a model's own:
+`Pool` is what the stepper and the scheduler use; `runners.open_pool()` opens a model's own:
 - llamacpp_pool.py: one llama.cpp context, a sequence per request, a prefix cache;
 - torch_pool.py: paged KV blocks for a transformers model;
 - context_pool.py: a context per sequence (nothing fused), for models neither can hold.

@@ -6,7 +6,7 @@ no barrier, no polling. Each request is a `Sequence` whose engine steps (Engine.
 code as `verispec generate`) run in the stepper (verispec/stepper.py), which fuses all target
 passes of a step into as few exact pool decodes as it can.
 
-The KV cache is one pool shared by all requests (`Runner.open_pool`: runners/llamacpp_pool.py, a
+The KV cache is one pool shared by all requests (`runners.open_pool`: runners/llamacpp_pool.py, a
 llama.cpp context with a sequence per request and a prefix cache; runners/torch_pool.py, paged
 blocks for a torch target), or, with --kv-pool 0 and for torch models the paged pool cannot hold,
 one context per slot (runners/context_pool.py: nothing fused). Token trees (--tree) are verified in the
@@ -46,6 +46,7 @@ from ..drafters.ngram import NgramDrafter
 from ..draft_length import CarriedCosts
 from ..engine import Engine, SpeculativeConfig, Stats
 from ..errors import InvalidParameter, VerispecError
+from ..runners import open_pool
 from ..runners.base import Runner
 from ..runners.context_pool import ContextPool, clone_runner
 from ..runners.llamacpp import LlamaCppRunner
@@ -147,7 +148,7 @@ class Scheduler:
         self._cascades: list[CascadeDrafter | None] = [None] * max_batch
         try:
             self.pool = (ContextPool(target, self.n_ctx, max_batch) if cells == 0
-                         else target.open_pool(cells, max_batch, prefix_cache, trees=spec.uses_trees))  # PoolUnsupported: see app.py
+                         else open_pool(target, cells, max_batch, prefix_cache, trees=spec.uses_trees))  # PoolUnsupported: see app.py
             self.n_ctx = min(self.n_ctx, getattr(self.pool, "n_ctx", self.n_ctx))
             if fuse_rows is not None:
                 if fuse_rows < 1:
