@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sampling", "cost_model"),
     ("drafters",),
     ("verify",),
-    ("engine", "draft_length", "stepper", "loaded"),
+    ("engine", "draft_gate", "draft_length", "stepper", "loaded"),
     ("serve",),
     ("api", ""),  # "": verispec/__init__.py, the public names
     ("cli", "bench"),

@@ -21,7 +21,6 @@ target's; the bench measures by how much.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
