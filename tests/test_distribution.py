@@ -323,7 +323,8 @@ def test_chain_verdicts_have_the_exact_distribution(verifier, q, broken):
 def test_device_trees_give_the_host_verdicts(params):
     """DeviceTreeVerifier walks greedy trees on the device and sampled ones with the host's rules: from the same
     rng, on the same logits, every verdict is the host's (so the tree distribution tests above cover it)."""
-    from verispec.verify.tree import TreeVerifier, build_tree
+    from verispec.token_tree import build_tree
+    from verispec.verify.tree import TreeVerifier
 
     rng = np.random.default_rng(3)
     sampling = SamplingParams(**params)

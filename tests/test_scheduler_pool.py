@@ -510,7 +510,7 @@ def test_a_request_joining_a_running_batch_does_not_draft_until_planned(drafting
 
 
 def test_a_costly_drafter_whose_prefill_a_cap_of_zero_skipped_stays_off(smol):
-    """Engine.cap 0 at the start of a request skips a costly drafter's prefill: it then never drafts, whatever
+    """A cap of 0 (Engine.gate) at the start of a request skips a costly drafter's prefill: it then never drafts, whatever
     cap comes later (its first draft would catch up on the whole context), with a scheduler or alone.
     Without the cap it drafts."""
     from verispec.drafters.base import Draft, Drafter
@@ -529,12 +529,12 @@ def test_a_costly_drafter_whose_prefill_a_cap_of_zero_skipped_stays_off(smol):
     for cap, drafts, gated in ((0, False, True), (None, True, True), (0, False, False)):
         drafter, stats = Costly(), Stats()
         engine = Engine(smol.target, drafter, SpeculativeConfig(draft="model", draft_tokens=None))
-        engine.gated, engine.cap = gated, cap  # ungated: a lone request whose own chooser skipped the prefill
+        engine.gate.gated, engine.gate.cap = gated, cap  # ungated: a lone request whose own chooser skipped the prefill
         run = engine.generate(prompt, SamplingParams(max_tokens=6, ignore_eos=True), stats)
         next(run)
-        engine.cap = None  # the planner lifts the cap
+        engine.gate.cap = None  # the planner lifts the cap
         list(run)
-        assert engine.draft_stays_off is not drafts and drafter.prefilled is drafts
+        assert engine.gate.stays_off is not drafts and drafter.prefilled is drafts
         assert (stats.drafted > 0) is drafts and (stats.capped_steps >= 5) is not drafts
 
 
@@ -543,6 +543,7 @@ def test_a_gated_requests_draft_model_prefill_waits_for_its_second_step(smol):
     first decode step is plain, and at the second the cap the scheduler planned meanwhile decides. Capped to 0
     by then (others arrived with it), the drafter is never prefilled and stays off; left uncapped, it is
     prefilled on the context and drafts. The planner gives a request still waiting to prefill no drafts."""
+    from verispec.draft_gate import PrefillPhase
     from verispec.drafters.base import Draft, Drafter
 
     class Costly(Drafter):
@@ -559,23 +560,23 @@ def test_a_gated_requests_draft_model_prefill_waits_for_its_second_step(smol):
     for planned, drafts in ((0, False), (None, True)):
         drafter, stats = Costly(), Stats()
         engine = Engine(smol.target, drafter, SpeculativeConfig(draft="model", draft_tokens=None))
-        engine.gated = True
+        engine.gate.plan(None)  # a scheduler's request, alone when it starts
         run = engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True), stats)
         first = next(run)  # the prompt's token, then the plain first step's
-        assert engine.draft_prefill_pending and drafter.prefilled_with is None
-        engine.cap = planned  # what the scheduler planned before the second step
+        assert engine.gate.prefill_pending and drafter.prefilled_with is None
+        engine.gate.plan(planned)  # what the scheduler planned before the second step
         rest = list(run)
         assert len(first) + sum(map(len, rest)) == 8
-        assert not engine.draft_prefill_pending and engine.draft_stays_off is not drafts
+        assert not engine.gate.prefill_pending and engine.gate.stays_off is not drafts
         assert (drafter.prefilled_with is not None) is drafts and (stats.drafted > 0) is drafts
         if drafts:
             assert drafter.prefilled_with[: len(prompt)] == prompt and len(drafter.prefilled_with) > len(prompt)
 
     engine = Engine(smol.target, Costly(), SpeculativeConfig(draft="model"))
     job = SimpleNamespace(draft="model", stats=Stats(), spec=SpeculativeConfig(draft="model"), engine=engine)
-    for pending, k_max in ((True, 0), (False, job.spec.draft_max)):
-        engine.gated = True
-        engine.draft_prefill_pending = pending
+    for phase, k_max in ((PrefillPhase.PLAIN_FIRST, 0), (PrefillPhase.DUE, 0), (PrefillPhase.READY, job.spec.draft_max)):
+        engine.gate.plan(None)
+        engine.gate.phase = phase
         assert Scheduler._candidate(SimpleNamespace(carried={}), job).k_max == k_max
 
 
@@ -608,7 +609,7 @@ def test_a_draft_model_skipped_at_the_start_stays_off_when_the_request_is_left_a
     assert joiner_events[-1].kind == "done", joiner_events[-1]
     assert first.stats.drafted > 0 and first.stats.draft_prefill_seconds > 0
     assert left_alone_at < 40 and joiner.stats.generated == 48  # it ran alone for a while
-    assert joiner.engine.draft_stays_off and joiner.stats.draft_prefill_seconds == 0
+    assert joiner.engine.gate.stays_off and joiner.stats.draft_prefill_seconds == 0
     assert joiner.stats.drafted == 0 and joiner.disabled_steps >= joiner.stats.target_passes
 
 

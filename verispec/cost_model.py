@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .ema import ema
+
 # T(n)/T(1) for one llama.cpp pass over n rows, per verify mode: the Qwen2.5-Coder-1.5B Q4_K_M target through
 # the runner (verispec's GGML_OPENMP=OFF build, huge pages, 2 threads, a 121-token context), as `verispec bench`
 # measured it on 2026-12-06 (docs/bench-2026-12-06-huge-pages, "Verify cost"; up to 3 rows both modes run the
@@ -125,8 +127,3 @@ def acceptance_observations(n_drafted: int, n_accepted: int) -> tuple[int, int]:
     it were never judged, so they say nothing about a.
     """
     return n_accepted, n_accepted + (1 if n_accepted < n_drafted else 0)
-
-
-def ema(old: float | None, new: float, weight: float) -> float:
-    """Exponential moving average; the first value (old None) is taken as it is."""
-    return new if old is None else (1 - weight) * old + weight * new

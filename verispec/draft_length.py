@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
-from .cost_model import VerifyCosts, acceptance_observations, best_k, ema
+from .cost_model import VerifyCosts, acceptance_observations, best_k
+from .ema import ema
 
 # Re-exported: they lived here before cost_model.py, and older importers still ask for them here.
 from .cost_model import PRIOR_VERIFY_RATIO, expected_rate, expected_tokens, prior_curve, prior_ratio, ratio_at  # noqa: F401

@@ -13,16 +13,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .draft_gate import DraftGate
 from .draft_length import TREE_BUDGETS, CarriedCosts, DraftLengthChooser, TreeBudgetChooser
-from .drafters.base import Drafter, DraftPass
+from .drafters.base import Drafter
 from .drafters.tree_growth import TreeShape, grow_tree_steps
 from .errors import PromptError
 from .runners.base import Runner
+from .runners.passes import DraftPass, Forward
 from .sampling import PositionNoise, SamplingParams
-from .token_tree import nodes_within_leaves, tree_depths
+from .token_tree import TokenTree, build_tree, nodes_within_leaves, tree_depths
 from .verify import backend
 from .verify.rejection import ChainVerifier
-from .verify.tree import TokenTree, TreeVerifier, build_tree
+from .verify.tree import TreeVerifier
 
 PREFIX_WIDTH = 4  # candidate continuations per drafter level in prefix mode
 
@@ -95,19 +97,6 @@ class SpeculativeConfig:
         return rows
 
 
-@dataclass
-class Forward:
-    """A target pass a request's steps need: whoever drives them runs it and sends back its rows' logits.
-
-    Engine.generate runs it at once on the engine's own target; the server's scheduler gathers the
-    passes of all its requests and runs them fused (serve/scheduler.py). Either way the steps are
-    the same code."""
-
-    tokens: list[int]
-    parents: list[int] | None = None  # a token tree's parent per node (None: a chain)
-    all_logits: bool = True  # False: a prompt prefill, only the last row's logits
-
-
 # What Engine.steps yields: a target pass to run (send back its logits), a draft model's pass (send back its last
 # row's logits), or the tokens a step emitted.
 StepEvent = Forward | DraftPass | list[int]
@@ -133,7 +122,7 @@ class Stats:
     accepted_by_source: dict[str, int] = field(default_factory=dict)
     tree_budgets: list[int] = field(default_factory=list)  # budget used per step, when trees are grown
     draft_prefill_seconds: float = 0.0  # the drafter's share of prefill_seconds
-    capped_steps: int = 0  # steps a scheduler's cap of 0 kept from drafting (Engine.cap)
+    capped_steps: int = 0  # steps a scheduler's cap of 0 kept from drafting (DraftGate.cap)
     finish_reason: str = "length"
 
     @property
@@ -227,21 +216,7 @@ class Engine:
         self.tree_shape = TreeShape.parse(self.config.tree) if self.config.tree else None
         self.relaxed = relaxed_tau(self.config.acceptance)
         self.verify_backend = backend.for_runner(target)  # numpy on the host, or torch where the logits stay
-        # A scheduler's limit on K for the next step, set between steps (None: none; 0: no drafting); `gated`:
-        # the scheduler sets one. A costly drafter whose prompt prefill a cap of 0 or the chooser skipped stays
-        # off for the request (`draft_stays_off`): its first proposal would first catch up on the whole context,
-        # stalling every request the scheduler runs with it, and a lone request too. (Measured: the bench's
-        # `draft` began drafting a 0.5B model mid-way through a 2,000-token prompt, as T(1) grew with the
-        # context, and its catch-up took 12.7 s, 0.31x plain decoding on that prompt.)
-        self.cap: int | None = None
-        self.gated = False
-        self.draft_stays_off = False
-        # A gated request's costly prefill waits for its second decode step (`_deferred_prefill`): the scheduler
-        # has then admitted whoever arrived with it and planned again. Run at once, the first request of a burst,
-        # alone for a few milliseconds, prefilled its 0.5B draft model inline (0.85 s for 146 tokens) while
-        # the 12 requests that arrived with it waited.
-        self.draft_prefill_pending = False
-        self._first_step_plain = False
+        self.gate = DraftGate()  # a scheduler's cap on K, and a costly drafter's prefill phase (draft_gate.py)
         # Tree budgets are measured per engine, not per request: their costs are facts of the hardware.
         self.budget_chooser = None
         if self.tree_shape:
@@ -299,11 +274,7 @@ class Engine:
         if self.drafter:
             self.drafter.begin(prompt, params, rng, noise)
             chooser.drafted_last_step = chooser.would_draft() or self.budget_chooser is not None
-            prefill_draft = chooser.drafted_last_step and self.cap != 0
-            self.draft_stays_off = self.drafter.costly and not prefill_draft
-            self.draft_prefill_pending = prefill_draft and self.drafter.costly and self.gated
-            self._first_step_plain = self.draft_prefill_pending
-            if prefill_draft and not self.draft_prefill_pending:
+            if self.gate.start(self.drafter.costly, chooser.drafted_last_step):
                 self.drafter.prefill(prompt)
                 stats.draft_prefill_seconds = time.perf_counter() - t0
         rows = yield Forward(prompt, all_logits=False)
@@ -345,9 +316,9 @@ class Engine:
 
     def _step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
               tree_verifier: TreeVerifier | None, stats: Stats, record_margins: bool) -> Generator[StepEvent, object, list[int]]:
-        cap = 0 if self.draft_stays_off else self.cap
-        if self.draft_prefill_pending:
-            cap = self._deferred_prefill(context, cap, chooser, stats)
+        if self.gate.prefill_due:
+            self._deferred_prefill(context, chooser, stats)
+        cap = self.gate.step_cap()
         if cap == 0 and self.drafter is not None:
             stats.capped_steps += 1
             chooser.choose()  # its probe counter runs as if it had been asked
@@ -362,20 +333,16 @@ class Engine:
                                                stats, len(context)))
         return (yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins))
 
-    def _deferred_prefill(self, context: list[int], cap: int | None, chooser: DraftLengthChooser, stats: Stats) -> int | None:
-        """A gated request's costly drafter: a plain first step, then, at the second, prefilled on the context if
-        the scheduler's cap and the chooser still let it draft, or off for the request. The step's cap."""
-        if self._first_step_plain:
-            self._first_step_plain = False
-            return 0
-        self.draft_prefill_pending = False
-        if cap == 0 or not (chooser.would_draft() or self.budget_chooser is not None):
-            self.draft_stays_off = True
-            return 0
+    def _deferred_prefill(self, context: list[int], chooser: DraftLengthChooser, stats: Stats) -> None:
+        """A gated request's costly drafter, at its second decode step: prefilled on the context if the scheduler's
+        cap and the chooser still let it draft, or off for the request."""
+        if self.gate.cap == 0 or not (chooser.would_draft() or self.budget_chooser is not None):
+            self.gate.switch_off()
+            return
         t0 = time.perf_counter()
         self.drafter.prefill(context)
         stats.draft_prefill_seconds = time.perf_counter() - t0
-        return cap
+        self.gate.prefilled()
 
     def _draft_room(self) -> int:
         """Tokens a chain step may draft. Its pass holds the last token and the draft, and a fully accepted
@@ -410,7 +377,7 @@ class Engine:
         drafted = draft.tokens[:k] if draft else []
         shadow = None
         if (not drafted and self.drafter and not self.drafter.costly and self.config.draft_tokens is None
-                and self.cap != 0 and not self.draft_stays_off):
+                and self.gate.may_draft):
             # Taken before the target pass: drafters that read the target's state see it as it is now.
             shadow = self.drafter.propose(context, 1).tokens
         t1 = time.perf_counter()

@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .cost_model import ema
-from .drafters.base import DraftPass
-from .engine import Forward, StepEvent
+from .ema import ema
+from .engine import StepEvent
+from .runners.passes import DraftPass, Forward
 from .runners.pool import PromptPart, fused_last_rows
 
 if TYPE_CHECKING:

@@ -1,4 +1,5 @@
-"""The shape of a token tree, as parent indices: each node's depth, and which nodes each node may attend to.
+"""A token tree (its tokens and parent indices, merged from candidate continuations) and its shape: each node's
+depth, and which nodes each node may attend to.
 
 Pure structure with no dependencies: runners turn it into positions and attention masks, the verifiers and the
 engine walk it, so it sits below all of them.
@@ -7,8 +8,51 @@ engine walk it, so it sits below all of them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
+
+
+@dataclass
+class TokenTree:
+    tokens: list[int]
+    parents: list[int]  # parents[0] == -1 (the root); others point to an earlier node
+    sources: list[str] = field(default_factory=list)  # which drafter proposed each node
+
+    def children(self) -> list[list[int]]:
+        kids: list[list[int]] = [[] for _ in self.tokens]
+        for node, parent in enumerate(self.parents):
+            if parent >= 0:
+                kids[parent].append(node)
+        return kids
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def first(self, n: int) -> TokenTree:
+        """The tree of its first n nodes (parents precede children, so they form one)."""
+        return TokenTree(self.tokens[:n], self.parents[:n], self.sources[:n])
+
+
+def build_tree(root: int, branches: Sequence[Sequence[int]], sources: Sequence[str] | None = None) -> TokenTree:
+    """Merge candidate continuations into a trie under `root`; the first branch becomes nodes 1..n.
+
+    Keeping the first (most likely) branch first lets runners keep an accepted main branch in
+    place without re-decoding it.
+    """
+    tree = TokenTree([root], [-1], ["target"])
+    index: dict[tuple[int, int], int] = {}
+    for b, branch in enumerate(branches):
+        node = 0
+        for token in branch:
+            key = (node, int(token))
+            if key not in index:
+                index[key] = len(tree.tokens)
+                tree.tokens.append(int(token))
+                tree.parents.append(node)
+                tree.sources.append(sources[b] if sources else "draft")
+            node = index[key]
+    return tree
 
 
 def tree_depths(parents: Sequence[int]) -> np.ndarray:

@@ -5,27 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..runners.passes import DraftPass
 from ..sampling import PositionNoise, SamplingParams
-
-if TYPE_CHECKING:
-    from ..runners.base import Runner
-
-
-@dataclass
-class DraftPass:
-    """A pass a draft model needs while it drafts (`Drafter.propose_steps`): whoever drives the steps runs it on
-    `runner` and sends back the logits of its last row. Engine.generate runs it at once; the server's stepper
-    runs the passes of all drafting requests together, one decode per round (verispec/stepper.py)."""
-
-    runner: Runner
-    tokens: list[int]
-
-    def run(self) -> np.ndarray:
-        return self.runner.forward(self.tokens, all_logits=False)[-1]
 
 
 def run_passes(steps: Generator[DraftPass, np.ndarray, object]):

@@ -16,8 +16,9 @@ from collections.abc import Generator, Sequence
 
 import numpy as np
 
+from ..runners.passes import DraftPass
 from ..sampling import SamplingParams
-from .base import Candidates, Draft, Drafter, DraftPass, run_passes
+from .base import Candidates, Draft, Drafter, run_passes
 
 
 class CascadeDrafter(Drafter):

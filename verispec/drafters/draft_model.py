@@ -12,8 +12,9 @@ import numpy as np
 
 from ..errors import TokenizerMismatch
 from ..runners.base import Runner
+from ..runners.passes import DraftPass
 from ..sampling import PositionNoise, SamplingParams, logits_to_probs, sample
-from .base import Candidates, Draft, Drafter, DraftPass, run_passes
+from .base import Candidates, Draft, Drafter, run_passes
 
 
 class ModelDrafter(Drafter):

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidParameter
-from ..verify.tree import TokenTree
-from .base import Drafter, DraftPass, run_passes
+from ..runners.passes import DraftPass
+from ..token_tree import TokenTree
+from .base import Drafter, run_passes
 
 
 @dataclass(frozen=True)

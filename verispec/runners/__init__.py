@@ -2,7 +2,7 @@
 
 from .base import Runner, Tokenizer
 
-__all__ = ["Runner", "Tokenizer", "open_runner"]
+__all__ = ["Runner", "Tokenizer", "open_pool", "open_runner"]
 
 
 def open_runner(source, backend: str = "auto", **kwargs) -> Runner:
@@ -29,6 +29,30 @@ def open_runner(source, backend: str = "auto", **kwargs) -> Runner:
     from ..errors import InvalidParameter
 
     raise InvalidParameter(f"unknown backend {backend!r}: use llamacpp, torch or auto", "backend")
+
+
+def open_pool(target: Runner, n_cells: int, n_seqs: int, prefix_entries: int = 0, trees: bool = False):
+    """A KV pool on the target's weights: n_seqs sequences sharing n_cells cells (runners/pool.py), with up to
+    `prefix_entries` cached prompt prefixes, and token trees with `trees`. llama.cpp: one context, a sequence per
+    request (llamacpp_pool.py); torch: paged KV blocks, prefixes shared by block, chains only (torch_pool.py).
+    PoolUnsupported where there is none: the server then gives each slot a context of its own (context_pool.py)."""
+    from .llamacpp import LlamaCppRunner
+    from .pool import PoolUnsupported
+    from .torch import TorchRunner
+
+    if isinstance(target, LlamaCppRunner):
+        from .llamacpp_pool import KvPool
+
+        return KvPool(target, n_cells, n_seqs, prefix_entries=prefix_entries,
+                      tree_leaves=target.max_tree_leaves if trees else 0)
+    if isinstance(target, TorchRunner):
+        from .torch_pool import PagedPool
+
+        if trees:
+            raise PoolUnsupported("the paged torch pool runs chains only, not token trees", "tree")
+        return PagedPool(target, n_cells, n_seqs, prefix_entries=prefix_entries)
+    raise PoolUnsupported(f"the shared KV pool cannot hold a {type(target).__name__} target (serve with --kv-pool 0)",
+                          "kv_pool")
 
 
 def _check_verify(mode: str) -> None:

@@ -78,15 +78,6 @@ class Runner(ABC):
         """Bytes one token's keys and values take in this runner's cache (what a KV pool is sized by)."""
         raise NotImplementedError(f"{type(self).__name__} does not say its KV cost")
 
-    def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0, trees: bool = False):
-        """A KV pool on this model's weights: n_seqs sequences sharing n_cells cells (runners/pool.py), with
-        up to `prefix_entries` cached prompt prefixes where the pool keeps them, and token trees with `trees`.
-        PoolUnsupported where this runner has none: the server then gives each slot a context of its own."""
-        from .pool import PoolUnsupported
-
-        raise PoolUnsupported(f"the shared KV pool cannot hold a {type(self).__name__} target (serve with --kv-pool 0)",
-                              "kv_pool")
-
     def hidden_states(self) -> np.ndarray:
         """Last-layer hidden states of the previous forward's tokens, when the runner can give them."""
         raise NotImplementedError(f"{type(self).__name__} does not expose hidden states")

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from ..errors import InvalidParameter
 from .base import Runner
+from .passes import Forward
 from .pool import Pool
-
-if TYPE_CHECKING:
-    from ..engine import Forward
 
 
 def clone_runner(runner: Runner, n_ctx: int) -> Runner:
@@ -66,7 +63,7 @@ class ContextPool(Pool):
         self.runners[seq].reset()
         self.reserved[seq] = 0
 
-    def score(self, works: Sequence[tuple[int, "Forward"]]) -> list:
+    def score(self, works: Sequence[tuple[int, Forward]]) -> list:
         outs = []
         for seq, f in works:
             t0 = time.perf_counter()

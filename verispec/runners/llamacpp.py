@@ -362,11 +362,6 @@ class LlamaCppRunner(Runner):
         self._L.llama_memory_clear(self._mem, ZERO_KV_BUFFERS)
         self.n_past = 0
 
-    def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0, trees: bool = False):
-        from .llamacpp_pool import KvPool
-
-        return KvPool(self, n_cells, n_seqs, prefix_entries=prefix_entries, tree_leaves=self.max_tree_leaves if trees else 0)
-
     def sibling(self, **overrides) -> "LlamaCppRunner":
         """Another context (its own KV cache) on the same loaded weights, e.g. one per server slot.
 

@@ -1,6 +1,6 @@
 """The seam between a model's runner and the server: a KV pool that holds many sequences at once.
 
-`Pool` is what the stepper and the scheduler use; `Runner.open_pool()` opens a model's own:
+`Pool` is what the stepper and the scheduler use; `runners.open_pool()` opens a model's own:
 - llamacpp_pool.py: one llama.cpp context, a sequence per request, a prefix cache;
 - torch_pool.py: paged KV blocks for a transformers model;
 - context_pool.py: a context per sequence (nothing fused), for models neither can hold.
@@ -14,18 +14,14 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..cost_model import ema
+from ..ema import ema
 from ..errors import InvalidParameter
 from .base import Runner
+from .passes import DraftPass, Forward
 from .prefix_cache import PrefixCache
-
-if TYPE_CHECKING:
-    from ..drafters.base import DraftPass
-    from ..engine import Forward
 
 
 class PoolUnsupported(InvalidParameter):
@@ -114,7 +110,7 @@ class Pool(ABC):
         """The sequence's request left: free (or cache) its cells and its reservation."""
 
     @abstractmethod
-    def score(self, works: Sequence[tuple[int, "Forward"]]) -> list:
+    def score(self, works: Sequence[tuple[int, Forward]]) -> list:
         """The logits of every row of each (sequence, target pass)."""
 
     @abstractmethod
@@ -225,7 +221,7 @@ class FusedScoring(Pool):
         the exact row count (the server's --verify one-pass), where nothing is bit-identical to solo runs."""
         return self.rows_invariant or self.fuse_rows > self.default_fuse_rows
 
-    def score(self, works: Sequence[tuple[int, "Forward"]], prompts: Sequence["PromptPart"] = ()) -> list[np.ndarray]:
+    def score(self, works: Sequence[tuple[int, Forward]], prompts: Sequence["PromptPart"] = ()) -> list[np.ndarray]:
         """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness
         allows; then the rows of `prompts` (only where `mixes_prompts`), whose `logits` get their last row's
         logits when it ends the prompt."""

@@ -146,16 +146,6 @@ class TorchRunner(Runner):
     def cost_curve(self) -> str:
         return f"torch-{self.device.type}-{dtype_name(self.dtype)}"
 
-    def open_pool(self, n_cells: int, n_seqs: int, prefix_entries: int = 0, trees: bool = False):
-        """Paged KV blocks, prefixes shared by block; PoolUnsupported for attention the pool does not implement,
-        and for token trees (its attention runs chains only: the server then gives each slot a context)."""
-        from .pool import PoolUnsupported
-        from .torch_pool import PagedPool
-
-        if trees:
-            raise PoolUnsupported("the paged torch pool runs chains only, not token trees", "tree")
-        return PagedPool(self, n_cells, n_seqs, prefix_entries=prefix_entries)
-
     def kv_bytes_per_token(self) -> int:
         """Bytes of keys and values one token takes in this model's cache (the weights' dtype)."""
         layers, kv_heads, head_dim = kv_shape(self.model.config)

@@ -1,5 +1,5 @@
 """One KV cache for every request on a transformers target: paged blocks, the torch counterpart of
-llamacpp_pool.KvPool (TorchRunner.open_pool).
+llamacpp_pool.KvPool (runners.open_pool).
 
 Memory. Per layer, keys and values live in [n_blocks, BLOCK, n_kv_heads, head_dim] tensors (the
 model's dtype) allocated once for the pool's cells. A sequence holds a table of blocks taken from a
@@ -41,7 +41,7 @@ decoding them again; see `preempt` for why.
 
 Not supported (`PoolUnsupported` at construction, serve with --kv-pool 0): sliding-window or other
 non-full attention layers (Gemma 2/3, Mistral v0.1), attention logit soft-capping, attention sinks.
-Trees: chains only. `TorchRunner.open_pool(trees=True)` raises PoolUnsupported, and the server gives each
+Trees: chains only. `runners.open_pool(trees=True)` raises PoolUnsupported, and the server gives each
 slot a context of its own instead (context_pool.py), where trees run.
 """
 

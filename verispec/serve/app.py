@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import asyncio
 import hashlib
 import logging
@@ -22,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine import SpeculativeConfig
 from ..errors import InvalidParameter, ModelNotFound, VerispecError
+from ..loaded import LoadedModel
 from ..sampling import SamplingParams
 from . import protocol
 from .metrics import Metrics
@@ -30,9 +29,6 @@ from .scheduler import Event, QueueFull, Scheduler
 from .scheduler import Sequence as Job
 
 DISCONNECT_POLL_SECONDS = 0.25
-if TYPE_CHECKING:
-    from ..api import Model  # the loaded model the server is handed (the API layer sits above this one)
-    from ..drafters.base import Drafter
 
 log = logging.getLogger("verispec.serve")
 
@@ -60,7 +56,7 @@ class ServeConfig:
 class Server:
     """The loaded model, its scheduler and metrics: everything the routes talk to."""
 
-    def __init__(self, base: Model, config: ServeConfig) -> None:
+    def __init__(self, base: LoadedModel, config: ServeConfig) -> None:
         self.base = base
         self.config = config
         self.spec = _serve_spec(base.spec, config)
@@ -170,7 +166,7 @@ def _serve_spec(spec: SpeculativeConfig, config: ServeConfig) -> SpeculativeConf
                    tree_budget=spec.tree_budget if config.tree_budget is None else config.tree_budget)
 
 
-def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: SpeculativeConfig | None = None) -> Scheduler:
+def _scheduler(base: LoadedModel, config: ServeConfig, metrics: Metrics, spec: SpeculativeConfig | None = None) -> Scheduler:
     """One shared KV pool unless --kv-pool 0; per-slot contexts otherwise, and for a target the pool
     cannot hold (e.g. sliding-window attention on torch) unless --kv-pool was asked for explicitly."""
     from ..runners.pool import PoolUnsupported
@@ -195,7 +191,7 @@ def _scheduler(base: Model, config: ServeConfig, metrics: Metrics, spec: Specula
     return make(0)
 
 
-def _auto_drafters(base: Model) -> Drafter:
+def _auto_drafters(base: LoadedModel) -> "Drafter":
     """What `--draft auto` serves: suffix lookup, and where a draft model shares the target's vocabulary, the model and a
     cascade of the two (suffix first, the model where it has no draft). Each request's pick is measured (AutoChoice)."""
     from ..drafters.cascade import CascadeDrafter
@@ -425,7 +421,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return respond(ApiError(500, "internal server error (see the server log)", None, "internal_error", "server_error"))
 
 
-def serve(base: Model, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+def serve(base: LoadedModel, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
     """Run the server until interrupted (the CLI's `verispec serve`)."""
     import uvicorn
 

@@ -6,7 +6,7 @@ no barrier, no polling. Each request is a `Sequence` whose engine steps (Engine.
 code as `verispec generate`) run in the stepper (verispec/stepper.py), which fuses all target
 passes of a step into as few exact pool decodes as it can.
 
-The KV cache is one pool shared by all requests (`Runner.open_pool`: runners/llamacpp_pool.py, a
+The KV cache is one pool shared by all requests (`runners.open_pool`: runners/llamacpp_pool.py, a
 llama.cpp context with a sequence per request and a prefix cache; runners/torch_pool.py, paged
 blocks for a torch target), or, with --kv-pool 0 and for torch models the paged pool cannot hold,
 one context per slot (runners/context_pool.py: nothing fused). Token trees (--tree) are verified in the
@@ -24,7 +24,7 @@ cells a request can use at most at admission: prompt + max_tokens + its largest 
 A request waits in the queue until its cells are free (first come, first served). Draft caps come from the goodput planner (goodput.py) once two or more requests share the
 passes; alone, a request's own chooser decides. A request that joins a running batch does not
 draft until planned for, and a draft model whose prompt prefill it skipped stays off for it
-(Engine.cap, Engine.draft_stays_off): catching up later would stall every other request.
+(Engine.gate, draft_gate.py): catching up later would stall every other request.
 
 The start-up check of --ctx x --max-batch against the available memory is memory.py's.
 """
@@ -49,6 +49,7 @@ from ..drafters.suffix_store import SuffixStore
 from ..draft_length import CarriedCosts
 from ..engine import Engine, SpeculativeConfig, Stats
 from ..errors import InvalidParameter, VerispecError
+from ..runners import open_pool
 from ..runners.base import Runner
 from ..runners.context_pool import ContextPool, clone_runner
 from ..runners.llamacpp import LlamaCppRunner
@@ -156,7 +157,7 @@ class Scheduler:
         self._cascades: list[CascadeDrafter | None] = [None] * max_batch
         try:
             self.pool = (ContextPool(target, self.n_ctx, max_batch) if cells == 0
-                         else target.open_pool(cells, max_batch, prefix_cache, trees=spec.uses_trees))  # PoolUnsupported: see app.py
+                         else open_pool(target, cells, max_batch, prefix_cache, trees=spec.uses_trees))  # PoolUnsupported: see app.py
             self.n_ctx = min(self.n_ctx, getattr(self.pool, "n_ctx", self.n_ctx))
             if fuse_rows is not None:
                 if fuse_rows < 1:
@@ -351,8 +352,7 @@ class Scheduler:
         drafter = self._drafter(job.draft, seq, job.history)
         job.engine = Engine(target, drafter, job.spec, self.carried.setdefault(job.draft, CarriedCosts()))
         if drafter is not None and not job.pinned:
-            job.engine.gated = True
-            job.engine.cap = self._initial_cap()
+            job.engine.gate.plan(self._initial_cap())
         job.decoder = TextAssembler(self.target.tokenizer, job.params.stop)
         job.slot = seq
         self.slots[seq] = job
@@ -382,13 +382,11 @@ class Scheduler:
         Its chooser would otherwise decide alone, from pass times measured while others shared the
         step, and a draft model's prefill would stall every request. Alone, the request's own chooser
         decides (None: no cap). A draft model whose prefill was skipped never drafts for the request
-        (Engine.draft_stays_off): its first draft would catch up on prompt + generated tokens while
+        (DraftGate.stays_off): its first draft would catch up on prompt + generated tokens while
         every other request waits, a one-time cost that only the tokens still to come could repay,
         and the server does not know how many will come.
 
-        Requests admitted in the same pass count as others: the first of a burst is not alone. (It was
-        planned as alone, and its draft model's prompt prefill, ~0.85 s for a 146-token prompt on the
-        0.5B draft, stalled the 12 requests admitted with it.)
+        Requests admitted in the same pass count as others: the first of a burst is not alone (docs/server.md).
         """
         running = sum(s is not None for s in self.slots)  # before this request takes its slot
         others = running + min(len(self._waiting), len(self.slots) - running - 1)
@@ -411,18 +409,19 @@ class Scheduler:
             caps = [None]
         else:
             caps = self.policy.plan([self._candidate(job) for job in active])
-        gated = [(job, cap) for job, cap in zip(active, caps) if job.engine.gated]
+        gated = [(job, cap) for job, cap in zip(active, caps) if job.engine.gate.gated]
         for job, cap in gated:
             if self.stepper.members[job.slot].started:  # a joiner's first step runs with its initial cap
-                job.engine.cap = cap
-        self.metrics.spec_disabled.set(1 if gated and all(cap == 0 or j.engine.draft_stays_off for j, cap in gated) else 0)
-        self.metrics.draft_budget.set(sum(cap or 0 for j, cap in gated if not j.engine.draft_stays_off))
+                job.engine.gate.plan(cap)
+        self.metrics.spec_disabled.set(1 if gated and all(cap == 0 or j.engine.gate.stays_off for j, cap in gated) else 0)
+        self.metrics.draft_budget.set(sum(cap or 0 for j, cap in gated if not j.engine.gate.stays_off))
 
     def _candidate(self, job: Sequence) -> Candidate:
         """The request as the planner sees it, with its drafter's carried measurements as priors."""
         # A draft model still to be prefilled is planned no drafts: its catch-up would stall everyone (Engine).
-        k_max = 0 if not job.draft or job.engine.draft_stays_off or job.engine.draft_prefill_pending else job.spec.draft_max
-        candidate = Candidate(job.stats, k_max, not job.engine.gated)
+        gate = job.engine.gate
+        k_max = 0 if not job.draft or gate.stays_off or gate.prefill_pending else job.spec.draft_max
+        candidate = Candidate(job.stats, k_max, not gate.gated)
         carried = self.carried.get(job.draft)
         if carried is not None and carried.acceptance is not None:
             candidate.prior_acceptance = carried.acceptance

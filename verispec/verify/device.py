@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from ..sampling import NUCLEUS_CANDIDATES, PositionNoise, SamplingParams
+from ..token_tree import TokenTree
 from .rejection import Verdict
-from .tree import TokenTree, TreeVerdict, TreeVerifier
+from .tree import TreeVerdict, TreeVerifier
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Token trees: their structure, and which root-to-node path the target accepts.
+"""Which root-to-node path of a token tree (token_tree.TokenTree) the target accepts.
 
 Node 0 is the last accepted token (the root, already sampled); every other node is a drafted
 candidate whose parent precedes it. Siblings are deterministic candidates (top-k of a draft
@@ -21,61 +21,18 @@ target's; the bench measures by how much.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..token_tree import tree_depths
+from ..token_tree import TokenTree, tree_depths
 from ..sampling import PositionNoise, SamplingParams, logits_to_probs, sample
-
-
-@dataclass
-class TokenTree:
-    tokens: list[int]
-    parents: list[int]  # parents[0] == -1 (the root); others point to an earlier node
-    sources: list[str] = field(default_factory=list)  # which drafter proposed each node
-
-    def children(self) -> list[list[int]]:
-        kids: list[list[int]] = [[] for _ in self.tokens]
-        for node, parent in enumerate(self.parents):
-            if parent >= 0:
-                kids[parent].append(node)
-        return kids
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def first(self, n: int) -> TokenTree:
-        """The tree of its first n nodes (parents precede children, so they form one)."""
-        return TokenTree(self.tokens[:n], self.parents[:n], self.sources[:n])
 
 
 @dataclass
 class TreeVerdict:
     path: list[int]  # accepted nodes, starting with the root
     next_token: int
-
-
-def build_tree(root: int, branches: Sequence[Sequence[int]], sources: Sequence[str] | None = None) -> TokenTree:
-    """Merge candidate continuations into a trie under `root`; the first branch becomes nodes 1..n.
-
-    Keeping the first (most likely) branch first lets runners keep an accepted main branch in
-    place without re-decoding it.
-    """
-    tree = TokenTree([root], [-1], ["target"])
-    index: dict[tuple[int, int], int] = {}
-    for b, branch in enumerate(branches):
-        node = 0
-        for token in branch:
-            key = (node, int(token))
-            if key not in index:
-                index[key] = len(tree.tokens)
-                tree.tokens.append(int(token))
-                tree.parents.append(node)
-                tree.sources.append(sources[b] if sources else "draft")
-            node = index[key]
-    return tree
 
 
 class TreeVerifier:

@@ -27,14 +27,14 @@ class VerispecReplica:
     def __init__(self, spec: ReplicaSpec) -> None:
         from ray import serve
 
-        from ...api import load
+        from ...loaded import LoadedModel
 
         if spec.loopback_only:
             _bind_internal_grpc_to_loopback()
         self.name = serve.get_replica_context().replica_tag
         # The base context only tokenizes and owns the weights; each slot gets its own ServeConfig.ctx context.
-        self.base = load(spec.model, draft=spec.draft, backend=spec.backend, pull=True,
-                         n_ctx=min(spec.serve.ctx or 4096, 512), n_threads=spec.threads)
+        self.base = LoadedModel.open(spec.model, draft=spec.draft, backend=spec.backend, pull=True,
+                                     n_ctx=min(spec.serve.ctx or 4096, 512), n_threads=spec.threads)
         self.server = Server(self.base, spec.serve)
         self._info = _info(getattr(self.base.target, "n_threads", spec.threads))
         self._stopped = threading.Event()
