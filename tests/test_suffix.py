@@ -446,7 +446,7 @@ def _stats(generated: int, seconds: float) -> Stats:
 
 
 def test_auto_tries_each_drafter_then_keeps_the_fastest_and_explores_the_others():
-    from verispec.drafters.auto import AutoChoice
+    from verispec.serve.draft_choice import AutoChoice
 
     auto = AutoChoice(["suffix", "model", "cascade"], warmup=2, explore_every=4)
     speed = {"suffix": 50.0, "model": 20.0, "cascade": 35.0}  # tokens per second of drafting + verification

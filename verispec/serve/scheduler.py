@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 
-from ..drafters.auto import AutoChoice
+from .draft_choice import AutoChoice
 from ..drafters.base import Drafter
 from ..drafters.cascade import CascadeDrafter
 from ..drafters.draft_model import ModelDrafter

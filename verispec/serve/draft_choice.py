@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from ..cost_model import ema
+from ..ema import ema
 from ..engine import Stats
 
 MIN_TOKENS = 8  # shorter requests say too little about a drafter
