@@ -115,9 +115,10 @@ DEVICE_HELP = "torch backend: auto (CUDA if present), cpu or cuda"
 SUFFIX_CACHE_HELP = ("file that keeps the suffix drafter's history of earlier requests across restarts: read at start, "
                      "saved every 5 minutes and at exit; an unreadable one is reported and ignored")
 SUFFIX_MEMORY_HELP = "memory limit of the suffix drafter's history of earlier requests, in MiB (the oldest go first)"
-VERIFY_HELP = ("exact (default): drafts scored in passes of <= 3 rows, greedy output bit-identical to plain decoding | "
-               "one-pass: all rows in one pass, cheaper where a pass's cost grows slowly with its rows; lossless in "
-               "distribution but NOT bit-identical (rows differ from plain decoding's by ggml's measured noise)")
+VERIFY_HELP = ("exact (default): a draft scored in one pass of up to 64 rows on verispec's batch-invariant llama.cpp "
+               "build (3 rows per pass on another build), greedy output bit-identical to plain decoding | one-pass: "
+               "all rows in one pass however many; the same as exact up to 64 rows, beyond that lossless in "
+               "distribution but NOT bit-identical")
 
 
 def _load(model: str, draft: Optional[str], backend: str, ctx: int, threads: Optional[int], spec, device: str = "auto",

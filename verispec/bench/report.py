@@ -225,7 +225,7 @@ def _noise(results: dict) -> list[str]:
            "The largest |logit difference| between a token scored inside a K-row pass and the same token scored "
            "alone, after a short and a long context. It is the tolerance of the losslessness check below "
            f"(the run's verify mode: `{cfg.get('verify', 'exact')}`, tolerance {cfg['tie_tolerance']:g}). "
-           "`exact` scores in chunks of at most 3 rows, with attention split by the cells each row sees (verispec's ggml patch), and must read 0 at every context length; `one-pass` is one "
+           "`exact` scores in passes of at most 64 rows on the batch-invariant build (3 on another), with attention split by the cells each row sees (verispec's ggml patches), and must read 0 at every context length; `one-pass` is one "
            "unchunked batch (lossless in distribution, not bit-identical).", ""]
     ks = sorted({int(k) for m in noise.values() for per_k in m["by_context"].values() for k in per_k})
     out += ["| mode | context tokens | " + " | ".join(f"K={k}" for k in ks) + " |", "|---|---|" + "---|" * len(ks)]

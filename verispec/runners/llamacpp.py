@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import llama_lib
 from ..errors import ModelFileError
-from ..llama_lib import decode, default_threads, exact_attention, exact_pass_rows, init_backend
+from ..llama_lib import FALLBACK_EXACT_ROWS, decode, default_threads, exact_attention, exact_pass_rows, init_backend
 from ..token_tree import leaf_sequences, tree_depths
 from .base import Runner, Tokenizer
 
@@ -352,6 +352,9 @@ class LlamaCppRunner(Runner):
 
     @property
     def cost_curve(self) -> str:
+        """The verify mode's prior T(n)/T(1); exact passes of 3 rows (a build without the patch) have their own."""
+        if self.verify_mode == "exact" and 0 < self.exact_chunk <= FALLBACK_EXACT_ROWS:
+            return "exact-chunks"
         return self.verify_mode
 
     def kv_bytes_per_token(self) -> int:
