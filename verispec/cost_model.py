@@ -30,13 +30,15 @@ from .ema import ema
 # 22% of one row, and one row is itself faster than fp32's (196 against 232 ms). A CPU without AMX would see
 # bf16 far steeper; the measurements replace the prior as a run goes. CUDA has no measured curve yet (see
 # scripts/device_check.py) and borrows the bf16 one, the flattest: a GPU's passes are flatter still.
-# 2026-12-08: "exact" is verispec's batch-invariant build, one pass per draft up to 64 rows (llama_lib.py), as
-# `make demo` measured it on an AMD EPYC with AVX-512 (2 threads, Qwen2.5-Coder-1.5B Q4_K_M; demo-out of that
-# day, docs/batch-invariance.md). The verify pass there is compute-bound in the Q4_K gemm and the Q6_K vec_dot,
-# so each row adds ~0.5-0.9 of T(1). "exact-chunks" is the old curve, for a build without the patch (passes of
-# 3 rows). "one-pass" is unchanged: upstream's kernels in one batch, which the invariant build equals up to 64.
+# 2026-12-08: "exact" is verispec's batch-invariant build, one pass per draft up to 64 rows (llama_lib.py). Its
+# prior is the flattest llama.cpp curve measured, upstream's one pass on the Xeon ("one-pass", the same kernels'
+# pass up to 64 rows there): a prior only decides what is tried before anything is measured, and a steep one
+# from one CPU would keep another CPU, where drafting pays, from ever trying it; measured T(n) replace it within
+# a few steps, and T(1) is always measured before K > 0 is kept (draft_length.py). On the AMD EPYC with AVX-512
+# of that day `make demo` measured 1.91 / 2.66 / 3.26 / 5.85 / 8.88 at n = 2 / 3 / 4 / 8 / 16
+# (docs/batch-invariance.md). "exact-chunks" is the curve of a build without the patch (passes of 3 rows).
 PRIOR_VERIFY_RATIO = {
-    "exact": {1: 1.0, 2: 1.91, 3: 2.66, 4: 3.26, 8: 5.85, 16: 8.88},
+    "exact": {1: 1.0, 2: 1.58, 3: 1.89, 4: 1.82, 8: 3.34, 16: 4.14},
     "exact-chunks": {1: 1.0, 2: 1.51, 3: 1.78, 4: 2.77, 8: 5.02, 16: 10.16},
     "one-pass": {1: 1.0, 2: 1.58, 3: 1.89, 4: 1.82, 8: 3.34, 16: 4.14},
     "torch-cpu-fp32": {1: 1.0, 2: 1.08, 3: 1.08, 4: 1.97, 8: 2.64, 16: 2.62, 32: 3.35},

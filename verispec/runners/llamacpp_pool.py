@@ -35,9 +35,9 @@ model's pool never pads (`pad_single_rows=False`): draft numerics do not change 
 Batch invariance. On verispec's build of llama.cpp (build-support/ggml-batch-invariant.patch) every
 decode of up to 64 rows gives each row the bits it gets alone, whatever shares the decode and wherever
 its cells lie (tests/test_long_context.py, tests/test_kernels.py). The pool then fuses up to 64 rows per
-decode, mixes prompt rows into them, prefills prompts in passes of any size up to 64, and shares any
-common prefix: every cell holds the bits a token-by-token run would give it. The rules below (3-row
-decodes, prompt passes in groups of 4) are for a build without the patch (llama_lib.exact_pass_rows).
+decode, prefills prompts in passes of any size up to 64, and shares any common prefix: every cell
+holds the bits a token-by-token run would give it. The rules below (3-row decodes, prompt passes in
+groups of 4) are for a build without the patch (llama_lib.exact_pass_rows).
 
 Prompts. A prompt row's keys, values and logits depend on the passes it is prefilled in, as ggml
 picks kernels by the rows of a decode. Measured on the Qwen2.5-Coder 1.5B and 0.5B Q4_K_M files
@@ -191,8 +191,9 @@ class KvPool(PrefixSharing, FusedScoring):
     def _exact_prompts(self) -> bool:
         """Whether a shared prefix must hold the bits the prompt's own prefill would compute. Not on a draft pool
         (`exact_prefixes=False`), nor once prompt rows ride in scoring decodes (`mixes_prompts`, --verify
-        one-pass): nothing is bit-identical to a solo run there, and any common prefix is shared."""
-        return self.exact_prefixes and not self.mixes_prompts
+        one-pass): nothing is bit-identical to a solo run there, and any common prefix is shared. Nor on a
+        batch-invariant pool, where every cell holds its token-by-token bits however it was prefilled."""
+        return self.exact_prefixes and not self.mixes_prompts and not self.rows_invariant
 
     @property
     def prefix_unit(self) -> int:

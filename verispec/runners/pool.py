@@ -188,9 +188,8 @@ class FusedScoring(Pool):
     Scoring rows (verification passes, all logits) of all sequences are packed into decodes of at
     most `fuse_rows` rows: by default `default_fuse_rows`, the most that keeps a sequence's logits
     bit-identical to its rows decoded alone however they are packed with other sequences' rows.
-    On llama.cpp that is 64 with verispec's batch-invariant build (llama_lib.exact_pass_rows), and
-    prompt rows then ride in the same decodes, exactly (`mixes_prompts`); on another build it is 3
-    (ggml's matmul takes other kernels from 4 rows, logits up to ~0.9 apart), and a larger
+    On llama.cpp that is 64 with verispec's batch-invariant build (llama_lib.exact_pass_rows); on
+    another build it is 3 (ggml's matmul takes other kernels from 4 rows, logits up to ~0.9 apart), and a larger
     `fuse_rows` is faster per row but not batch-invariant: greedy output may then differ from a solo
     run at near-ties (the server's --verify one-pass). The torch pool pads every decode to a multiple
     of 4 rows, where torch's matmul is row-independent, so its default is all of a step's rows in one
@@ -216,10 +215,11 @@ class FusedScoring(Pool):
 
     @property
     def mixes_prompts(self) -> bool:
-        """Whether prompt rows ride in the scoring decodes too (PromptPart), as llama-server mixes them. Exactly so
-        where the pool's rows are batch-invariant (a row's bits do not depend on what shares its decode); past
-        the exact row count (the server's --verify one-pass), where nothing is bit-identical to solo runs."""
-        return self.rows_invariant or self.fuse_rows > self.default_fuse_rows
+        """Past the exact row count, nothing is bit-identical to solo runs any more: prompt rows may then ride in
+        the scoring decode too (PromptPart), as llama-server mixes them (the server's --verify one-pass). On a
+        batch-invariant pool mixing them would be exact too; not done yet (the draft-model gate's prefill
+        phases were built around prompts passing alone: docs/batch-invariance.md)."""
+        return self.fuse_rows > self.default_fuse_rows
 
     def score(self, works: Sequence[tuple[int, Forward]], prompts: Sequence["PromptPart"] = ()) -> list[np.ndarray]:
         """The logits of every row of each (sequence, pass), the passes fused into as few decodes as exactness

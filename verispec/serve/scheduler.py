@@ -91,9 +91,9 @@ class Sequence:
     spec: SpeculativeConfig
     draft: str | None  # "ngram", "suffix", "model", "cascade" or None
     pinned: bool  # the client chose the drafter or K: the planner does not cap it
-    history: str = ""  # whose earlier requests a suffix drafter may draft from (the server's: a hash of the API key)
     sink: Callable[[Event], None] = lambda event: None
     endpoint: str = "completions"
+    history: str = ""  # whose earlier requests a suffix drafter may draft from (the server's: a hash of the API key)
     stats: Stats = field(default_factory=Stats)
     arrived: float = field(default_factory=time.perf_counter)
     checked_at: float = 0.0  # when the handler last checked that the client is still connected
