@@ -110,3 +110,13 @@ def test_text_assembler_stops_at_the_earliest_stop_string_across_adds():
     assert asm.add(euro[2:]) == "a" and asm.stopped
     tail = TextAssembler(tok, [])
     assert tail.add(tok.encode("€", add_special=False)[:2]) == "" and tail.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("template", ["{{ messages[0].content / 2 }}", "{{ messages[3].content.upper() }}",
+                                      "{{ messages.__class__.__subclasses__() }}",
+                                      "{{ 1 // 0 }}"])
+def test_render_chat_turns_any_template_error_into_a_prompt_error(template):
+    """A template's own failure (undefined values, a sandbox refusal, arithmetic) is about these messages: a PromptError
+    the server answers with a 400, as raise_exception() is, not a 500."""
+    with pytest.raises(PromptError, match="chat template"):
+        render_chat(template, [{"role": "user", "content": "x"}])
