@@ -19,7 +19,7 @@ from tests.toy import tiny_runner
 from verispec.runners.pool import PoolFull
 
 KEY = "k"
-MODEL = "tiny"
+MODEL = "tiny"  # the toy servers; the SmolLM2 tests serve it under this name too
 C = "/v1/completions"
 SLOW = 0.004  # seconds added to every decode where a request must still be running when something happens
 
@@ -506,3 +506,74 @@ def test_odd_but_valid_requests_are_served(runner):
         no_leak(running)
     assert [r.status_code for r in answers] == [200] * len(odd), [r.text for r in answers]
     assert chat.status_code == 200
+
+
+# -- on SmolLM2 (llama.cpp's pool) ----------------------------------------------------------------------------------
+
+SMOL = "smollm2-135m"
+
+
+@pytest.mark.real
+def test_a_failed_llama_decode_leaves_no_trace_and_its_retry_gets_the_same_bits(smol_source, monkeypatch):
+    """llama_decode returning non-zero: the pool takes the rows back (cells, lengths, token history), so the retry
+    decodes them into the same state and gets the logits a decode that never failed gets, bit for bit."""
+    import numpy as np
+
+    import verispec
+    from verispec.runners import llamacpp_pool
+
+    model = verispec.load(SMOL, n_ctx=512, n_threads=1)
+    pool = llamacpp_pool.KvPool(model.target, 512, 3)
+    try:
+        prompts = [model.prompt_tokens(p) for p in PROMPTS[:3]]
+        for seq, prompt in enumerate(prompts):
+            pool.reserve(seq, 128)
+            pool.decode([seq] * len(prompt), prompt, [False] * (len(prompt) - 1) + [True])
+        rows = ([0, 1, 2], [11, 22, 33], [True] * 3)
+        expected = pool.decode(*rows).copy()
+        for seq, prompt in enumerate(prompts):
+            pool.drop(seq, len(prompt))
+        before = (list(pool.live), [list(h) for h in pool.history], pool.bump)
+        real = llamacpp_pool.decode
+        monkeypatch.setattr(llamacpp_pool, "decode", lambda ctx, batch: real(ctx, batch) or 1)  # decodes, then fails
+        with pytest.raises(RuntimeError, match="status 1"):
+            pool.decode(*rows)
+        assert (list(pool.live), [list(h) for h in pool.history], pool.bump) == before
+        monkeypatch.setattr(llamacpp_pool, "decode", real)
+        got = pool.decode(*rows).copy()
+    finally:
+        pool.close()
+        model.close()
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.real
+def test_on_smollm2_a_decode_failing_for_one_request_leaves_the_others_bit_identical(smol_source):
+    """The fused 3-row decodes of llama.cpp's pool, one request's rows failing mid-decode: it alone fails with a 500
+    naming the cause, the others (greedy, n-gram drafting pinned, seeded) write what they write alone."""
+    import verispec
+    from verispec.serve import ServeConfig
+
+    base = verispec.load(SMOL, n_ctx=512, draft="ngram", n_threads=1)
+    extras = [{}, {"speculative": {"draft": "ngram", "draft_tokens": 3}}, {"temperature": 0.8, "seed": 3}]
+    prompts = [PROMPTS[0], "Repeat: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", PROMPTS[4]]
+    try:
+        with _serving(base, ServeConfig(model=MODEL, max_batch=4, ctx=512, api_key=KEY)) as running:
+            running.faults = Faults(running.server.scheduler)
+
+            def ask(prompt: str, extra: dict) -> httpx.Response:
+                with running.http(KEY) as http:
+                    return http.post(C, json={**body(prompt, 24), **extra})
+
+            alone = [ask(p, e).json()["choices"][0]["text"] for p, e in zip(prompts, extras)]
+            poisoned = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,"  # SmolLM2 counts on: it reaches the failing decode
+            running.faults.fail(running.faults.decoding(poisoned), RuntimeError("llama_decode failed with status 1"))
+            with ThreadPoolExecutor(4) as pool:
+                futures = [pool.submit(ask, p, e) for p, e in zip(prompts, extras)]
+                failed = pool.submit(ask, poisoned, {}).result(120)
+                together = [f.result(120).json()["choices"][0]["text"] for f in futures]
+            assert failed.status_code == 500 and "llama_decode failed" in failed.json()["error"]["message"]
+            assert together == alone and healthy(running)
+            assert running.wait_idle()["active"] == 0 and sum(running.server.scheduler.pool.reserved) == 0
+    finally:
+        base.close()
