@@ -80,3 +80,43 @@ def test_render_chat_errors():
         render_chat(None, [{"role": "user", "content": "x"}])
     with pytest.raises(PromptError):
         render_chat("{{ messages }}", [{"role": "user"}])
+
+
+def test_text_assembler_decodes_a_window_not_the_whole_output():
+    """Each add decodes the last few tokens only (a step's cost does not grow with the output), and the text is the
+    whole decode's, multi-byte characters split across adds included."""
+    tok = ByteTokenizer()
+    calls: list[int] = []
+    decode = tok.decode
+    tok.decode = lambda tokens: calls.append(len(tokens)) or decode(tokens)
+    text = "naïve €uro 😀 " * 50
+    ids = tok.encode(text, add_special=False)
+    asm, out = TextAssembler(tok, ["NEVER"]), ""
+    for i in range(0, len(ids), 3):
+        out += asm.add(ids[i : i + 3])
+    out += asm.flush()
+    assert out == text
+    assert max(calls) <= 12  # the last add and those a split 4-byte character spans, not the ~900 tokens so far
+
+
+def test_text_assembler_stops_at_the_earliest_stop_string_across_adds():
+    tok = ByteTokenizer()
+    asm = TextAssembler(tok, ["world", "lo w"])
+    out = asm.add(tok.encode("hel", add_special=False)) + asm.add(tok.encode("lo wor", add_special=False))
+    assert asm.stopped and out == "hel"
+    asm = TextAssembler(tok, ["€"])
+    euro = tok.encode("a€b", add_special=False)
+    assert asm.add(euro[:2]) == "" and not asm.stopped  # "a" waits with the incomplete character's bytes
+    assert asm.add(euro[2:]) == "a" and asm.stopped
+    tail = TextAssembler(tok, [])
+    assert tail.add(tok.encode("€", add_special=False)[:2]) == "" and tail.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize("template", ["{{ messages[0].content / 2 }}", "{{ messages[3].content.upper() }}",
+                                      "{{ messages.__class__.__subclasses__() }}",
+                                      "{{ 1 // 0 }}"])
+def test_render_chat_turns_any_template_error_into_a_prompt_error(template):
+    """A template's own failure (undefined values, a sandbox refusal, arithmetic) is about these messages: a PromptError
+    the server answers with a 400, as raise_exception() is, not a 500."""
+    with pytest.raises(PromptError, match="chat template"):
+        render_chat(template, [{"role": "user", "content": "x"}])

@@ -321,17 +321,26 @@ def serve(
     dtype: str = typer.Option("auto", help=DTYPE_HELP),
     suffix_cache: Optional[str] = typer.Option(None, help=SUFFIX_CACHE_HELP),
     suffix_memory: float = typer.Option(256.0, help=SUFFIX_MEMORY_HELP),
+    request_timeout: Optional[float] = typer.Option(None, help="seconds a request may take from arrival to its last "
+                                                    "token; past it, 408 (default: no limit)"),
+    queue_timeout: Optional[float] = typer.Option(None, help="seconds a request may wait for a slot; past it, 503 "
+                                                  "with Retry-After (default: no limit)"),
+    max_connections: int = typer.Option(256, help="connections served at once; beyond, 503 (uvicorn's "
+                                        "limit_concurrency)"),
 ) -> None:
     """Serve the OpenAI API (/v1/completions, /v1/chat/completions, /v1/models, /health, /metrics)."""
     from .engine import SpeculativeConfig
     from .serve import ServeConfig
     from .serve import serve as run_server
 
+    if api_key is not None and not api_key.strip():  # an empty key would let requests without one through
+        fail(VerispecError("--api-key is empty: give a key, or leave the option out to serve without one"))
     if ray:
         config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
                              spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
                              prefill_share=prefill_share, verify=verify, prefix_cache=prefix_cache, tree=tree,
-                             tree_budget=tree_budget)
+                             tree_budget=tree_budget, request_timeout=request_timeout, queue_timeout=queue_timeout,
+                             max_connections=max_connections)
         _serve_ray(config, draft, backend, threads, replicas, autoscale, ray_address, host, port)
         return
     try:
@@ -346,7 +355,8 @@ def serve(
     config = ServeConfig(model=model, max_batch=max_batch, max_queue=max_queue, ctx=ctx, api_key=api_key,
                          spec_off_at=spec_off_at, kv_pool=kv_pool, fuse_rows=fuse_rows, prefill_chunk=prefill_chunk,
                          prefill_share=prefill_share, verify=verify, prefix_cache=prefix_cache, tree=tree,
-                         tree_budget=tree_budget)
+                         tree_budget=tree_budget, request_timeout=request_timeout, queue_timeout=queue_timeout,
+                         max_connections=max_connections)
     try:
         run_server(loaded, config, host, port)
     except VerispecError as exc:

@@ -21,6 +21,12 @@ One call of `step()`:
 4. every request whose pass completed gets its logits and runs on: it verifies, accepts, rolls back,
    emits its tokens, and runs on to its next pass (its next draft's first pass: step 2 of the next step).
 
+A fused decode that fails (a pool out of cells, a failed llama_decode) is taken back and run again in halves,
+down to the request it cannot run (`_isolated`): that request alone fails, and the others' rows get the same
+bits in the smaller decodes (any packing of exact rows gives a row the same logits, runners/pool.py). A request
+whose pass finds the pool out of cells does not fail: it is `starved`, its pass kept, and the scheduler frees
+cells for it (by preemption) before it runs again.
+
 Everything runs on the caller's thread: the server's scheduler thread (serve/scheduler.py), or a
 test's. Engine.generate drives the same coroutine for a single request with no pool in between.
 """
@@ -28,7 +34,7 @@ test's. Engine.generate drives the same coroutine for a single request with no p
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -37,7 +43,7 @@ import numpy as np
 from .ema import ema
 from .engine import StepEvent
 from .runners.passes import DraftPass, Forward
-from .runners.pool import PromptPart, fused_last_rows
+from .runners.pool import PoolFull, PromptPart, fused_last_rows
 
 if TYPE_CHECKING:
     from .runners.pool import Pool, Preempted
@@ -56,6 +62,7 @@ class Member:
     out: list[int] = field(default_factory=list)
     prefill_done: int | None = None  # prompt tokens in the pool (a shared cached prefix included); None: not begun
     paused: bool = False  # preempted: its cells are freed and it does not step until resumed
+    starved: PoolFull | None = None  # its pass found no free cells: kept, to run once the scheduler makes room
 
 
 # A waiting prompt's rows in a step may take about as long as the running requests' decodes in that step: their
@@ -90,7 +97,12 @@ class Stepper:
         coroutine suspended at its pending pass, until `resume`."""
         member = self.members[seq]
         while isinstance(member.pending, DraftPass):  # its draft's passes assume the draft cells the caller frees next
-            reply, member.pending = member.pending.run(), None
+            try:
+                reply = member.pending.run()
+            except Exception as exc:  # noqa: BLE001 - the request fails (the caller sees `error`), the others go on
+                member.error, member.finished, member.pending = exc, True, None
+                break
+            member.pending = None
             self._advance(member, reply)
         saved = self.pool.preempt(seq)
         member.paused = True
@@ -108,6 +120,7 @@ class Stepper:
         `out`, `finished` and `error` from."""
         active = [m for m in self.members.values() if not m.paused]
         for member in active:
+            member.starved = None  # the caller has read it (and made room) since the last step
             if not member.started:
                 member.started = True
                 self._advance(member, None)
@@ -116,17 +129,17 @@ class Stepper:
         prompts = [m for m in active if isinstance(m.pending, Forward) and not m.pending.all_logits]
         replies: list[tuple[Member, np.ndarray]] = []
         if self.pool.mixes_prompts:
-            replies += self._mixed_decode(scoring, prompts)
+            if scoring or prompts:
+                replies += self._isolated(scoring + prompts, self._target_mark, self._mixed_decode)
         else:
             if scoring:
                 t0 = time.perf_counter()
-                replies += self._guard(scoring, lambda: list(zip(scoring, self.pool.score(
-                    [(m.seq, m.pending) for m in scoring]))))
+                replies += self._isolated(scoring, self._target_mark, self._score)
                 self.scoring_seconds = ema(self.scoring_seconds, time.perf_counter() - t0, 0.3)
             if prompts:
                 member = min(prompts, key=lambda m: m.prefill_done or 0)
                 budget = self._prompt_budget(len(prompts)) if scoring else self.prefill_chunk  # decode rows first
-                replies += self._guard([member], lambda: self._prefill_chunk(member, budget))
+                replies += self._isolated([member], self._target_mark, lambda ms: self._prefill_chunk(ms[0], budget))
         for member, logits in replies:
             member.pending = None
             self._advance(member, logits)
@@ -137,22 +150,54 @@ class Stepper:
         need one go together (`fused_last_rows`: one decode of the shared draft pool), until every request
         has drafted and waits for its target pass."""
         while True:
-            drafting = [m for m in active if isinstance(m.pending, DraftPass)]
+            drafting = [m for m in active if isinstance(m.pending, DraftPass) and not m.starved]
             if not drafting:
                 return
-            replies = self._guard(drafting, lambda: list(zip(drafting, fused_last_rows([m.pending for m in drafting]))))
+            replies = self._isolated(drafting, self._draft_mark,
+                                     lambda ms: list(zip(ms, fused_last_rows([m.pending for m in ms]))))
             for member, logits in replies:
                 member.pending = None
                 self._advance(member, logits)
 
-    def _guard(self, members: list[Member], decode) -> list[tuple[Member, np.ndarray]]:
-        """Run a pool decode; a failure fails the requests it was for, and the others go on."""
+    def _score(self, members: list[Member]) -> list[tuple[Member, np.ndarray]]:
+        return list(zip(members, self.pool.score([(m.seq, m.pending) for m in members])))
+
+    def _isolated(self, members: list[Member], mark: Callable[[Member], Callable[[], None]],
+                  decode: Callable[[list[Member]], list[tuple[Member, np.ndarray]]]) -> list[tuple[Member, np.ndarray]]:
+        """Run a fused decode for `members`. If it fails, what it wrote is taken back (`mark` gives each member's undo,
+        taken before) and each half runs apart, down to the request that cannot run: out of cells, it is starved
+        (its pass kept); otherwise it fails with the decode's error. The others go on."""
+        undo = [mark(m) for m in members]
         try:
-            return decode()
-        except Exception as exc:  # noqa: BLE001 - handed to the requests, the server keeps running
-            for member in members:
+            return decode(members)
+        except Exception as exc:  # noqa: BLE001 - isolated to the request it comes from; the server keeps running
+            for take_back in undo:
+                take_back()
+            if len(members) > 1:
+                half = len(members) // 2
+                return self._isolated(members[:half], mark, decode) + self._isolated(members[half:], mark, decode)
+            member = members[0]
+            if isinstance(exc, PoolFull):
+                member.starved = exc
+            else:
                 member.error, member.finished, member.pending = exc, True, None
             return []
+
+    def _target_mark(self, member: Member) -> Callable[[], None]:
+        """Undo a target decode for the member: its cells back to what they hold now, its prompt progress too."""
+        live, done = self.pool.live[member.seq], member.prefill_done
+
+        def undo() -> None:
+            self.pool.drop(member.seq, live)
+            member.prefill_done = done
+        return undo
+
+    @staticmethod
+    def _draft_mark(member: Member) -> Callable[[], None]:
+        """Undo a draft decode for the member: its draft model's cells back to what they hold now."""
+        runner = member.pending.runner
+        n_past = runner.n_past
+        return lambda: runner.rollback(n_past)
 
     def _advance(self, member: Member, reply) -> None:
         """Run the request's coroutine up to its next pass, collecting what it emits."""
@@ -169,10 +214,12 @@ class Stepper:
         except Exception as exc:  # noqa: BLE001 - the request fails, the others go on
             member.error, member.finished = exc, True
 
-    def _mixed_decode(self, scoring: list[Member], prompts: list[Member]) -> list[tuple[Member, np.ndarray]]:
+    def _mixed_decode(self, members: list[Member]) -> list[tuple[Member, np.ndarray]]:
         """Scoring rows and prompt rows in one decode (a pool past exactness, pool.mixes_prompts), as llama-server
         mixes them: prompts least done first, up to the budget. The prompt rows' cost is measured as what they
         add to the scoring rows' decode."""
+        scoring = [m for m in members if m.pending.all_logits]
+        prompts = [m for m in members if not m.pending.all_logits]
         budget = self._prompt_budget(len(prompts)) if scoring else self.prefill_chunk
         parts: list[tuple[Member, PromptPart]] = []
         for member in sorted(prompts, key=lambda m: m.prefill_done or 0):
@@ -188,12 +235,7 @@ class Stepper:
         if not scoring and not parts:
             return []
         t0 = time.perf_counter()
-        try:
-            outs = self.pool.score([(m.seq, m.pending) for m in scoring], [part for _, part in parts])
-        except Exception as exc:  # noqa: BLE001 - handed to the requests, the server keeps running
-            for member in scoring + [m for m, _ in parts]:
-                member.error, member.finished, member.pending = exc, True, None
-            return []
+        outs = self.pool.score([(m.seq, m.pending) for m in scoring], [part for _, part in parts])
         elapsed, prompt_rows = time.perf_counter() - t0, sum(len(part.tokens) for _, part in parts)
         if not parts:
             self.scoring_seconds = ema(self.scoring_seconds, elapsed, 0.3)

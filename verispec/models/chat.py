@@ -35,10 +35,17 @@ def render_chat(template: str | None, messages: list[dict], bos_text: str = "", 
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or not isinstance(m.get("content"), str):
             raise PromptError("each message needs a 'role' and a string 'content'", "messages")
-    text = _compile(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_text, eos_token=eos_text
-    )
-    return text
+    try:
+        return _compile(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_text, eos_token=eos_text
+        )
+    except PromptError:
+        raise
+    except RecursionError:
+        raise PromptError("the model's chat template recursed too deeply on these messages", "messages") from None
+    except Exception as exc:  # noqa: BLE001 - a template is code the model file brought: any error is about these messages
+        raise PromptError(f"the model's chat template failed on these messages ({type(exc).__name__}: {exc})",
+                          "messages") from None
 
 
 def chat_tokens(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

@@ -63,6 +63,9 @@ class ContextPool(Pool):
         self.runners[seq].reset()
         self.reserved[seq] = 0
 
+    def drop(self, seq: int, from_pos: int) -> None:
+        self.runners[seq].rollback(min(from_pos, self.runners[seq].n_past))
+
     def score(self, works: Sequence[tuple[int, Forward]]) -> list:
         outs = []
         for seq, f in works:

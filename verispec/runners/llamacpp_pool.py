@@ -92,12 +92,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidParameter, PromptError
+from ..errors import InvalidParameter
 from ..llama_lib import FALLBACK_EXACT_ROWS, decode, exact_pass_rows
 from ..token_tree import leaf_sequences, tree_depths
 from .llamacpp import ZERO_KV_BUFFERS, LlamaCppRunner, open_context
-from .pool import (FusedScoring, PoolFull, Preempted, PrefixSharing, SequenceView, TreeRow,  # noqa: F401 (PoolFull: raised here)
-                   chunk_sizes)
+from .pool import (FusedScoring, PoolFull, Preempted, PrefixSharing, ReservationExceeded, SequenceView,  # noqa: F401
+                   TreeRow, chunk_sizes)  # (PoolFull: raised here)
 
 LLAMA_MAX_SEQ = 256  # sequence ids one llama.cpp context can hold (llama-cparams.h)
 
@@ -231,6 +231,7 @@ class KvPool(PrefixSharing, FusedScoring):
         A sequence alone and packed in the pool frees them instead: they are the top cells, so the
         next tokens land in them again, in order, as after a solo runner's rollback.
         """
+        self._close_tree(seq, kept=0)  # a tree pass that failed is taken back whole
         if from_pos >= self.live[seq]:
             return
         alone = self.bump == self.live[seq] and not len(self.prefixes)
@@ -402,11 +403,23 @@ class KvPool(PrefixSharing, FusedScoring):
             self._L.llama_memory_seq_rm(self._mem, self.pad, -1, -1)
             self.padded += 1
         if status != 0:
+            self._take_back(b, n, seqs, places)
             raise RuntimeError(f"llama_decode failed with status {status} in the KV pool")
         self.bump += n
         self.decodes += 1
         n_out = sum(bool(w) for w in want)
         return np.ctypeslib.as_array(self._L.llama_get_logits(self._ctx), shape=(n_out, self.n_vocab))
+
+    def _take_back(self, b, n: int, seqs: Sequence[int], places: Sequence[TreeRow | None] | None) -> None:
+        """A failed decode's rows leave no trace: their cells are freed (llama.cpp may have kept some) and each
+        chain row's sequence is as long as before. The cells were above `bump`, so freeing them keeps the order."""
+        for i in range(n):
+            for j in range(b.n_seq_id[i]):
+                self._L.llama_memory_seq_rm(self._mem, b.seq_id[i][j], b.pos[i], b.pos[i] + 1)
+        for i, seq in reversed(list(enumerate(seqs))):
+            if places is None or places[i] is None:
+                self.live[seq] -= 1
+                self.history[seq].pop()
 
     def _put(self, i: int, token: int, pos: int, seq_ids: Sequence[int], want: bool) -> None:
         b = self._batch
@@ -462,7 +475,7 @@ class DirectSeqRunner(SequenceView):
     def check_fits(self, n_tokens: int) -> None:
         super().check_fits(n_tokens)
         if n_tokens + self.n_past > self.pool.reserved[self.seq]:
-            raise PromptError(f"request outgrew its {self.pool.reserved[self.seq]} reserved KV cells", "max_tokens")
+            raise ReservationExceeded(f"the request outgrew its {self.pool.reserved[self.seq]} reserved draft KV cells")
 
     def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None, all_logits: bool = True) -> np.ndarray:
         """Batches of n_batch, as a solo runner's; the rows are copied (the next pass overwrites llama.cpp's buffer)."""

@@ -47,6 +47,10 @@ class PoolFull(RuntimeError):
     pass
 
 
+class ReservationExceeded(RuntimeError):
+    """A request needs more cells than it reserved: the server's reservation was wrong, not the client's request."""
+
+
 @dataclass
 class Preempted:
     """What a pool needs to give a preempted sequence its cells back (Pool.resume): the tokens to decode again
@@ -112,6 +116,10 @@ class Pool(ABC):
     @abstractmethod
     def score(self, works: Sequence[tuple[int, Forward]]) -> list:
         """The logits of every row of each (sequence, target pass)."""
+
+    @abstractmethod
+    def drop(self, seq: int, from_pos: int) -> None:
+        """Forget positions >= from_pos of `seq` (a rollback, or a failed decode taken back)."""
 
     @abstractmethod
     def prefill_pass(self, seq: int, tokens: Sequence[int], last: bool):

@@ -25,7 +25,7 @@ from ..sampling import SamplingParams
 from . import protocol
 from .metrics import Metrics
 from .protocol import ApiError, ChatRequest, CompletionRequest, Shape, SpeculativeOptions
-from .scheduler import Event, QueueFull, Scheduler
+from .scheduler import Event, QueueFull, RequestFailed, Scheduler
 from .scheduler import Sequence as Job
 
 DISCONNECT_POLL_SECONDS = 0.25
@@ -51,12 +51,20 @@ class ServeConfig:
     prefix_cache: int = 32  # prompt prefixes the shared KV pool keeps for later requests (runners/prefix_cache.py); 0 = off
     tree: str | None = None  # grow token trees ("dynamic", "static:4,2,2,1"); None = the loaded model's setting
     tree_budget: int | None = None  # drafted nodes per tree; None = measured per request ("no tree" included)
+    request_timeout: float | None = None  # seconds from arrival to the last token; past it, 408
+    queue_timeout: float | None = None  # seconds a request may wait for a slot; past it, 503
+    max_connections: int = 256  # open connections and requests uvicorn takes at once; beyond, 503 (limit_concurrency)
 
 
 class Server:
     """The loaded model, its scheduler and metrics: everything the routes talk to."""
 
     def __init__(self, base: LoadedModel, config: ServeConfig) -> None:
+        if config.api_key is not None and not config.api_key.strip():
+            raise InvalidParameter("--api-key is empty: give a key, or leave the option out to serve without one",
+                                   "api_key")
+        if config.max_connections < 1:
+            raise InvalidParameter(f"--max-connections must be >= 1, got {config.max_connections}", "max_connections")
         self.base = base
         self.config = config
         self.spec = _serve_spec(base.spec, config)
@@ -180,7 +188,7 @@ def _scheduler(base: LoadedModel, config: ServeConfig, metrics: Metrics, spec: S
     def make(cells: int | None) -> Scheduler:
         return Scheduler(base.target, spec, default, config.max_batch, config.max_queue, config.ctx,
                          config.spec_off_at, metrics, cells, fuse_rows, config.prefill_chunk, config.prefix_cache,
-                         config.prefill_share, base.suffix_store)
+                         config.prefill_share, base.suffix_store, config.request_timeout, config.queue_timeout)
 
     try:
         return make(config.kv_pool)
@@ -210,10 +218,14 @@ def create_app(server: Server) -> FastAPI:
     _install_error_handlers(app)
 
     @app.get("/health")
-    async def health() -> dict:
-        active, waiting = server.scheduler.counts()
-        return {"status": "ok", "model": server.config.model, "slots": len(server.scheduler.slots),
-                "active": active, "queued": waiting, "draft": server.draft_name(server.default_draft)}
+    async def health() -> Response:
+        scheduler = server.scheduler
+        if scheduler.dead is not None:
+            return JSONResponse({"status": "dead", "model": server.config.model, "error": str(scheduler.dead)},
+                                status_code=503)
+        active, waiting = scheduler.counts()
+        return JSONResponse({"status": "ok", "model": server.config.model, "slots": len(scheduler.slots),
+                             "active": active, "queued": waiting, "draft": server.draft_name(server.default_draft)})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -255,6 +267,9 @@ async def _generate(server: Server, request: Request, chat: bool) -> Response:
         server.metrics.requests.labels(endpoint, "rejected").inc()
         raise ApiError(429, f"the server is busy ({exc}); retry shortly", None, "queue_full", "rate_limit_error",
                        {"Retry-After": "1"}) from None
+    except RequestFailed as exc:  # the engine is dead, or the server is shutting down
+        server.metrics.requests.labels(endpoint, "rejected").inc()
+        raise _error_for(exc) from None
 
     shape = Shape(chat, req.model)
     try:
@@ -299,6 +314,11 @@ async def _parse(server: Server, request: Request, chat: bool) -> tuple[Completi
         raise ApiError(400, f"the prompt has {len(tokens)} tokens but the context holds {n_ctx}",
                        "messages" if chat else "prompt", "context_length_exceeded")
     max_tokens = req.max_tokens if req.max_tokens is not None else getattr(req, "max_completion_tokens", None)
+    if max_tokens is not None and max_tokens > 0 and len(tokens) + max_tokens > n_ctx:  # as OpenAI answers it
+        field = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
+        raise ApiError(400, f"this model's context holds {n_ctx} tokens, but {len(tokens)} prompt tokens and "
+                       f"{field} {max_tokens} ask for {len(tokens) + max_tokens}: lower {field} to at most "
+                       f"{n_ctx - len(tokens)}", field, "context_length_exceeded")
     params = SamplingParams(max_tokens=req.default_max_tokens(room) if max_tokens is None else max_tokens,
                             temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)
     return req, Job(tokens, params, spec, draft, pinned, history=_history(request))
@@ -387,6 +407,10 @@ async def _read_body(request: Request, limit: int) -> bytes:
 def _error_for(exc: Exception | None) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
+    if isinstance(exc, RequestFailed):
+        retry = {"Retry-After": "1"} if exc.status == 503 else None
+        return ApiError(exc.status, str(exc), None, exc.code,
+                        "server_error" if exc.status >= 500 else "invalid_request_error", retry)
     if isinstance(exc, VerispecError):
         return ApiError(404 if isinstance(exc, ModelNotFound) else 400, str(exc), exc.param, "invalid_value")
     return ApiError(500, str(exc) or "internal error", None, "internal_error", "server_error")
@@ -421,12 +445,29 @@ def _install_error_handlers(app: FastAPI) -> None:
         return respond(ApiError(500, "internal server error (see the server log)", None, "internal_error", "server_error"))
 
 
+ENGINE_DEAD_EXIT = 1  # the process's exit status after the engine died (a supervisor restarts it)
+DRAIN_SECONDS = 30  # after the engine died: how long open connections get to read their errors
+
+
 def serve(base: LoadedModel, config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the server until interrupted (the CLI's `verispec serve`)."""
+    """Run the server until interrupted (the CLI's `verispec serve`). If the engine dies, every request is answered
+    503, the open connections are drained and the process exits with ENGINE_DEAD_EXIT (SystemExit)."""
     import uvicorn
 
     server = Server(base, config)
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                                       limit_concurrency=config.max_connections + 1,  # uvicorn counts the new one too
+                                       timeout_graceful_shutdown=DRAIN_SECONDS))
+    threading.Thread(target=_stop_when_dead, args=(server, uv), name="verispec-engine-watch", daemon=True).start()
     try:
-        uvicorn.run(create_app(server), host=host, port=port, log_level=log_level)
+        uv.run()
     finally:
         server.close()
+    if server.scheduler.dead is not None:
+        log.critical("exiting: %s", server.scheduler.dead)
+        raise SystemExit(ENGINE_DEAD_EXIT)
+
+
+def _stop_when_dead(server: Server, uv) -> None:
+    server.scheduler.died.wait()
+    uv.should_exit = True

@@ -12,6 +12,43 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from ..engine import Stats
 
 MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256  # characters: the text held back per step is at most this long
+MAX_JSON_DEPTH = 64  # nesting levels of a request body (a deeper one would exhaust the parser's stack)
+
+# OpenAI fields this server does not implement yet, each with the values that ask for nothing (clients send them as
+# defaults): any other value is a 400 that names the field, never dropped in silence. Implementing a field: add it to
+# the request model and delete its line here.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "parallel_tool_calls": (True, False),  # no tools are accepted, so it asks for nothing
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "logit_bias": ({},),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "min_p": (0, 0.0),
+    "echo": (False,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "prediction": (),
+    "modalities": (["text"],),
+    "audio": (),
+    "reasoning_effort": (),
+    "web_search_options": (),
+}
+UNSUPPORTED_MESSAGE_FIELDS: dict[str, tuple] = {
+    "tool_calls": ([],),
+    "tool_call_id": (),
+    "function_call": (),
+    "audio": (),
+}
+# Fields that change nothing a request writes (bookkeeping on OpenAI's side): accepted and not used.
+NO_EFFECT_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key"})
 
 
 class ApiError(Exception):
@@ -28,8 +65,8 @@ class ApiError(Exception):
 
 
 class _Body(BaseModel):
-    # Unknown fields are ignored, as OpenAI-compatible servers do; known ones are strictly typed.
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are refused (a 400 naming them), not dropped: a client must not get a 200 for what it did not get.
+    model_config = ConfigDict(extra="forbid")
 
 
 class SpeculativeOptions(BaseModel):
@@ -63,6 +100,8 @@ class _Generation(_Body):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
             raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings are allowed", "stop")
+        if any(len(s) > MAX_STOP_LENGTH for s in stop):
+            raise ApiError(400, f"a stop string may be at most {MAX_STOP_LENGTH} characters long", "stop")
         return stop
 
 
@@ -76,20 +115,29 @@ class CompletionRequest(_Generation):
 class ContentPart(_Body):
     type: StrictStr
     text: StrictStr | None = None
+    # Parts of other types are read, to be refused by name (Message.as_dict): this server reads text only.
+    image_url: dict | None = None
+    input_audio: dict | None = None
+    file: dict | None = None
 
 
 class Message(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[ContentPart] | None = None
+    name: StrictStr | None = None  # handed to the chat template, which may use it
 
     def as_dict(self) -> dict:
         if isinstance(self.content, list):
             if any(p.type != "text" for p in self.content):
-                raise ApiError(400, "only text content parts are supported", "messages")
+                kinds = sorted({p.type for p in self.content if p.type != "text"})
+                raise ApiError(400, f"only text content parts are supported, not {', '.join(kinds)}", "messages")
             text = "".join(p.text or "" for p in self.content)
         else:
             text = self.content or ""
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
 
 class ChatRequest(_Generation):
@@ -105,16 +153,70 @@ def parse(raw: bytes, kind: type[_Generation]) -> _Generation:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", None, "invalid_json")
+    _check_values(body)
+    # Clients send null for "not set" (e.g. "temperature": null): a top-level null takes the default.
+    body = _asked_for(body, UNSUPPORTED_FIELDS, "")
+    if isinstance(body.get("messages"), list):
+        body["messages"] = [_asked_for(m, UNSUPPORTED_MESSAGE_FIELDS, f"messages.{i}.") if isinstance(m, dict) else m
+                            for i, m in enumerate(body["messages"])]
     try:
-        # Clients send null for "not set" (e.g. "temperature": null): a top-level null takes the default.
-        return kind.model_validate({k: v for k, v in body.items() if v is not None})
+        return kind.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        errors = exc.errors()
+        # An unknown field is what to report first, even where a union's other member failed on something else.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
         param = ".".join(str(p) for p in first["loc"] if not _is_union_tag(p)) or None
+        if first["type"] == "extra_forbidden":
+            raise ApiError(400, f"unknown field {param!r}: this server does not implement it", param,
+                           "unknown_field") from None
         kind_of = "missing" if first["type"] == "missing" else "invalid"
         raise ApiError(400, f"{kind_of} field {param!r}: {first['msg']}", param, f"{kind_of}_field") from None
+
+
+def _asked_for(fields: dict, unsupported: dict[str, tuple], where: str) -> dict:
+    """The fields that ask for something: nulls, fields without effect and unsupported fields at a value that asks for
+    nothing are left out; an unsupported field at any other value is a 400 naming it."""
+    out = {}
+    for name, value in fields.items():
+        if value is None or (not where and name in NO_EFFECT_FIELDS):
+            continue
+        if name in unsupported:
+            if any(type(value) is type(neutral) and value == neutral for neutral in unsupported[name]):
+                continue
+            raise ApiError(400, f"{where}{name!r} is not supported by this server", where + name, "unsupported_field")
+        out[name] = value
+    return out
+
+
+def _check_values(body: dict) -> None:
+    """Refuse what the parser accepts but nothing after it can handle: nesting deeper than MAX_JSON_DEPTH, and
+    strings (or keys) with a lone UTF-16 surrogate, which cannot be encoded as UTF-8."""
+    stack: list[tuple[object, int, str]] = [(body, 1, "")]
+    while stack:
+        value, depth, path = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", path or None,
+                           "invalid_json")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, path)
+                stack.append((item, depth + 1, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, f"{path}.{i}") for i, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text: str, path: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "a string holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not valid Unicode",
+                       path or None, "invalid_unicode") from None
 
 
 def _is_union_tag(part) -> bool:

@@ -26,6 +26,12 @@ passes; alone, a request's own chooser decides. A request that joins a running b
 draft until planned for, and a draft model whose prompt prefill it skipped stays off for it
 (Engine.gate, draft_gate.py): catching up later would stall every other request.
 
+Faults. A fused decode that fails is retried in halves down to the request it cannot run (stepper.py): that request
+fails alone with a 5xx naming the cause, or, out of cells, the newest request is preempted (`_make_room`). An exception
+anywhere else in the loop kills the engine (`_run`): every request held gets a 503, new ones too, /health answers
+503 and `died` is set, on which `serve` drains the connections and exits non-zero. --queue-timeout and
+--request-timeout end requests that wait or run too long (`_expire`).
+
 The start-up check of --ctx x --max-batch against the available memory is memory.py's.
 """
 
@@ -73,6 +79,30 @@ class QueueFull(Exception):
     pass
 
 
+class RequestFailed(Exception):
+    """A request ended by the server, not by what the client asked: answered with `status` and `code` (app.py)."""
+
+    status, code = 500, "internal_error"
+
+
+class EngineDead(RequestFailed):
+    """The step loop ended on an exception: every request gets this until the process exits (see `Scheduler._run`)."""
+
+    status, code = 503, "engine_dead"
+
+
+class ShuttingDown(RequestFailed):
+    status, code = 503, "shutting_down"
+
+
+class QueueTimeout(RequestFailed):
+    status, code = 503, "queue_timeout"
+
+
+class RequestTimeout(RequestFailed):
+    status, code = 408, "request_timeout"
+
+
 @dataclass
 class Event:
     kind: str  # "text" | "done" | "error"
@@ -98,6 +128,7 @@ class Sequence:
     arrived: float = field(default_factory=time.perf_counter)
     checked_at: float = 0.0  # when the handler last checked that the client is still connected
     cancelled: bool = False
+    timed_out: bool = False  # ran past --request-timeout: finished with a 408 at the next step
     finished: bool = False
     # scheduler-thread state
     slot: int = -1
@@ -125,7 +156,8 @@ class Scheduler:
                  max_batch: int = 4, max_queue: int = 64, n_ctx: int | None = None, spec_off_at: int = 0,
                  metrics: Metrics | None = None, pool_cells: int | None = None, fuse_rows: int | None = None,
                  prefill_chunk: int | None = None, prefix_cache: int = 32, prefill_share: float = 1.0,
-                 suffix_store: SuffixStore | None = None) -> None:
+                 suffix_store: SuffixStore | None = None, request_timeout: float | None = None,
+                 queue_timeout: float | None = None) -> None:
         if max_batch < 1:
             raise InvalidParameter(f"max_batch must be >= 1, got {max_batch}", "max_batch")
         if max_queue < 0:
@@ -134,6 +166,10 @@ class Scheduler:
             raise InvalidParameter(f"--prefix-cache must be >= 0, got {prefix_cache}", "prefix_cache")
         if not 0 < prefill_share < float("inf"):
             raise InvalidParameter(f"--prefill-share must be a number > 0, got {prefill_share}", "prefill_share")
+        for name, limit in (("request_timeout", request_timeout), ("queue_timeout", queue_timeout)):
+            if limit is not None and not limit > 0:
+                raise InvalidParameter(f"--{name.replace('_', '-')} must be > 0 seconds, got {limit}", name)
+        self.request_timeout, self.queue_timeout = request_timeout, queue_timeout
         self.target, self.spec = target, spec
         # The loaded drafter (--draft) as the server runs it: its draft model cloned onto every slot, and a cascade
         # rebuilt per slot around that slot's clone.
@@ -175,6 +211,8 @@ class Scheduler:
         self._waiting: deque[Sequence] = deque()
         self._cond = threading.Condition()
         self._stop = False
+        self.dead: EngineDead | None = None  # set when the step loop ended on an exception
+        self.died = threading.Event()  # ... and then, once every request it held has been told
         self._thread = threading.Thread(target=self._run, name="verispec-scheduler", daemon=True)
         self._thread.start()
 
@@ -199,8 +237,10 @@ class Scheduler:
 
     def submit(self, job: Sequence) -> None:
         with self._cond:
+            if self.dead is not None:
+                raise EngineDead(str(self.dead))
             if self._stop:
-                raise QueueFull("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             if len(self._waiting) >= self.max_queue + self._free_slots():
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(job)
@@ -239,37 +279,112 @@ class Scheduler:
         return sum(s is None for s in self.slots)
 
     def _run(self) -> None:
+        """The step loop. An exception that ends it (anywhere but inside a step, whose failures stay with the requests
+        they hit) kills the engine: `dead` is set, so /health answers 503 and new requests get 503 at once, every
+        request it held is told so, and `died` is set (`serve` then stops the process, non-zero)."""
         try:
-            while True:
-                with self._cond:
-                    while not self._stop and not self._waiting and not self.stepper.members:
-                        self._cond.wait()
-                    if self._stop:
-                        break
-                    self._admit()
-                    if not self.stepper.members:  # the queue's head waits for cells: wait for a change
-                        self._cond.wait(0.05)
-                        continue
-                self._drop_cancelled()
-                self._resume()
-                self._grow()
-                self._plan()
-                try:
-                    members = self.stepper.step()
-                except Exception:  # never let one step kill the thread
-                    log.exception("scheduler step failed")
-                    members = []
-                    for job in [j for j in self.slots if j is not None]:
-                        self._finish(job, "error", Event("error", error=RuntimeError("internal error while decoding")))
-                for member in members:
-                    self._deliver(member)
-                self._publish()
+            self._loop()
+            ending: RequestFailed = ShuttingDown("the server is shutting down")
+        except BaseException as exc:  # noqa: BLE001 - whatever it was, the loop is gone: say so instead of hanging
+            log.critical("the scheduler's step loop failed: the engine is dead", exc_info=exc)
+            with self._cond:
+                self.dead = ending = EngineDead(f"the engine stopped after an internal error ({type(exc).__name__}: "
+                                                f"{exc}); the server is exiting")
+        try:
+            self._fail_all(ending)
         finally:
-            shutting = RuntimeError("the server is shutting down")
-            for job in [j for j in self.slots if j is not None]:
-                self._finish(job, "cancelled", Event("error", error=shutting))
-            for job in self._waiting:
-                job.emit(Event("error", error=shutting))
+            if self.dead is not None:
+                self.died.set()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self.stepper.members:
+                    self._cond.wait()
+                if self._stop:
+                    return
+                self._expire()
+                self._admit()
+                if not self.stepper.members:  # the queue's head waits for cells: wait for a change
+                    self._cond.wait(0.05)
+                    continue
+            self._drop_cancelled()
+            self._resume()
+            self._grow()
+            self._plan()
+            try:
+                members = self.stepper.step()
+            except Exception:  # noqa: BLE001 - a step's own failure fails its requests, not the server
+                log.exception("scheduler step failed")
+                members = []
+                for job in [j for j in self.slots if j is not None]:
+                    self._finish(job, "error", Event("error", error=RequestFailed("internal error while decoding")))
+            for member in members:
+                self._deliver(member)
+            self._make_room()
+            self._publish()
+
+    def _fail_all(self, error: RequestFailed) -> None:
+        """Tell every request held, running or queued, that it ends with `error`, freeing what it holds."""
+        outcome = "cancelled" if isinstance(error, ShuttingDown) else "error"
+        for job in [j for j in self.slots if j is not None]:
+            try:
+                self._finish(job, outcome, Event("error", error=error))
+            except Exception:  # noqa: BLE001 - whatever broke must not keep the others from being told
+                log.exception("finishing a request failed; freeing its cells piece by piece")
+                self._abandon(job, error)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), deque()
+            self.metrics.queue_depth.set(0)
+        for job in waiting:
+            job.emit(Event("error", error=error))
+
+    def _abandon(self, job: Sequence, error: RequestFailed) -> None:
+        """What `_finish` does, each part on its own, so that one that fails does not keep the rest from running."""
+        job.finished = True
+        parts = [lambda: self.stepper.remove(job.slot), lambda: self.pool.release(job.slot),
+                 lambda: self.draft_pool is not None and self.draft_pool.release(job.slot),
+                 lambda: job.emit(Event("error", error=error))]
+        for part in parts:
+            try:
+                part()
+            except Exception:  # noqa: BLE001 - logged; the next part still runs
+                log.exception("freeing a request of a dead engine")
+        with self._cond:
+            self.slots[job.slot] = None
+
+    def _expire(self) -> None:
+        """Fail queued requests past --queue-timeout and running ones past --request-timeout (lock held)."""
+        now = time.perf_counter()
+        for job in list(self._waiting):
+            error = None
+            if self.queue_timeout is not None and now - job.arrived > self.queue_timeout:
+                error = QueueTimeout(f"the request waited {self.queue_timeout:g} s for a slot (--queue-timeout); "
+                                     "retry later")
+            elif self.request_timeout is not None and now - job.arrived > self.request_timeout:
+                error = RequestTimeout(f"the request ran past {self.request_timeout:g} s (--request-timeout)")
+            if error is not None:
+                self._waiting.remove(job)
+                self.metrics.requests.labels(job.endpoint, "timeout").inc()
+                job.emit(Event("error", error=error))
+        self.metrics.queue_depth.set(len(self._waiting))
+        if self.request_timeout is not None:
+            for job in [j for j in self.slots if j is not None and now - j.arrived > self.request_timeout]:
+                job.timed_out = True  # finished on the loop, outside the lock
+
+    def _make_room(self) -> None:
+        """A request whose pass found the pool out of cells: the newest request is preempted, as when a reservation
+        cannot grow, and the starved one runs again next step. One that is alone fails: no cells can be freed for it."""
+        for member in [m for m in self.stepper.members.values() if m.starved is not None]:
+            job = self.slots[member.seq]
+            running = [j for j in self.slots if j is not None and not j.preempted]
+            if job is None or job.preempted:
+                continue
+            if not self.pool.preemptible or running == [job]:
+                self._finish(job, "error", Event("error", error=RequestFailed(
+                    f"the KV pool has no cells left for this request ({member.starved})")))
+            else:
+                self._preempt(max(running, key=lambda j: j.arrived))
 
     def _admit(self) -> None:
         """Give free slots to waiting requests whose cells the pools can reserve (lock held)."""
@@ -343,9 +458,9 @@ class Scheduler:
             saved, job.preempted = job.preempted, None
             try:
                 self.stepper.resume(job.slot, saved)
-            except Exception:  # noqa: BLE001 - the request fails, the server keeps serving
+            except Exception as exc:  # noqa: BLE001 - the request fails, the server keeps serving
                 log.exception("resuming a preempted request failed")
-                self._finish(job, "error", Event("error", error=RuntimeError("internal error while resuming")))
+                self._finish(job, "error", Event("error", error=RequestFailed(f"resuming the request failed: {exc}")))
 
     def _start(self, job: Sequence, seq: int, need: int) -> None:
         target = self.pool.view(seq, need)
@@ -395,8 +510,12 @@ class Scheduler:
         return 0 if others else None
 
     def _drop_cancelled(self) -> None:
-        for job in [j for j in self.slots if j is not None and j.cancelled]:
-            self._finish(job, "cancelled")
+        for job in [j for j in self.slots if j is not None and (j.cancelled or j.timed_out)]:
+            if job.cancelled:
+                self._finish(job, "cancelled")
+            else:
+                self._finish(job, "timeout", Event("error", error=RequestTimeout(
+                    f"the request ran past {self.request_timeout:g} s (--request-timeout)")))
 
     def _plan(self) -> None:
         """Re-plan every unpinned request's draft cap from the measured pass costs (goodput.py)."""
@@ -444,7 +563,7 @@ class Scheduler:
                 self._finish(job, "invalid", Event("error", error=member.error))
             else:
                 log.error("request failed", exc_info=member.error)
-                self._finish(job, "error", Event("error", error=RuntimeError("internal error while decoding")))
+                self._finish(job, "error", Event("error", error=RequestFailed(f"decoding failed: {member.error}")))
         elif member.finished:
             self._finish(job, job.stats.finish_reason)
 

@@ -45,6 +45,12 @@ class VerispecReplica:
         app.add_middleware(ClusterFront, replica=self.name, cluster_metrics=self.cluster_metrics)
         return app
 
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically: a replica whose engine died is reported unhealthy and replaced."""
+        dead = self.server.scheduler.dead
+        if dead is not None:
+            raise RuntimeError(f"replica {self.name}: {dead}")
+
     def _board(self):
         from ray import serve
 
