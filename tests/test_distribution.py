@@ -13,8 +13,8 @@ McDiarmid P(TV > E[TV] + t) <= exp(-2 N t^2); t = sqrt(ln(1000) / 2N) gives a fa
 
 Every test here draws the same N, the good samplers and their broken variants alike, so each
 broken variant that is caught shows the power of the check at the N the good ones pass with. One
-exception: the device implementation's engine-level case draws N_DEVICE (a torch draw costs about
-1 ms here). Its verifier's verdicts are also checked against their exact distribution directly
+exception: the device implementation's engine-level cases, good and broken, draw N_DEVICE (a torch draw
+costs about 1 ms here). Its verifier's verdicts are also checked against their exact distribution directly
 (test_chain_verdicts_have_the_exact_distribution, where its broken variant is caught), so this case
 guards its wiring through the engine, with the bounds of its own n.
 
@@ -22,7 +22,8 @@ Unseeded draws go through the rejection sampler; seeded ones (seeds 0..N-1) thro
 noise of sampling.PositionNoise, whose draws are checked the same way.
 
 Both implementations are checked: the numpy one (host logits, llama.cpp) with TableRunner, and the torch one
-(verify/device.py, the torch runner's) with DeviceTableRunner, which hands the same logits over as tensors.
+(verify/device.py, the torch runner's) with DeviceTableRunner, which hands the same logits over as tensors on
+VERISPEC_TEST_DEVICE (the CPU unless set).
 """
 
 import itertools
@@ -32,7 +33,7 @@ import pytest
 import torch
 from scipy import stats as scipy_stats
 
-from tests.toy import DeviceTableRunner, TableRunner
+from tests.toy import TEST_DEVICE, DeviceTableRunner, TableRunner
 from verispec.drafters.draft_model import ModelDrafter
 from verispec.drafters.ngram import NgramDrafter
 from verispec.engine import Engine, SpeculativeConfig, Stats
@@ -100,6 +101,10 @@ PARAMS = {
 RUNNERS = {"host": TableRunner, "device": DeviceTableRunner}
 
 
+def test_the_device_runner_hands_its_logits_over_on_the_test_device():
+    assert DeviceTableRunner(VOCAB, seed=1).forward_native(PROMPT).device.type == torch.device(TEST_DEVICE).type
+
+
 def make_engine(drafter_kind: str, runner: str = "host") -> Engine:
     target = RUNNERS[runner](VOCAB, seed=1, sharpness=1.5)
     if drafter_kind == "model":
@@ -110,8 +115,8 @@ def make_engine(drafter_kind: str, runner: str = "host") -> Engine:
 
 
 # Temperature alone is in every case (top-k and top-p come after it). The device implementation's engine-level
-# case is the model drafter with top-p; its one-hot (n-gram) path and its trees are checked against exact
-# verdict distributions and the host's verdicts below, which costs a fraction of the time.
+# chain case is the model drafter with top-p (its trees have one too, below); its one-hot (n-gram) path is
+# checked against exact verdict distributions and the host's verdicts below, which costs a fraction of the time.
 @pytest.mark.parametrize("name,drafter_kind,seeded,runner",
                          [("top_k", "model", False, "host"), ("top_p", "model", False, "host"),
                           ("temperature", "ngram", False, "host"), ("top_p", "ngram", True, "host"),
@@ -163,20 +168,27 @@ class ResampleFromTargetOnDevice(device.DeviceChainVerifier):
     """The device twin of ResampleFromTarget: the right acceptance test, then a draw from p, not the residual."""
 
     def verify_probs(self, p, drafted, q):
+        assert p.device.type == torch.device(TEST_DEVICE).type  # the verifier runs where the runner's logits are
         for i, x in enumerate(drafted):
-            if float(torch.rand(())) * float(q[i, x]) >= float(p[i, x]):
-                return rejection.Verdict(i, int(torch.multinomial(p[i], 1)))
-        return rejection.Verdict(len(drafted), int(torch.multinomial(p[len(drafted)], 1)))
+            if self.rng.random() * float(q[i, x]) >= float(p[i, x]):
+                return rejection.Verdict(i, self._draw(p[i]))
+        return rejection.Verdict(len(drafted), self._draw(p[len(drafted)]))
+
+    def _draw(self, row: torch.Tensor) -> int:
+        if self._generator is None:
+            self._generator = device._generator(self.rng, row.device)
+        return int(torch.multinomial(row, 1, generator=self._generator))
 
 
-@pytest.mark.parametrize("broken,runner", [(AlwaysAccept, "host"), (ResampleFromTarget, "host")])
+@pytest.mark.parametrize("broken,runner", [(AlwaysAccept, "host"), (ResampleFromTarget, "host"),
+                                           (ResampleFromTargetOnDevice, "device")])
 def test_a_broken_sampler_is_caught(monkeypatch, broken, runner):
     target = "verispec.verify.rejection.ChainVerifier" if runner == "host" else "verispec.verify.device.DeviceChainVerifier"
     monkeypatch.setattr(target, broken)
     engine = make_engine("model", runner)
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, temperature=0.7)
     p = exact_joint(engine.target, params)
-    counts = draw(engine, params, N)
+    counts = draw(engine, params, N_DEVICE if runner == "device" else N)
     pvalue, tv, bound = check(counts, p)
     assert pvalue < 0.001 and tv > bound
 
@@ -187,12 +199,12 @@ def make_tree_engine(runner: str = "host") -> Engine:
     return Engine(target, drafter, SpeculativeConfig(draft="x", draft_tokens=2, tree_width=3))
 
 
-@pytest.mark.parametrize("seeded,runner", [(False, "host"), (True, "host")])
+@pytest.mark.parametrize("seeded,runner", [(False, "host"), (True, "host"), (False, "device")])
 def test_tree_sampling_preserves_target_distribution(seeded, runner):
     engine = make_tree_engine(runner)
     params = SamplingParams(max_tokens=LENGTH, ignore_eos=True, **PARAMS["top_p"])
     p = exact_joint(engine.target, params)
-    pvalue, tv, bound = check(draw(engine, params, N, seeded), p)
+    pvalue, tv, bound = check(draw(engine, params, N_DEVICE if runner == "device" else N, seeded), p)
     assert pvalue > 0.001, f"chi-square rejects the target distribution (p={pvalue:.2e}, tv={tv:.4f})"
     assert tv < bound
 

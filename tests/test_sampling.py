@@ -138,9 +138,14 @@ def test_seeded_choices_over_positions_follow_p():
 @given(arrays(np.float32, st.tuples(st.integers(1, 4), st.integers(2, 300)), elements=st.floats(-30, 30, width=32)),
        st.floats(0.05, 3.0), st.integers(0, 50), st.floats(0.01, 1.0))
 @example(np.array([[-6.679339e-31, 0.0]], dtype=np.float32), 1.0, 0, 0.5)  # a tie after the softmax
+# top_p = m / n over n tied tokens: a float cumsum lands just below or just above m / n, and numpy's and torch's
+# sums of the normalised 1 / n landed on different sides (the host kept 2 tokens, the device 3, and 8 vs 7)
+@example(np.zeros((1, 11), dtype=np.float32), 1.0, 0, 2 / 11)
+@example(np.zeros((1, 15), dtype=np.float32), 0.7, 0, 7 / 15)
+@example(np.array([[0.0] * 5 + [-1.0] * 6], dtype=np.float32), 1.0, 0, 5 / (5 + 6 * np.exp(-1.0)))
 def test_device_probs_are_the_host_probs(logits, temperature, top_k, top_p):
-    """verify/device.py's logits_to_probs makes the same top-k and top-p cuts as sampling.py's, to float64 rounding:
-    the torch runner's requests are processed by the same rules as llama.cpp's."""
+    """verify/device.py's logits_to_probs makes the same top-k and top-p cuts as sampling.py's, and the same
+    probabilities to float64 rounding: the torch runner's requests are processed by the same rules as llama.cpp's."""
     import torch
 
     from verispec.verify import device
@@ -150,6 +155,60 @@ def test_device_probs_are_the_host_probs(logits, temperature, top_k, top_p):
     on_device = device.logits_to_probs(torch.from_numpy(logits), params).numpy()
     assert np.array_equal(host > 0, on_device > 0)
     assert np.allclose(host, on_device, rtol=1e-9, atol=1e-12)
+
+
+def _nucleus_on_host_and_device(weights: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+    """The kept tokens of one row of weights (top token 1.0), by sampling.py's cut and by verify/device.py's."""
+    import torch
+
+    from verispec import sampling
+    from verispec.verify import device
+
+    host = weights.copy()
+    sampling._keep_nucleus(host, top_p, np.empty_like(host))
+    on_device = device._keep_nucleus(torch.from_numpy(weights[None, :].copy()), top_p)[0].numpy()
+    return host > 0, on_device > 0
+
+
+@pytest.mark.parametrize(("top_p", "n_kept"), [
+    (0.5, 1),  # the units before the second token are exactly top_p * total: it is left out
+    (np.nextafter(0.5, 1.0), 2),
+    (0.75, 2),  # the same at the third
+    (np.nextafter(0.75, 1.0), 4),  # the third is taken, and the fourth, tied with it, too
+    (0.999, 4),
+])
+def test_the_nucleus_cut_at_an_exact_boundary(top_p, n_kept):
+    weights = np.array([0.25, 1.0, 0.25, 0.5])  # whole units, totalling 2.0: top_p * total is exact
+    host, on_device = _nucleus_on_host_and_device(weights, top_p)
+    assert host.sum() == n_kept and np.array_equal(host, on_device)
+    assert host[1] and (n_kept < 2 or host[3])
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.float64, st.integers(2, 200), elements=st.floats(0, 1)), st.data())
+def test_host_and_device_cut_the_nucleus_alike_at_its_boundaries(weights, data):
+    """top_p at (and one float either side of) the units before a token, the place where summation order decided."""
+    from verispec.sampling import NUCLEUS_UNITS_PER_TOP_TOKEN
+
+    weights[np.argmax(weights)] = 1.0
+    units = np.sort(np.floor(weights * NUCLEUS_UNITS_PER_TOP_TOKEN))[::-1]
+    boundary = units[: data.draw(st.integers(1, weights.shape[0] - 1))].sum() / units.sum()
+    for top_p in (np.nextafter(boundary, 0.0), boundary, np.nextafter(boundary, 1.0)):
+        if 0.0 < top_p < 1.0:
+            host, on_device = _nucleus_on_host_and_device(weights, float(top_p))
+            assert np.array_equal(host, on_device)
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999999])
+def test_the_candidates_and_the_full_sort_cut_the_nucleus_alike(top_p):
+    """On a large vocabulary both look among the top candidates first; ties straddle the candidates' edge here."""
+    weights = np.repeat(np.linspace(1.0, 1e-3, 1000), 5)  # 5,000 tokens in tied fives
+    np.random.default_rng(2).shuffle(weights)
+    host, on_device = _nucleus_on_host_and_device(weights, top_p)
+    assert np.array_equal(host, on_device)
+    kept_weights = weights[host]
+    assert kept_weights.sum() >= top_p * weights.sum() > (kept_weights.sum() - 5 * kept_weights.min())
+    assert (weights >= kept_weights.min()).sum() == host.sum()  # every tie of the last kept token is kept
 
 
 @given(distributions, st.integers(0, 2**32 - 1))

@@ -129,12 +129,13 @@ class TableRunner:
 
 
 class DeviceTableRunner(TableRunner):
-    """A TableRunner whose logits come as torch tensors, so the engine verifies them with verify/device.py:
-    the same known distributions put the device implementation through the same tests as the numpy one."""
+    """A TableRunner whose logits come as torch tensors on TEST_DEVICE, so the engine verifies them with
+    verify/device.py there: the same known distributions put the device implementation through the same tests
+    as the numpy one (on a GPU with VERISPEC_TEST_DEVICE=cuda)."""
 
     logits_on_device = True
 
     def forward_native(self, tokens, parents=None, all_logits=True):
         import torch
 
-        return torch.from_numpy(self.forward(tokens, parents, all_logits).copy())
+        return torch.from_numpy(self.forward(tokens, parents, all_logits).copy()).to(TEST_DEVICE)

@@ -15,6 +15,9 @@ from .errors import InvalidParameter
 # The nucleus is searched inside the top candidates first (argpartition, O(V)); a full sort of a
 # 150k vocabulary costs ~10 ms and is needed only when these candidates hold less than top_p.
 NUCLEUS_CANDIDATES = 2048
+# Nucleus masses are counted in whole units of 2^-34 of the top token's weight, held in float64: a
+# vocabulary of up to 2^19 tokens sums to less than 2^53 units, where float64 adds integers exactly.
+NUCLEUS_UNITS_PER_TOP_TOKEN = 2.0**34
 
 
 @dataclass
@@ -53,8 +56,8 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray 
     """Turn logit rows (n, V) or one row (V,) into the sampling distribution, in float64.
 
     Greedy (temperature 0) gives a one-hot on the argmax, so the rejection sampler needs no
-    special case. `out` (and `scratch`, as large, used by top-k) let the caller reuse buffers
-    across steps.
+    special case. `out` (and `scratch`, as large, used by top-k and top-p) let the caller reuse
+    buffers across steps.
     """
     rows = np.atleast_2d(logits)
     if out is None:
@@ -70,10 +73,11 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray 
     np.exp(out, out=out)
     if params.top_k and params.top_k < rows.shape[1]:
         _keep_top_k(out, params.top_k, scratch)
-    out /= out.sum(axis=1, keepdims=True)
     if params.top_p < 1.0:
+        work = np.empty(rows.shape[1]) if scratch is None else scratch.reshape(-1)[: rows.shape[1]]
         for row in out:
-            _keep_nucleus(row, params.top_p)
+            _keep_nucleus(row, params.top_p, work)
+    out /= out.sum(axis=1, keepdims=True)
     return out if logits.ndim == 2 else out[0]
 
 
@@ -89,23 +93,38 @@ def _keep_top_k(weights: np.ndarray, k: int, scratch: np.ndarray | None = None) 
     weights[weights < kth] = 0.0
 
 
-def _keep_nucleus(row: np.ndarray, top_p: float) -> None:
-    """Keep the smallest set of most probable tokens whose mass reaches top_p; renormalise."""
-    n = row.shape[0]
-    if n > NUCLEUS_CANDIDATES:
-        cand = np.argpartition(row, -NUCLEUS_CANDIDATES)[-NUCLEUS_CANDIDATES:]
-        if row[cand].sum() < top_p:
-            cand = np.arange(n)
-    else:
-        cand = np.arange(n)
-    order = cand[np.argsort(-row[cand], kind="stable")]
-    cumulative = np.cumsum(row[order])
-    # Keep token i while the mass before it is < top_p (the first token is always kept).
-    n_keep = int(np.searchsorted(cumulative, top_p, side="left")) + 1
-    keep = order[:n_keep]
-    kept_mass = row[keep]
-    row.fill(0.0)
-    row[keep] = kept_mass / kept_mass.sum()
+def nucleus_inside(sorted_units, total_units, top_p: float):
+    """The nucleus rule, for numpy (here) and torch (verify/device.py) alike.
+
+    Weights (top token 1.0) are counted in whole units: floor(weight * NUCLEUS_UNITS_PER_TOP_TOKEN). A token is
+    kept when the tokens of more units than it hold less than top_p of the row's units: sorted descending,
+    tokens are taken while the units before each are < top_p * total, and every token tied with the last one
+    taken is kept too. Units are integers below 2^53, so every sum is exact whatever its order (numpy's pairwise
+    sum, torch's cascade, a GPU scan), and ties need no order: given the same weights, the host and the device
+    keep the same tokens. This returns the mask of the sorted units taken (a prefix), along the last axis.
+    """
+    before = sorted_units.cumsum(-1) - sorted_units
+    return before < total_units * top_p
+
+
+def _keep_nucleus(row: np.ndarray, top_p: float, work: np.ndarray) -> None:
+    """Zero the weights (top token 1.0) outside the nucleus (nucleus_inside's rule); `work` is a row's scratch."""
+    units = np.floor(np.multiply(row, NUCLEUS_UNITS_PER_TOP_TOKEN, out=work), out=work)
+    total = units.sum()
+    if units.shape[0] > NUCLEUS_CANDIDATES:
+        units.partition(-NUCLEUS_CANDIDATES)
+        sorted_units = np.sort(units[-NUCLEUS_CANDIDATES:])[::-1]
+        n_inside = int(nucleus_inside(sorted_units, total, top_p).sum())
+        if n_inside < NUCLEUS_CANDIDATES:
+            return _keep_from(row, sorted_units[n_inside - 1])
+    units.sort()
+    sorted_units = units[::-1]
+    _keep_from(row, sorted_units[int(nucleus_inside(sorted_units, total, top_p).sum()) - 1])
+
+
+def _keep_from(row: np.ndarray, least_units: float) -> None:
+    # floor(w * 2^34) < n  <=>  w < n / 2^34 for an integer n, both sides exact
+    row[row < least_units / NUCLEUS_UNITS_PER_TOP_TOKEN] = 0.0
 
 
 def sample(probs: np.ndarray, rng: np.random.Generator, cdf_buffer: np.ndarray | None = None) -> int:

@@ -9,7 +9,8 @@ Each step ends in exactly one host sync (a `.tolist()` of a few ints), whatever 
   the host once per position and kept on the device), so seeded outputs do not depend on the implementation;
 - trees: greedy trees walk the argmaxes of all nodes (one sync); sampled and relaxed trees copy their rows to the
   host once and walk them with verify/tree.py's numpy rules (a tree's walk is sequential by nature).
-Probabilities are float64, as in the numpy implementation, so both make the same top-k and top-p cuts.
+Probabilities are float64, as in the numpy implementation, and the nucleus is cut by sampling.nucleus_inside's
+rule, whose sums are exact: both make the same top-k and top-p cuts.
 Greedy steps allocate nothing vocabulary-sized; sampled steps allocate their (K+1) x V temporaries per step (a
 GPU's caching allocator serves them without a malloc), where the numpy path reuses buffers.
 """
@@ -21,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..sampling import NUCLEUS_CANDIDATES, PositionNoise, SamplingParams
+from ..sampling import NUCLEUS_CANDIDATES, NUCLEUS_UNITS_PER_TOP_TOKEN, PositionNoise, SamplingParams, nucleus_inside
 from ..token_tree import TokenTree
 from .rejection import Verdict
 from .tree import TreeVerdict, TreeVerifier
@@ -40,30 +41,28 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     if params.top_k and params.top_k < rows.shape[1]:
         kth = torch.topk(weights, params.top_k, dim=1).values[:, -1:]
         weights = torch.where(weights < kth, 0.0, weights)
-    weights = weights / weights.sum(dim=1, keepdim=True)
     if params.top_p < 1.0:
         weights = _keep_nucleus(weights, params.top_p)
-    return weights
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
-def _keep_nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Per row, keep the most probable tokens while the mass before each is < top_p (ties: lower id first).
+def _keep_nucleus(weights: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Zero the weights (top token 1.0) outside each row's nucleus: sampling.nucleus_inside's rule.
 
     On a CPU the nucleus is first looked for among each row's top candidates, as sampling.py does (a full sort
     of a 152k vocabulary costs ~10 ms a row there); on a GPU the full sort is cheap, and checking whether the
     candidates suffice would cost a host sync."""
-    order = None
-    if probs.device.type == "cpu" and probs.shape[1] > NUCLEUS_CANDIDATES:
-        candidates = torch.topk(probs, NUCLEUS_CANDIDATES, dim=1).indices.sort(dim=1).values  # ids ascending
-        if bool((probs.gather(1, candidates).sum(dim=1) >= top_p).all()):
-            ordered, within = torch.sort(probs.gather(1, candidates), dim=1, descending=True, stable=True)
-            order = candidates.gather(1, within)
-    if order is None:
-        ordered, order = torch.sort(probs, dim=1, descending=True, stable=True)
-    mass_before = ordered.cumsum(dim=1) - ordered
-    keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, mass_before < top_p)
-    kept = torch.where(keep, probs, 0.0)
-    return kept / kept.sum(dim=1, keepdim=True)
+    units = (weights * NUCLEUS_UNITS_PER_TOP_TOKEN).floor_()
+    total = units.sum(dim=1, keepdim=True)
+    sorted_units = None
+    if units.device.type == "cpu" and units.shape[1] > NUCLEUS_CANDIDATES:
+        top = torch.topk(units, NUCLEUS_CANDIDATES, dim=1).values  # descending
+        if bool((nucleus_inside(top, total, top_p).sum(dim=1) < NUCLEUS_CANDIDATES).all()):
+            sorted_units = top
+    if sorted_units is None:
+        sorted_units = torch.sort(units, dim=1, descending=True).values
+    n_inside = nucleus_inside(sorted_units, total, top_p).sum(dim=1, keepdim=True)
+    return torch.where(units < sorted_units.gather(1, n_inside - 1), 0.0, weights)
 
 
 def top2_margin(row: torch.Tensor) -> float:
