@@ -53,6 +53,11 @@ def smol_torch(smol_source):
 
 
 @pytest.fixture(scope="session")
+def qwen_source():
+    return _require("qwen2.5-coder-1.5b")
+
+
+@pytest.fixture(scope="session")
 def qwen_pair():
     """The default target (llama.cpp) with the 0.5B draft loaded as a drafter."""
     _require("qwen2.5-coder-1.5b")
