@@ -151,7 +151,8 @@ def read_weight(ggml: Ggml, path: Path, name: str, rows: int) -> Weight:
         tensor = ggml.gguf_find_tensor(gguf, name.encode())
         if tensor < 0:
             raise KeyError(f"no tensor {name} in {path}")
-        type_id, shape = ggml.gguf_get_tensor_type(gguf, tensor), ggml.gguf_get_tensor_ne(gguf, tensor)
+        ne = ggml.gguf_get_tensor_ne(gguf, tensor)  # points into the context: copied before gguf_free below
+        type_id, shape = ggml.gguf_get_tensor_type(gguf, tensor), (int(ne[0]), int(ne[1]))
         offset = ggml.gguf_get_data_offset(gguf) + ggml.gguf_get_tensor_offset(gguf, tensor)
     finally:
         ggml.gguf_free(gguf)
