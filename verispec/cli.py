@@ -296,7 +296,7 @@ def serve(
     kv_pool: Optional[int] = typer.Option(None, help="KV cells shared by all requests (default ctx x max-batch; llama.cpp "
                                           "context or paged torch blocks); 0 = one context per slot, passes not fused"),
     fuse_rows: Optional[int] = typer.Option(None, help="rows per fused target decode (default: the most that keeps outputs "
-                                            "bit-identical to solo runs: 3 on llama.cpp, all of a step's rows on torch)"),
+                                            "bit-identical to solo runs: 64 on verispec's llama.cpp build (3 on another), all of a step's rows on torch)"),
     prefill_chunk: Optional[int] = typer.Option(None, help="prompt tokens per step while no other request decodes "
                                                 "(chunked prefill; default 512)"),
     prefill_share: float = typer.Option(1.0, help="while others decode, a waiting prompt's rows per step take about this "
@@ -375,7 +375,7 @@ def bench_load(
     url: Optional[str] = typer.Option(None, help="drive a running server instead of starting one"),
     ctx: int = typer.Option(2048),
     kv_pool: Optional[int] = typer.Option(None, help="0 = per-slot contexts (no fusion)"),
-    fuse_rows: Optional[int] = typer.Option(None, help="default: 3 on llama.cpp, all of a step's rows on torch"),
+    fuse_rows: Optional[int] = typer.Option(None, help="default: 64 on verispec's llama.cpp build (3 on another), all of a step's rows on torch"),
     threads: Optional[int] = typer.Option(None),
     conversation: int = typer.Option(4, help="then a chat about a long document, re-sent each turn: TTFT per turn "
                                      "(what the prefix cache saves); 0 = none"),

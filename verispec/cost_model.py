@@ -20,7 +20,7 @@ from .ema import ema
 # the runner (verispec's GGML_OPENMP=OFF build, huge pages, 2 threads, a 121-token context), as `verispec bench`
 # measured it on 2026-12-06 (docs/bench-2026-12-06-huge-pages, "Verify cost"; up to 3 rows both modes run the
 # same pass, and the two columns differ there by the run's noise, ~5%).
-# "exact" scores in chunks of <= 3 rows, so its cost grows about linearly from 4 rows on; "one-pass" is one
+# "exact-chunks" (a build without the patch) scores in chunks of <= 3 rows, so its cost grows about linearly from 4 rows on; "one-pass" is one
 # batch, where ggml's repacked gemm takes over at 4 rows (4 rows cost less than 3; up to 3 rows both modes run
 # the same pass). Interpolated between sizes, extrapolated linearly beyond; measurements replace it as a run goes.
 # "torch-cpu-*": the torch runner's pass (runners/torch.py) over the Qwen2.5-Coder-1.5B shapes, 2 threads, a

@@ -46,7 +46,7 @@ def init_backend(verbose: bool) -> None:
     # a KV view of >= 512 cells takes flash attention's split-KV path: the view is cut into one range per
     # thread, whose bounds move with the view's size, and the partial sums are merged. A 2-3-row pass sums
     # per row instead, so greedy speculative output drifted from plain decoding on long prompts (margins up
-    # to 0.18). "visible" (the patch) splits every pass of <= 3 rows by blocks of 256 cells the row can see
+    # to 0.18). "visible" (the patch) splits every pass of <= 64 rows (GGML_FA_VISIBLE_MAX_ROWS) by blocks of 256 cells the row can see
     # and merges them in order: a row's sum then depends only on what it sees, alone, in a verify chunk, or
     # beside other sequences' rows, and long contexts keep the split's speed. VERISPEC_SPLIT_KV overrides
     # it: 1 is upstream's split (to show the difference), 0 never splits (the per-row path).
@@ -61,7 +61,7 @@ def build_info() -> dict:
 
     split_kv_switch: the build has build-support/ggml-fa-split-kv-env.patch, so one-row passes can be kept
     off flash attention's split-KV path (see init_backend); visible_blocks: the patch's version that splits
-    passes of <= 3 rows by visible cells instead. openmp: ggml was built with OpenMP, whose
+    passes of <= 64 rows by visible cells instead. openmp: ggml was built with OpenMP, whose
     thread pools sleep or spin between passes by OMP_WAIT_POLICY (see docs/threading.md).
     """
     import llama_cpp as L

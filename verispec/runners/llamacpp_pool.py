@@ -290,7 +290,7 @@ class KvPool(PrefixSharing, FusedScoring):
 
         As in `LlamaCppRunner.keep_path`, the kept cells must lie below every later cell of the sequence: a
         path of the tree's leading nodes 0..m-1 does (they were decoded first, in order) and is kept where it
-        is; any other path is decoded again as a chain, in chunks of at most 3 rows, so its cells get the
+        is; any other path is decoded again as a chain, in exact chunks, so its cells get the
         bits a chain's decode gives them."""
         tree = self._trees.get(seq)
         if tree is None:
@@ -339,7 +339,7 @@ class KvPool(PrefixSharing, FusedScoring):
 
     def resume(self, seq: int, saved: Preempted) -> None:
         """The prompt in prompt passes (after what the prefix cache still holds), the generated tokens in
-        chunks of at most 3 rows: each row as it was first decoded (see the docstring)."""
+        exact chunks: each row as it was first decoded (see the docstring)."""
         if saved.prompt_len is None:
             return  # its prompt was not done: the stepper prefills it again
         tokens, prompt_len = saved.tokens, saved.prompt_len

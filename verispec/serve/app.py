@@ -44,7 +44,7 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     kv_pool: int | None = None  # cells of the shared KV pool; None = ctx x max_batch; 0 = per-slot contexts
     fuse_rows: int | None = None  # rows per fused decode; None = the most that stays bit-identical to solo runs
-    # (3 on llama.cpp, all of a step's rows on torch: pool.FusedScoring)
+    # (64 on verispec's batch-invariant llama.cpp build, 3 on another; all of a step's rows on torch: pool.FusedScoring)
     prefill_chunk: int | None = None  # prompt tokens per step while nothing else decodes (chunked prefill); None = n_batch
     prefill_share: float = 1.0  # while others decode: a prompt's rows per step take about this share of their decode
     verify: str = "exact"  # "one-pass": fused decodes take all of a step's rows at once (not bit-identical)
