@@ -30,6 +30,9 @@ class ByteTokenizer(Tokenizer):
     def vocab_strings(self) -> list[str]:
         return ["<pad>", "<bos>", "<eos>"] + [f"<{b}>" for b in range(256)]
 
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token - BYTE_OFFSET]) if token >= BYTE_OFFSET else b""
+
 
 def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, vocab: int = 259, scale: float = 1.0):
     """A random LlamaForCausalLM; `scale` sharpens its logits so greedy decoding is not all ties."""

@@ -20,7 +20,7 @@ from .drafters.tree_growth import TreeShape, grow_tree_steps
 from .errors import PromptError
 from .runners.base import Runner
 from .runners.passes import DraftPass, Forward
-from .sampling import PositionNoise, SamplingParams
+from .sampling import LogitsProcessor, PositionNoise, SamplingParams, TokenLogprob, chain_paths
 from .token_tree import TokenTree, build_tree, nodes_within_leaves, tree_depths
 from .verify import backend
 from .verify.rejection import ChainVerifier
@@ -121,6 +121,7 @@ class Stats:
     drafted_by_source: dict[str, int] = field(default_factory=dict)  # which drafter (cascade level) proposed what
     accepted_by_source: dict[str, int] = field(default_factory=dict)
     tree_budgets: list[int] = field(default_factory=list)  # budget used per step, when trees are grown
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # per emitted token, when the request asks for them
     draft_prefill_seconds: float = 0.0  # the drafter's share of prefill_seconds
     capped_steps: int = 0  # steps a scheduler's cap of 0 kept from drafting (DraftGate.cap)
     finish_reason: str = "length"
@@ -264,6 +265,9 @@ class Engine:
         verifier = verify.chain(self.target.n_vocab, params, rng, self.config.draft_max + 1, noise)
         tree_verifier = verify.tree(self.target.n_vocab, params, rng, self.relaxed, noise) if self.config.uses_trees else None
         chooser = self._chooser()
+        processor = None
+        if params.edits_logits or params.logprobs is not None:
+            processor = LogitsProcessor(params, self.target.n_vocab, len(prompt))
         adaptive = self.drafter is not None and chooser.fixed is None
         if adaptive:
             self.carried.seed(chooser)
@@ -272,23 +276,26 @@ class Engine:
 
         t0 = time.perf_counter()
         if self.drafter:
-            self.drafter.begin(prompt, params, rng, noise)
+            self.drafter.begin(prompt, params, rng, noise, processor)
             chooser.drafted_last_step = chooser.would_draft() or self.budget_chooser is not None
             if self.gate.start(self.drafter.costly, chooser.drafted_last_step):
                 self.drafter.prefill(prompt)
                 stats.draft_prefill_seconds = time.perf_counter() - t0
         rows = yield Forward(prompt, all_logits=False)
-        row = rows[-1]
+        row = rows[-1] if processor is None else processor.apply(rows[-1:], [[]])[0]
         if self.drafter:
             self.drafter.accepted(len(rows) - 1)
         last = verify.pick(row, params, rng, noise, len(prompt))
+        if processor is not None:
+            processor.accept([last], row[None])
         if record_margins:
             stats.margins.append(verify.margin(row))
         stats.prefill_seconds = time.perf_counter() - t0
         context = prompt + [last]
         t_decode = time.perf_counter()
         try:
-            yield from self._decode(context, last, chooser, verifier, tree_verifier, stats, params, record_margins, t_decode)
+            yield from self._decode(context, last, chooser, verifier, tree_verifier, stats, params, record_margins, t_decode,
+                                    processor)
         finally:
             if adaptive:
                 self.carried.absorb(chooser)
@@ -297,11 +304,13 @@ class Engine:
 
     def _decode(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
                 tree_verifier: TreeVerifier | None, stats: Stats, params: SamplingParams, record_margins: bool,
-                t_decode: float) -> Generator[StepEvent, object, None]:
+                t_decode: float, processor: LogitsProcessor | None) -> Generator[StepEvent, object, None]:
         eos = frozenset() if params.ignore_eos else self.target.tokenizer.eos_ids
         new = [last]
         while True:
             new, done = self._emit(new, eos, stats, params.max_tokens)
+            if params.logprobs is not None:
+                stats.logprobs.extend(processor.kept_logprobs[: len(new)])
             if new:
                 yield new
             stats.decode_seconds = time.perf_counter() - t_decode
@@ -310,28 +319,29 @@ class Engine:
             if self.target.n_past + 2 > self.target.n_ctx:
                 stats.finish_reason = "context"
                 return
-            new = yield from self._step(context, last, chooser, verifier, tree_verifier, stats, record_margins)
+            new = yield from self._step(context, last, chooser, verifier, tree_verifier, stats, record_margins, processor)
             context.extend(new)
             last = new[-1]
 
     def _step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
-              tree_verifier: TreeVerifier | None, stats: Stats, record_margins: bool) -> Generator[StepEvent, object, list[int]]:
+              tree_verifier: TreeVerifier | None, stats: Stats, record_margins: bool,
+              processor: LogitsProcessor | None) -> Generator[StepEvent, object, list[int]]:
         if self.gate.prefill_due:
             self._deferred_prefill(context, chooser, stats)
         cap = self.gate.step_cap()
         if cap == 0 and self.drafter is not None:
             stats.capped_steps += 1
             chooser.choose()  # its probe counter runs as if it had been asked
-            return (yield from self._chain_step(context, last, 0, chooser, verifier, stats, record_margins))
+            return (yield from self._chain_step(context, last, 0, chooser, verifier, stats, record_margins, processor))
         if self.budget_chooser is not None and self.drafter is not None:
             return (yield from self._budgeted_step(context, last, chooser, verifier, tree_verifier, stats, record_margins,
-                                                   cap))
+                                                   cap, processor))
         k = min(chooser.choose(), self._draft_room(), 64 if cap is None else cap) if self.drafter else 0
         if k > 0 and tree_verifier is not None:
             width = max(self.config.tree_width, PREFIX_WIDTH if self.config.acceptance != "exact" else 1)
             return (yield from self._tree_step(self._branch_tree(context, last, k, width), k, chooser, tree_verifier,
-                                               stats, len(context)))
-        return (yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins))
+                                               stats, len(context), processor))
+        return (yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins, processor))
 
     def _deferred_prefill(self, context: list[int], chooser: DraftLengthChooser, stats: Stats) -> None:
         """A gated request's costly drafter, at its second decode step: prefilled on the context if the scheduler's
@@ -351,8 +361,8 @@ class Engine:
         return max(0, self.target.n_ctx - self.target.n_past - 2)
 
     def _budgeted_step(self, context: list[int], last: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
-                       tree_verifier: TreeVerifier, stats: Stats, record_margins: bool,
-                       cap: int | None) -> Generator[StepEvent, object, list[int]]:
+                       tree_verifier: TreeVerifier, stats: Stats, record_margins: bool, cap: int | None,
+                       processor: LogitsProcessor | None) -> Generator[StepEvent, object, list[int]]:
         """A grown tree of the chosen budget, or (budget 0) a chain step; the budget chooser learns from both.
         A scheduler's cap bounds the drafted nodes (a capped budget is measured apart from the chooser's own)."""
         budget = self.budget_chooser.choose()
@@ -363,15 +373,16 @@ class Engine:
         if budget > 0:
             expansions = max(1, budget // 2) if self.drafter.costly else budget
             tree = grow_tree_steps(self.drafter, context, self.tree_shape, budget, expansions, self.config.draft_max)
-            new = yield from self._tree_step(tree, expansions, None, tree_verifier, stats, len(context))
+            new = yield from self._tree_step(tree, expansions, None, tree_verifier, stats, len(context), processor)
         else:
             k = min(chooser.choose(), self._draft_room(), 64 if cap is None else cap)
-            new = yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins)
+            new = yield from self._chain_step(context, last, k, chooser, verifier, stats, record_margins, processor)
         self.budget_chooser.record(budget, len(new), time.perf_counter() - t0)
         return new
 
     def _chain_step(self, context: list[int], last: int, k: int, chooser: DraftLengthChooser, verifier: ChainVerifier,
-                    stats: Stats, record_margins: bool) -> Generator[StepEvent, object, list[int]]:
+                    stats: Stats, record_margins: bool,
+                    processor: LogitsProcessor | None) -> Generator[StepEvent, object, list[int]]:
         t0 = time.perf_counter()
         draft = (yield from self.drafter.propose_steps(context, k)) if k > 0 else None
         drafted = draft.tokens[:k] if draft else []
@@ -383,7 +394,12 @@ class Engine:
         t1 = time.perf_counter()
         base = self.target.n_past
         rows = yield Forward([last] + drafted)
+        if processor is not None:
+            rows = processor.apply(rows, chain_paths(drafted))
         verdict = verifier.verify(rows, drafted, draft.probs if draft else None, len(context))
+        kept = drafted[: verdict.n_accepted] + [verdict.next_token]
+        if processor is not None:
+            processor.accept(kept, rows[: len(kept)])
         if record_margins:
             stats.margins.extend(self.verify_backend.margin(r) for r in rows[: verdict.n_accepted + 1])
         self.target.rollback(base + 1 + verdict.n_accepted)
@@ -402,14 +418,15 @@ class Engine:
             stats.record_sources([draft.source_of(i) for i in range(len(drafted))],
                                  [draft.source_of(i) for i in range(verdict.n_accepted)])
         stats.record_step(len(drafted), verdict.n_accepted, t1 - t0, t2 - t1)
-        return drafted[: verdict.n_accepted] + [verdict.next_token]
+        return kept
 
     def _branch_tree(self, context: list[int], last: int, k: int, width: int) -> Generator[DraftPass, np.ndarray, TokenTree]:
         branches, sources = yield from self.drafter.branch_steps(context, k, width)
         return build_tree(last, branches, sources)
 
     def _tree_step(self, drafting: Generator[DraftPass, np.ndarray, TokenTree], k: int, chooser: DraftLengthChooser | None,
-                   verifier: TreeVerifier, stats: Stats, position: int) -> Generator[StepEvent, object, list[int]]:
+                   verifier: TreeVerifier, stats: Stats, position: int,
+                   processor: LogitsProcessor | None) -> Generator[StepEvent, object, list[int]]:
         """Verify a token tree (root = last token) in one pass; keep the accepted path in the cache.
         `drafting` drafts the tree: its model passes are yielded as the step's own, as a chain's are.
 
@@ -426,7 +443,12 @@ class Engine:
         # A tree that is one path (a suffix drafter's, where the history agrees) is sent as a chain.
         chain, base = tree.parents == list(range(-1, len(tree) - 1)), self.target.n_past
         rows = yield Forward(list(tree.tokens), None if chain else list(tree.parents))
+        if processor is not None:
+            rows = processor.apply(rows, tree.paths())
         verdict = verifier.verify(tree, rows, position)
+        if processor is not None:
+            kept = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
+            processor.accept(kept, rows[verdict.path])
         if chain:
             self.target.rollback(base + len(verdict.path))
         else:
@@ -444,7 +466,7 @@ class Engine:
             stats.record_sources(tree.sources[1:], [tree.sources[i] for i in verdict.path[1:]])
             stats.record_positions(int(tree_depths(tree.parents).max()), n_accepted)  # per depth
         stats.record_step(n_drafted, n_accepted, t1 - t0, t2 - t1)
-        return [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
+        return kept
 
     def _within_leaves(self, tree: TokenTree) -> TokenTree:
         """The tree cut to the leaves the target can hold: a llama.cpp runner or pool gives each leaf a sequence

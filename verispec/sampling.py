@@ -1,11 +1,16 @@
-"""Logits -> probabilities: temperature, top-k, top-p, applied identically to draft and target.
+"""Logits -> probabilities, applied identically to draft and target.
 
 Losslessness of speculative sampling depends on p (target) and q (draft) being processed by the
 same function, so this module is the only place that turns logits into a distribution.
+
+The order, for every row: the request's own edits (LogitsProcessor: logit_bias, presence and frequency
+penalties), then temperature, then the cuts (min-p, top-k, which commute: each keeps the entries above a
+threshold), the renormalisation, and top-p last. Greedy is the argmax of the edited logits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +23,7 @@ NUCLEUS_CANDIDATES = 2048
 # Nucleus masses are counted in whole units of 2^-34 of the top token's weight, held in float64: a
 # vocabulary of up to 2^19 tokens sums to less than 2^53 units, where float64 adds integers exactly.
 NUCLEUS_UNITS_PER_TOP_TOKEN = 2.0**34
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 @dataclass
@@ -31,6 +37,11 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    min_p: float = 0.0  # keep tokens with at least min_p x the top token's probability (0 = off)
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it has been generated
+    frequency_penalty: float = 0.0  # subtracted once per time a token has been generated
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None = off)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
@@ -45,10 +56,31 @@ class SamplingParams:
             raise InvalidParameter(f"seed must be a non-negative integer, got {self.seed!r}", "seed")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidParameter(f"min_p must be in [0, 1], got {self.min_p!r}", "min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidParameter(f"{name} must be in [-2, 2], got {getattr(self, name)!r}", name)
+        for token, bias in self.logit_bias.items():
+            if not isinstance(token, int) or token < 0 or not -100.0 <= bias <= 100.0:
+                raise InvalidParameter(f"logit_bias maps token ids >= 0 to values in [-100, 100], got {token!r}: {bias!r}",
+                                       "logit_bias")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidParameter(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.logprobs!r}", "top_logprobs")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def edits_logits(self) -> bool:
+        """Whether the request's logits are edited before sampling (LogitsProcessor)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature reported log-probabilities are taken at: the request's, or 1 for a greedy one."""
+        return self.temperature if self.temperature > 0.0 else 1.0
 
 
 def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray | None = None,
@@ -70,7 +102,9 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams, out: np.ndarray 
         return out if logits.ndim == 2 else out[0]
     np.multiply(rows, 1.0 / params.temperature, out=out)
     out -= out.max(axis=1, keepdims=True)
-    np.exp(out, out=out)
+    np.exp(out, out=out)  # each row's top entry is now 1
+    if params.min_p > 0.0:
+        out[out < params.min_p] = 0.0
     if params.top_k and params.top_k < rows.shape[1]:
         _keep_top_k(out, params.top_k, scratch)
     if params.top_p < 1.0:
@@ -187,6 +221,121 @@ def pick(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
         return int(np.argmax(logits))
     probs = logits_to_probs(logits, params)
     return noise.choose(probs, position) if noise is not None else sample(probs, rng)
+
+
+@dataclass
+class TokenLogprob:
+    """A written token's log-probability, and the most likely tokens at its position (OpenAI's top_logprobs)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # most likely first
+
+
+class LogitsProcessor:
+    """One request's state that its logits depend on: its logit_bias, its presence and frequency penalties over
+    the tokens it has generated (as OpenAI defines them: the prompt does not count), and the log-probabilities
+    of the tokens it keeps, when it asks for them.
+
+    Row i of a verify pass predicts the token after the accepted output and the path to row i (a chain's
+    first i drafted tokens; a tree node's ancestors): `apply` edits each row for its own path, so a drafted
+    token counts for the rows after it, as it would have in plain decoding, and speculation samples from the
+    same distributions. The edits touch the biased and the counted columns only, from small arrays; the one
+    vocabulary-sized cost is the copy of the rows into a reused buffer (the runner's logits stay as they were).
+    """
+
+    def __init__(self, params: SamplingParams, n_vocab: int, n_context: int) -> None:
+        self.params = params
+        self.n_context = n_context  # prompt + accepted output: drafters' paths start after it
+        bias = sorted(params.logit_bias.items())
+        if bias and bias[-1][0] >= n_vocab:
+            raise InvalidParameter(f"logit_bias names token {bias[-1][0]}; the vocabulary has {n_vocab}", "logit_bias")
+        self._bias_ids = np.array([token for token, _ in bias], dtype=np.int64)
+        self._bias = np.array([value for _, value in bias], dtype=np.float64)
+        self._penalised = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        self.counts = np.zeros(n_vocab, dtype=np.int64)  # generated tokens, by id
+        self._seen = np.empty(0, dtype=np.int64)  # the ids counted at least once, sorted
+        self._buffer: np.ndarray | None = None
+        self.kept_logprobs: list[TokenLogprob] = []  # of the tokens the last accept() kept
+
+    @property
+    def edits(self) -> bool:
+        return self.params.edits_logits
+
+    def accept(self, tokens: Sequence[int], rows=None) -> None:
+        """The step kept `tokens`; `rows` (edited, row i the one token i was drawn from) give their logprobs."""
+        ids = np.asarray(tokens, dtype=np.int64)
+        if self._penalised:
+            np.add.at(self.counts, ids, 1)
+            self._seen = np.union1d(self._seen, ids)
+        self.n_context += len(tokens)
+        if self.params.logprobs is not None and rows is not None:
+            self.kept_logprobs = token_logprobs(rows, tokens, self.params)
+
+    def column_edits(self, paths: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """The columns the edits touch (sorted ids, m) and what each row adds to them (len(paths), m)."""
+        extra = np.fromiter((t for path in paths for t in path), dtype=np.int64) if self._penalised else self._seen[:0]
+        ids = np.union1d(np.union1d(self._bias_ids, self._seen), extra)
+        delta = np.zeros((len(paths), ids.shape[0]))
+        if self._bias_ids.size:
+            delta[:, np.searchsorted(ids, self._bias_ids)] += self._bias
+        if self._penalised:
+            counts = np.repeat(self.counts[ids][None, :], len(paths), axis=0)
+            if extra.size:
+                rows = np.repeat(np.arange(len(paths)), [len(path) for path in paths])
+                np.add.at(counts, (rows, np.searchsorted(ids, extra)), 1)
+            delta -= self.params.frequency_penalty * counts + self.params.presence_penalty * (counts > 0)
+        return ids, delta
+
+    def apply(self, rows, paths: Sequence[Sequence[int]], out: np.ndarray | None = None):
+        """Rows 0..len(paths)-1 edited, row i for `paths[i]` (the tokens between the accepted output and it).
+        Host rows go into `out` (or the processor's own buffer); device rows (torch) into a new tensor."""
+        if not self.edits:
+            return rows[: len(paths)]
+        ids, delta = self.column_edits(paths)
+        if not isinstance(rows, np.ndarray):
+            from .verify.device import edit_columns
+
+            return edit_columns(rows[: len(paths)], ids, delta)
+        if out is None:
+            out = self._buffer_for(rows, len(paths))
+        out = out[: len(paths)]
+        np.copyto(out, rows[: len(paths)])
+        out[:, ids] += delta.astype(out.dtype)
+        return out
+
+    def _buffer_for(self, rows: np.ndarray, n: int) -> np.ndarray:
+        if self._buffer is None or self._buffer.shape[0] < n or self._buffer.dtype != rows.dtype:
+            self._buffer = np.empty((max(n, 16), rows.shape[1]), dtype=rows.dtype)
+        return self._buffer
+
+
+def chain_paths(drafted: Sequence[int]) -> list[list[int]]:
+    """The path to each row of a chain's verify pass: row i follows the first i drafted tokens."""
+    return [list(drafted[:i]) for i in range(len(drafted) + 1)]
+
+
+def token_logprobs(rows, tokens: Sequence[int], params: SamplingParams) -> list[TokenLogprob]:
+    """log softmax(row_i / T) at tokens[i], and its `params.logprobs` largest entries: the distribution the token
+    was drawn from before the cuts (min-p, top-k, top-p), at the request's temperature (1 when greedy), so that a
+    greedy request reports the model's own log-probabilities. Masked entries (-inf) are never listed.
+    Device rows (torch) are reduced on the device (verify/device.py)."""
+    if not isinstance(rows, np.ndarray):
+        from .verify.device import token_logprobs as on_device
+
+        return on_device(rows, tokens, params)
+    n = len(tokens)
+    scaled = rows[:n].astype(np.float64) / params.logprob_temperature
+    scaled -= scaled.max(axis=1, keepdims=True)
+    scaled -= np.log(np.exp(scaled).sum(axis=1, keepdims=True))
+    chosen = scaled[np.arange(n), np.asarray(tokens, dtype=np.int64)]
+    k = min(params.logprobs or 0, scaled.shape[1])
+    top = np.argpartition(-scaled, k - 1, axis=1)[:, :k] if k else np.empty((n, 0), dtype=np.int64)
+    out = []
+    for i, token in enumerate(tokens):
+        ranked = sorted(((int(t), float(scaled[i, t])) for t in top[i]), key=lambda e: (-e[1], e[0]))
+        out.append(TokenLogprob(int(token), float(chosen[i]), [e for e in ranked if e[1] > -np.inf]))
+    return out
 
 
 def top2_margin(row: np.ndarray) -> float:

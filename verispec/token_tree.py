@@ -29,6 +29,14 @@ class TokenTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def paths(self) -> list[list[int]]:
+        """The drafted tokens each node's row follows: the path from the root's child down to the node itself
+        (the root's row follows nothing drafted)."""
+        paths: list[list[int]] = []
+        for node, parent in enumerate(self.parents):
+            paths.append([] if parent < 0 else paths[parent] + [self.tokens[node]])
+        return paths
+
     def first(self, n: int) -> TokenTree:
         """The tree of its first n nodes (parents precede children, so they form one)."""
         return TokenTree(self.tokens[:n], self.parents[:n], self.sources[:n])

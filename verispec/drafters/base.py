@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..runners.passes import DraftPass
-from ..sampling import PositionNoise, SamplingParams
+from ..sampling import LogitsProcessor, PositionNoise, SamplingParams
 
 
 def run_passes(steps: Generator[DraftPass, np.ndarray, object]):
@@ -48,11 +48,13 @@ class Drafter(ABC):
     costly: bool = False
 
     def begin(self, prompt: Sequence[int], params: SamplingParams, rng: np.random.Generator,
-              noise: PositionNoise | None = None) -> None:
+              noise: PositionNoise | None = None, processor: LogitsProcessor | None = None) -> None:
         """A new request starts; `prompt` is its full token context so far.
 
         `noise` is a seeded request's per-position randomness: a drafter that samples should draw
-        with it (PositionNoise.choose) to be accepted as often as it can.
+        with it (PositionNoise.choose) to be accepted as often as it can. `processor` edits the
+        request's logits (bias, penalties): a drafter that reads logits should draft from its edits
+        too, or its drafts are accepted less often (never wrongly: any q is exact).
         """
 
     def prefill(self, prompt: Sequence[int]) -> None:

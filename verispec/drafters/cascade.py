@@ -32,10 +32,10 @@ class CascadeDrafter(Drafter):
         # Draft distributions for the chain: one-hot rows for deterministic levels, q rows for sampled ones.
         self._q = np.zeros((max_tokens, n_vocab), dtype=np.float64)
 
-    def begin(self, prompt, params: SamplingParams, rng: np.random.Generator, noise=None) -> None:
+    def begin(self, prompt, params: SamplingParams, rng: np.random.Generator, noise=None, processor=None) -> None:
         self.params = params
         for level in self.levels:
-            level.begin(prompt, params, rng, noise)
+            level.begin(prompt, params, rng, noise, processor)
 
     def prefill(self, prompt: Sequence[int]) -> None:
         for level in self.levels:

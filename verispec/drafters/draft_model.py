@@ -13,7 +13,7 @@ import numpy as np
 from ..errors import TokenizerMismatch
 from ..runners.base import Runner
 from ..runners.passes import DraftPass
-from ..sampling import PositionNoise, SamplingParams, logits_to_probs, sample
+from ..sampling import LogitsProcessor, PositionNoise, SamplingParams, logits_to_probs, sample
 from .base import Candidates, Draft, Drafter, run_passes
 
 
@@ -27,13 +27,16 @@ class ModelDrafter(Drafter):
         self._cached: list[int] = []
         self._q = np.empty((max_tokens, runner.n_vocab), dtype=np.float64)
         self._scratch = np.empty(runner.n_vocab, dtype=np.float32)
+        self._edited = np.empty((1, runner.n_vocab), dtype=np.float32)
         self.params = SamplingParams()
         self.rng = np.random.default_rng()
         self.noise: PositionNoise | None = None
+        self.processor: LogitsProcessor | None = None
 
     def begin(self, prompt, params: SamplingParams, rng: np.random.Generator,
-              noise: PositionNoise | None = None) -> None:
+              noise: PositionNoise | None = None, processor: LogitsProcessor | None = None) -> None:
         self.params, self.rng, self.noise = params, rng, noise
+        self.processor = processor if processor is not None and processor.edits else None
 
     def prefill(self, prompt: Sequence[int]) -> None:
         """Prefill the prompt before the first proposal, so that proposal's measured time is draft steps only."""
@@ -82,6 +85,9 @@ class ModelDrafter(Drafter):
         logits = yield from self._sync_steps(context)
         tokens: list[int] = []
         for i in range(k):
+            if self.processor is not None:  # the target's edits for this position, its own drafts counted
+                path = list(context[self.processor.n_context :]) + tokens
+                logits = self.processor.apply(logits[None], [path], out=self._edited)[0]
             token, confident = self._choose(logits, i, len(context) + i)
             if not confident and tokens:
                 break
@@ -97,7 +103,8 @@ class ModelDrafter(Drafter):
 
     def _chains_on_device(self) -> bool:
         """A greedy draft on a device runner (torch) feeds each argmax back without reading it on the host."""
-        return getattr(self.runner, "logits_on_device", False) and self.params.greedy and self.min_prob <= 0.0
+        return (getattr(self.runner, "logits_on_device", False) and self.params.greedy and self.min_prob <= 0.0
+                and self.processor is None)
 
     def _greedy_chain_on_device(self, context: Sequence[int], k: int) -> list[int]:
         """K greedy tokens with one host sync: each pass's argmax stays a device tensor and is the next input."""

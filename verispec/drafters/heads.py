@@ -33,7 +33,7 @@ class HeadsDrafter(Drafter):
         self._features: dict[tuple[int, ...], torch.Tensor] = {}  # EAGLE features along tree paths
 
 
-    def begin(self, prompt, params, rng, noise=None) -> None:
+    def begin(self, prompt, params, rng, noise=None, processor=None) -> None:
         self.target.keep_hidden = True
         self._h = None
 

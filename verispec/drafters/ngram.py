@@ -30,7 +30,7 @@ class NgramDrafter(Drafter):
         self._ends: dict[int, dict[tuple[int, ...], list[int]]] = {n: {} for n in range(self.n_min, self.n_max + 1)}
         self._context: list[int] = []
 
-    def begin(self, prompt, params, rng, noise=None) -> None:
+    def begin(self, prompt, params, rng, noise=None, processor=None) -> None:
         self._reset()
 
     def _sync(self, context: Sequence[int]) -> None:

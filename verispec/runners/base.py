@@ -32,6 +32,11 @@ class Tokenizer(ABC):
     def vocab_strings(self) -> list[str]:
         """Each token id's text, for checking that a draft shares the target's vocabulary."""
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes a token stands for (what logprobs report). Default: its decoded text, where a token that holds
+        part of a character reads as U+FFFD; tokenizers that know their bytes say so."""
+        return self.decode([token]).encode("utf-8")
+
 
 class Runner(ABC):
     """A model with a KV cache. `n_past` tokens are committed; forward() appends after them."""

@@ -100,6 +100,9 @@ class LlamaCppTokenizer(Tokenizer):
     def decode(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.piece(token)
+
     def vocab_strings(self) -> list[str]:
         get = self._L.llama_vocab_get_text
         return [(get(self._vocab, t) or b"").decode("utf-8", "replace") for t in range(self.n_vocab)]

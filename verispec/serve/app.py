@@ -147,6 +147,10 @@ class Server:
         allowed = ["none", "ngram", "suffix", "auto"] + [self.draft_name(key) for key in offered]
         raise ApiError(400, f"unknown draft {name!r}: this server offers {', '.join(allowed)}", "speculative.draft")
 
+    def token_bytes(self, token: int) -> bytes:
+        with self._tokenizer_lock:
+            return self.base.tokenizer.token_bytes(token)
+
     def encode(self, req: CompletionRequest | ChatRequest) -> list[int]:
         with self._tokenizer_lock:
             if isinstance(req, ChatRequest):
@@ -271,7 +275,7 @@ async def _generate(server: Server, request: Request, chat: bool) -> Response:
         server.metrics.requests.labels(endpoint, "rejected").inc()
         raise _error_for(exc) from None
 
-    shape = Shape(chat, req.model)
+    shape = Shape(chat, req.model, server.token_bytes)
     try:
         first = await _next_event(events, request, server, job)
         if first.kind == "error":
@@ -283,8 +287,11 @@ async def _generate(server: Server, request: Request, chat: bool) -> Response:
             return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(_cancel_unfinished, server, job))
         parts, event = [], first
+        logprobs = [] if job.params.logprobs is not None else None
         while event.kind == "text":
             parts.append(event.text)
+            if logprobs is not None:
+                logprobs.extend(event.logprobs or [])
             event = await _next_event(events, request, server, job)
         if event.kind == "error":
             raise _error_for(event.error)
@@ -292,7 +299,7 @@ async def _generate(server: Server, request: Request, chat: bool) -> Response:
         server.scheduler.cancel(job)
         raise
     finish = protocol.FINISH_REASONS.get(event.finish_reason, event.finish_reason)
-    return JSONResponse(shape.whole("".join(parts), finish, job.stats, _spec_stats(job)))
+    return JSONResponse(shape.whole("".join(parts), finish, job.stats, _spec_stats(job), logprobs))
 
 
 async def _parse(server: Server, request: Request, chat: bool) -> tuple[CompletionRequest | ChatRequest, Job]:
@@ -320,7 +327,10 @@ async def _parse(server: Server, request: Request, chat: bool) -> tuple[Completi
                        f"{field} {max_tokens} ask for {len(tokens) + max_tokens}: lower {field} to at most "
                        f"{n_ctx - len(tokens)}", field, "context_length_exceeded")
     params = SamplingParams(max_tokens=req.default_max_tokens(room) if max_tokens is None else max_tokens,
-                            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop)
+                            temperature=req.temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed, stop=stop,
+                            min_p=req.min_p, presence_penalty=req.presence_penalty,
+                            frequency_penalty=req.frequency_penalty, logit_bias=req.bias(server.base.target.n_vocab),
+                            logprobs=req.top_logprobs_wanted())
     return req, Job(tokens, params, spec, draft, pinned, history=_history(request))
 
 
@@ -346,7 +356,7 @@ async def _stream(server: Server, job: Job, events: asyncio.Queue, first: Event,
             yield protocol.sse(shape.chunk(None, first=True))
         event = first
         while event.kind == "text":
-            yield protocol.sse(shape.chunk(event.text))
+            yield protocol.sse(shape.chunk(event.text, logprobs=event.logprobs))
             event = await events.get()
         if event.kind == "error":
             yield protocol.sse(_error_for(event.error).body())

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
+from collections.abc import Callable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from ..engine import Stats
+from ..sampling import MAX_TOP_LOGPROBS, TokenLogprob
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256  # characters: the text held back per step is at most this long
@@ -95,6 +98,21 @@ class _Generation(_Body):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     speculative: SpeculativeOptions | None = None
+    presence_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: StrictFloat = Field(default=0.0, ge=-2.0, le=2.0)
+    min_p: StrictFloat = Field(default=0.0, ge=0.0, le=1.0)  # not OpenAI's: vLLM's and llama-server's
+    logit_bias: dict[StrictStr, StrictFloat] | None = None  # token id (as a string) -> added to its logit
+
+    def bias(self, n_vocab: int) -> dict[int, float]:
+        """logit_bias with integer token ids, each checked against the vocabulary and [-100, 100]."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= n_vocab:
+                raise ApiError(400, f"logit_bias keys are token ids in 0..{n_vocab - 1}, got {key!r}", "logit_bias")
+            if not -100.0 <= value <= 100.0:
+                raise ApiError(400, f"logit_bias values must be in [-100, 100], got {value!r} for {key}", "logit_bias")
+            out[int(key)] = float(value)
+        return out
 
     def stop_list(self) -> list[str]:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -107,6 +125,10 @@ class _Generation(_Body):
 
 class CompletionRequest(_Generation):
     prompt: StrictStr | list[StrictStr] | list[StrictInt]
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
+
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
 
     def default_max_tokens(self, room: int) -> int:
         return min(16, room)  # OpenAI's default for /v1/completions
@@ -143,6 +165,13 @@ class Message(_Body):
 class ChatRequest(_Generation):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs_wanted(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def default_max_tokens(self, room: int) -> int:
         return room  # chat has no default limit: the rest of the context
@@ -259,38 +288,76 @@ def speculative(stats: Stats, draft: str, disabled_steps: int, draft_prefill_sec
 
 
 class Shape:
-    """Builds completion or chat objects (whole or streamed chunks) for one request."""
+    """Builds completion or chat objects (whole or streamed chunks) for one request. `token_bytes` spells a token
+    id, for logprobs."""
 
-    def __init__(self, chat: bool, model: str) -> None:
+    def __init__(self, chat: bool, model: str, token_bytes: Callable[[int], bytes] | None = None) -> None:
         self.chat = chat
         self.model = model
         self.id = new_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
+        self.token_bytes = token_bytes
+        self._text_offset = 0  # of the next token's text in the completion, for the completions logprobs object
 
     def _object(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def whole(self, text: str, finish: str, stats: Stats, spec: dict) -> dict:
+    def whole(self, text: str, finish: str, stats: Stats, spec: dict, logprobs: list[TokenLogprob] | None = None) -> dict:
+        shaped = self.logprobs(logprobs)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": shaped, "finish_reason": finish}
             out = self._object("chat.completion", [choice])
         else:
-            out = self._object("text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}])
+            out = self._object("text_completion", [{"index": 0, "text": text, "logprobs": shaped, "finish_reason": finish}])
         out["usage"] = usage(stats)
         out["speculative"] = spec
         return out
 
-    def chunk(self, text: str | None, finish: str | None = None, first: bool = False) -> dict:
+    def chunk(self, text: str | None, finish: str | None = None, first: bool = False,
+              logprobs: list[TokenLogprob] | None = None) -> dict:
+        shaped = self.logprobs(logprobs)
         if self.chat:
             delta: dict = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
-            return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
-        return self._object("text_completion", [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}])
+            return self._object("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": shaped, "finish_reason": finish}])
+        return self._object("text_completion", [{"index": 0, "text": text or "", "logprobs": shaped, "finish_reason": finish}])
+
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        """The choice's `logprobs` object: chat's {"content": [...]} or the completions' parallel lists (None: not asked)."""
+        if entries is None:
+            return None
+        if self.chat:
+            return {"content": [{**self._token(e.token, e.logprob), "top_logprobs": [self._token(t, v) for t, v in e.top]}
+                                for e in entries], "refusal": None}
+        tokens = [self._token(e.token, e.logprob)["token"] for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self._text_offset)
+            self._text_offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [_finite(e.logprob) for e in entries],
+                "top_logprobs": [self._top_by_text(e) for e in entries], "text_offset": offsets}
+
+    def _top_by_text(self, entry: TokenLogprob) -> dict[str, float]:
+        """Completions key alternatives by their text: of tokens that read the same (e.g. partial characters, U+FFFD),
+        the most likely one is kept."""
+        top: dict[str, float] = {}
+        for token, logprob in entry.top:  # most likely first
+            top.setdefault(self._token(token, logprob)["token"], _finite(logprob))
+        return top
+
+    def _token(self, token: int, logprob: float) -> dict:
+        spelled = self.token_bytes(token)
+        return {"token": spelled.decode("utf-8", "replace"), "logprob": _finite(logprob), "bytes": list(spelled)}
 
     def usage_chunk(self, stats: Stats, spec: dict) -> dict:
         out = self._object("chat.completion.chunk" if self.chat else "text_completion", [])
         out["usage"] = usage(stats)
         out["speculative"] = spec
         return out
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no -inf: OpenAI reports -9999.0 for a token of (about) no probability."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def sse(obj: dict | str) -> bytes:

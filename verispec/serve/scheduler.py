@@ -109,6 +109,7 @@ class Event:
     text: str = ""
     finish_reason: str = ""
     error: Exception | None = None
+    logprobs: list | None = None  # of the tokens behind this text (sampling.TokenLogprob), when the request asks
 
 
 @dataclass
@@ -139,6 +140,7 @@ class Sequence:
     last_token_at: float | None = None
     seen_steps: int = 0
     seen_capped: int = 0
+    logprobs_sent: int = 0  # entries of stats.logprobs already emitted
 
     @property
     def disabled_steps(self) -> int:
@@ -581,8 +583,11 @@ class Scheduler:
             self.metrics.spec_disabled_steps.inc(job.stats.capped_steps - job.seen_capped)
             job.seen_capped = job.stats.capped_steps
         text = job.decoder.add(tokens)
-        if text:
-            job.emit(Event("text", text))
+        entries = None
+        if job.params.logprobs is not None:
+            entries, job.logprobs_sent = job.stats.logprobs[job.logprobs_sent :], len(job.stats.logprobs)
+        if text or entries:
+            job.emit(Event("text", text, logprobs=entries))
 
     def _finish(self, job: Sequence, outcome: str, event: Event | None = None) -> None:
         """Stop the request's steps, free its cells, tell the client, free the slot."""

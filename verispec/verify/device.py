@@ -22,14 +22,14 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..sampling import NUCLEUS_CANDIDATES, NUCLEUS_UNITS_PER_TOP_TOKEN, PositionNoise, SamplingParams, nucleus_inside
+from ..sampling import NUCLEUS_CANDIDATES, NUCLEUS_UNITS_PER_TOP_TOKEN, PositionNoise, SamplingParams, TokenLogprob, nucleus_inside
 from ..token_tree import TokenTree
 from .rejection import Verdict
 from .tree import TreeVerdict, TreeVerifier
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """sampling.logits_to_probs on a tensor of rows (n, V): temperature, top-k, top-p; greedy is a one-hot."""
+    """sampling.logits_to_probs on a tensor of rows (n, V): temperature, min-p, top-k, top-p; greedy is a one-hot."""
     # The host path gets float32 rows (bf16 widened) and scales them in float32 before widening to float64:
     # the same steps here give the same cuts.
     rows = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
@@ -37,7 +37,9 @@ def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         return torch.zeros(rows.shape, dtype=torch.float64, device=rows.device).scatter_(
             1, rows.argmax(dim=1, keepdim=True), 1.0)
     scaled = (rows * (1.0 / params.temperature)).to(torch.float64)
-    weights = torch.exp(scaled - scaled.amax(dim=1, keepdim=True))
+    weights = torch.exp(scaled - scaled.amax(dim=1, keepdim=True))  # each row's top entry is 1
+    if params.min_p > 0.0:
+        weights = torch.where(weights < params.min_p, 0.0, weights)
     if params.top_k and params.top_k < rows.shape[1]:
         kth = torch.topk(weights, params.top_k, dim=1).values[:, -1:]
         weights = torch.where(weights < kth, 0.0, weights)
@@ -63,6 +65,31 @@ def _keep_nucleus(weights: torch.Tensor, top_p: float) -> torch.Tensor:
         sorted_units = torch.sort(units, dim=1, descending=True).values
     n_inside = nucleus_inside(sorted_units, total, top_p).sum(dim=1, keepdim=True)
     return torch.where(units < sorted_units.gather(1, n_inside - 1), 0.0, weights)
+
+
+def edit_columns(rows: torch.Tensor, ids: np.ndarray, delta: np.ndarray) -> torch.Tensor:
+    """sampling.LogitsProcessor.apply's edits on device rows: `delta` (n, m) added to columns `ids`, in a copy
+    (float32 at least, as the host rows are)."""
+    edited = rows.float() if rows.dtype not in (torch.float32, torch.float64) else rows.clone()
+    if ids.size:
+        columns = torch.from_numpy(ids).to(edited.device)
+        edited[:, columns] += torch.from_numpy(delta).to(edited.device, edited.dtype)
+    return edited
+
+
+def token_logprobs(rows: torch.Tensor, tokens: Sequence[int], params: SamplingParams) -> list[TokenLogprob]:
+    """sampling.token_logprobs on device rows: one host copy of the chosen and the top entries."""
+    n = len(tokens)
+    scaled = torch.log_softmax(rows[:n].to(torch.float64) / params.logprob_temperature, dim=1)
+    chosen = scaled.gather(1, torch.tensor(list(tokens), device=rows.device).view(n, 1))[:, 0]
+    k = min(params.logprobs or 0, scaled.shape[1])
+    values, ids = torch.topk(scaled, k, dim=1) if k else (scaled[:, :0], scaled[:, :0].long())
+    chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+    out = []
+    for i, token in enumerate(tokens):
+        ranked = sorted(zip(ids[i], values[i]), key=lambda e: (-e[1], e[0]))
+        out.append(TokenLogprob(int(token), chosen[i], [e for e in ranked if e[1] > -float("inf")]))
+    return out
 
 
 def top2_margin(row: torch.Tensor) -> float:
