@@ -28,13 +28,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "parallel_tool_calls": (True, False),  # no tools are accepted, so it asks for nothing
     "functions": ([],),
     "function_call": ("none", "auto"),
-    "logprobs": (False,),
-    "top_logprobs": (0,),
-    "logit_bias": ({},),
-    "presence_penalty": (0, 0.0),
-    "frequency_penalty": (0, 0.0),
     "repetition_penalty": (1, 1.0),
-    "min_p": (0, 0.0),
     "echo": (False,),
     "best_of": (1,),
     "suffix": ("",),
