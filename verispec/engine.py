@@ -446,8 +446,8 @@ class Engine:
         if processor is not None:
             rows = processor.apply(rows, tree.paths())
         verdict = verifier.verify(tree, rows, position)
+        kept = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
         if processor is not None:
-            kept = [tree.tokens[i] for i in verdict.path[1:]] + [verdict.next_token]
             processor.accept(kept, rows[verdict.path])
         if chain:
             self.target.rollback(base + len(verdict.path))

@@ -111,7 +111,7 @@ class SuffixDrafter(Drafter):
         self._prompt_len = prompt_len
         self._tree: tuple[list[int], Speculation] | None = None  # the last grown tree's root context and speculation
 
-    def begin(self, prompt, params, rng, noise=None) -> None:
+    def begin(self, prompt, params, rng, noise=None, processor=None) -> None:
         self._reset(len(prompt))
 
     def finish(self, context: Sequence[int]) -> None:
