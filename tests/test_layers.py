@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "verispec"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "ema", "text", "token_tree", "llama_lib", "huge_pages", "models", "prompts"),
     ("runners", "heads"),
-    ("sampling", "cost_model"),
+    ("sampling", "sampling_device", "cost_model"),
     ("drafters",),
     ("verify",),
     ("engine", "draft_gate", "draft_length", "stepper", "loaded"),

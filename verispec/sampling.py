@@ -294,7 +294,7 @@ class LogitsProcessor:
             return rows[: len(paths)]
         ids, delta = self.column_edits(paths)
         if not isinstance(rows, np.ndarray):
-            from .verify.device import edit_columns
+            from .sampling_device import edit_columns
 
             return edit_columns(rows[: len(paths)], ids, delta)
         if out is None:
@@ -319,11 +319,11 @@ def token_logprobs(rows, tokens: Sequence[int], params: SamplingParams) -> list[
     """log softmax(row_i / T) at tokens[i], and its `params.logprobs` largest entries: the distribution the token
     was drawn from before the cuts (min-p, top-k, top-p), at the request's temperature (1 when greedy), so that a
     greedy request reports the model's own log-probabilities. Masked entries (-inf) are never listed.
-    Device rows (torch) are reduced on the device (verify/device.py)."""
+    Device rows (torch) are reduced on the device (sampling_device.py)."""
     if not isinstance(rows, np.ndarray):
-        from .verify.device import token_logprobs as on_device
+        from .sampling_device import token_logprobs as on_device
 
-        return on_device(rows, tokens, params)
+        return [TokenLogprob(*entry) for entry in on_device(rows, tokens, params.logprob_temperature, params.logprobs or 0)]
     n = len(tokens)
     scaled = rows[:n].astype(np.float64) / params.logprob_temperature
     scaled -= scaled.max(axis=1, keepdims=True)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..sampling import NUCLEUS_CANDIDATES, NUCLEUS_UNITS_PER_TOP_TOKEN, PositionNoise, SamplingParams, TokenLogprob, nucleus_inside
+from ..sampling_device import edit_columns  # noqa: F401 (re-exported: it lived here)
 from ..token_tree import TokenTree
 from .rejection import Verdict
 from .tree import TreeVerdict, TreeVerifier
@@ -65,31 +66,6 @@ def _keep_nucleus(weights: torch.Tensor, top_p: float) -> torch.Tensor:
         sorted_units = torch.sort(units, dim=1, descending=True).values
     n_inside = nucleus_inside(sorted_units, total, top_p).sum(dim=1, keepdim=True)
     return torch.where(units < sorted_units.gather(1, n_inside - 1), 0.0, weights)
-
-
-def edit_columns(rows: torch.Tensor, ids: np.ndarray, delta: np.ndarray) -> torch.Tensor:
-    """sampling.LogitsProcessor.apply's edits on device rows: `delta` (n, m) added to columns `ids`, in a copy
-    (float32 at least, as the host rows are)."""
-    edited = rows.float() if rows.dtype not in (torch.float32, torch.float64) else rows.clone()
-    if ids.size:
-        columns = torch.from_numpy(ids).to(edited.device)
-        edited[:, columns] += torch.from_numpy(delta).to(edited.device, edited.dtype)
-    return edited
-
-
-def token_logprobs(rows: torch.Tensor, tokens: Sequence[int], params: SamplingParams) -> list[TokenLogprob]:
-    """sampling.token_logprobs on device rows: one host copy of the chosen and the top entries."""
-    n = len(tokens)
-    scaled = torch.log_softmax(rows[:n].to(torch.float64) / params.logprob_temperature, dim=1)
-    chosen = scaled.gather(1, torch.tensor(list(tokens), device=rows.device).view(n, 1))[:, 0]
-    k = min(params.logprobs or 0, scaled.shape[1])
-    values, ids = torch.topk(scaled, k, dim=1) if k else (scaled[:, :0], scaled[:, :0].long())
-    chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
-    out = []
-    for i, token in enumerate(tokens):
-        ranked = sorted(zip(ids[i], values[i]), key=lambda e: (-e[1], e[0]))
-        out.append(TokenLogprob(int(token), chosen[i], [e for e in ranked if e[1] > -float("inf")]))
-    return out
 
 
 def top2_margin(row: torch.Tensor) -> float:
