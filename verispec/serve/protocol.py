@@ -119,10 +119,11 @@ class _Generation(_Body):
 
 class CompletionRequest(_Generation):
     prompt: StrictStr | list[StrictStr] | list[StrictInt]
-    logprobs: StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)  # alternatives per token
+    # alternatives per token; false (what some clients send for "none") asks for nothing, as null does
+    logprobs: Literal[False] | StrictInt | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def top_logprobs_wanted(self) -> int | None:
-        return self.logprobs
+        return None if self.logprobs is False else self.logprobs
 
     def default_max_tokens(self, room: int) -> int:
         return min(16, room)  # OpenAI's default for /v1/completions
